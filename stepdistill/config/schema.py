@@ -1,0 +1,148 @@
+"""Structured configuration: one dataclass per part of a run.
+
+The YAML files in ``configs/`` are merged onto these dataclasses with OmegaConf, so an unknown key
+or a value of the wrong type fails before any model is loaded (see ``config/load.py``). Method
+configs are dataclasses too; each method declares its own (``DistillMethod.Config``) and the loader
+picks it by ``method.name``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+FAMILIES = ("auto", "sd15", "sd2", "sdxl", "sd3", "flux")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+TRACKERS = ("wandb", "tensorboard", "none")
+
+
+def _check_choice(section: str, key: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{section}.{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+
+
+@dataclass
+class RunConfig:
+    name: str = "stepdistill"
+    output_dir: str = "runs/${run.name}"
+    seed: int = 0
+    # wandb runs offline unless wandb_mode=online; "none" keeps only the CSV/JSONL metrics in the run folder.
+    trackers: List[str] = field(default_factory=lambda: ["tensorboard"])
+    wandb_mode: str = "offline"
+
+    def __post_init__(self) -> None:
+        for t in self.trackers:
+            _check_choice("run", "trackers", t, TRACKERS)
+        _check_choice("run", "wandb_mode", self.wandb_mode, ("offline", "online", "disabled"))
+
+
+@dataclass
+class ModelConfig:
+    # Hub id, local diffusers folder, or "tiny:<family>" (a tiny random pipeline for tests).
+    pretrained: str = MISSING
+    family: str = "auto"
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    # dtype of frozen weights (teacher); "auto" = bf16 on GPU when mixed precision is bf16, else fp32.
+    weight_dtype: str = "auto"
+    resolution: int = 512
+
+    def __post_init__(self) -> None:
+        _check_choice("model", "family", self.family, FAMILIES)
+        _check_choice("model", "weight_dtype", self.weight_dtype, DTYPES)
+        if self.resolution <= 0 or self.resolution % 8:
+            raise ValueError(f"model.resolution={self.resolution} must be a positive multiple of 8")
+
+
+@dataclass
+class DataConfig:
+    # Prompt source: a .txt file (one per line), .csv/.jsonl/.json with a caption column, or
+    # "builtin:tiny" (a few fixed prompts, for tests and smoke runs).
+    prompts: str = MISSING
+    caption_column: str = "caption"
+    # Optional folder of real images (with captions in a metadata.jsonl) for the GAN loss of DMD2.
+    # When empty, DMD2's GAN term uses teacher samples as "real" data.
+    images: Optional[str] = None
+    batch_size: int = 1  # per process
+    negative_prompt: str = ""
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass
+class RoleConfig:
+    """One network of the method: where it starts, whether it trains, full weights or LoRA."""
+
+    init_from: str = "teacher"  # "teacher" or a path to a diffusers backbone folder
+    trainable: bool = True
+    lora_rank: int = 0  # 0 = full weights; >0 = peft LoRA of that rank
+    lora_alpha: Optional[float] = None  # default: = rank
+    lora_target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # LoRA only: put the adapter on the teacher's frozen base instead of a second copy (saves memory).
+    share_teacher_base: bool = False
+    gradient_checkpointing: bool = False
+    lr: float = 1e-5
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.01
+    adam_eps: float = 1e-8
+    lr_scheduler: str = "constant"  # any name of diffusers.optimization.get_scheduler
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 10.0  # <= 0 disables clipping
+    ema_decay: float = 0.0  # > 0 keeps an EMA copy (used for export)
+
+    def __post_init__(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"roles.*.lora_rank={self.lora_rank} must be >= 0")
+        if self.share_teacher_base and self.lora_rank == 0:
+            raise ValueError("roles.*.share_teacher_base=true needs lora_rank > 0 (only a LoRA can share the base)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"roles.*.ema_decay={self.ema_decay} must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # generator steps (one step = every phase of method.phases(step))
+    mixed_precision: str = "auto"  # auto: bf16 on GPU (fp16 diverges for these methods), no on CPU
+    gradient_accumulation_steps: int = 1
+    allow_tf32: bool = True
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int = 3
+    resume: Optional[str] = None  # "latest" or a checkpoint folder
+    log_every: int = 10
+    sample_every: int = 500  # 0 disables sample grids
+    sample_prompts: List[str] = field(default_factory=list)  # default: the first prompts of the data
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("train", "mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        for key in ("max_steps", "gradient_accumulation_steps", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
+
+
+@dataclass
+class ExportConfig:
+    enabled: bool = True  # write a diffusers pipeline into <output_dir>/export at the end of training
+    dtype: str = "fp32"
+    use_ema: bool = True  # export the generator's EMA weights when it has some
+
+    def __post_init__(self) -> None:
+        _check_choice("export", "dtype", self.dtype, ("fp32", "bf16", "fp16"))
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    # Per-role overrides of the method's default roles (keys must be roles the method declares).
+    roles: Dict[str, RoleConfig] = field(default_factory=dict)
+    method: Any = None  # the method's own Config dataclass, chosen by method.name

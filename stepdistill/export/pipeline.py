@@ -1,0 +1,100 @@
+"""Export: the teacher's pipeline with the student backbone swapped in and a matching scheduler.
+
+The folder is an ordinary diffusers pipeline (``DiffusionPipeline.from_pretrained(folder)``); the
+scheduler is configured so that ``pipe(prompt, num_inference_steps=N, guidance_scale=...)`` runs the
+trained sampler. ``stepdistill.json`` beside it records the method, steps, timesteps and the call.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from stepdistill.models.lora import merged_copy
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def student_backbone(role) -> torch.nn.Module:
+    """A plain diffusers model holding the role's weights (LoRA merged in)."""
+    module = _unwrap(role.module)
+    if role.is_lora:
+        return merged_copy(module, role.adapter)
+    return copy.deepcopy(module)
+
+
+def usage_snippet(folder: str, num_steps: int, timesteps, guidance_scale: float) -> str:
+    call = f"num_inference_steps={num_steps}, guidance_scale={guidance_scale}"
+    if timesteps:
+        call += f", timesteps={[int(t) for t in timesteps]}"
+    return (
+        "from diffusers import DiffusionPipeline\n"
+        f"pipe = DiffusionPipeline.from_pretrained({folder!r})\n"
+        f'image = pipe("a photo of a cat", {call}).images[0]'
+    )
+
+
+def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32", config: dict | None = None) -> Path:
+    out = Path(out)
+    torch_dtype = _DTYPES[dtype]
+    student = student_backbone(role).to(torch_dtype).eval()
+    components = {}
+    for key, value in teacher.pipeline.components.items():
+        if key == teacher.backbone_name:
+            value = student
+        elif isinstance(value, torch.nn.Module) and getattr(value, "dtype", torch_dtype) != torch_dtype:
+            value = copy.deepcopy(value).to(torch_dtype)
+        components[key] = value
+    components["scheduler"] = method.export_scheduler()
+    pipe = type(teacher.pipeline)(**components)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+
+    steps = method.num_inference_steps
+    timesteps = method.export_timesteps() if hasattr(method, "export_timesteps") else None
+    # Guidance is distilled into the student: CFG at sampling time would double the cost and
+    # over-saturate. diffusers pipelines skip CFG at guidance_scale <= 1 (FLUX uses its embedding).
+    guidance = 0.0 if teacher.family != "flux" else 3.5
+    info = {
+        "method": method.name,
+        "paper": method.paper,
+        "family": teacher.family,
+        "num_inference_steps": steps,
+        "timesteps": timesteps,
+        "guidance_scale": guidance,
+        "scheduler": type(components["scheduler"]).__name__,
+        "usage": usage_snippet(str(out), steps, timesteps, guidance),
+        "config": config,
+    }
+    (out / "stepdistill.json").write_text(json.dumps(info, indent=2, default=str))
+    return out
+
+
+def export_from_run(path: str | Path, out: str | Path, dtype: str = "fp32", use_ema: bool = True) -> Path:
+    """Export from a run folder (its newest checkpoint) or from one checkpoint folder."""
+    from stepdistill.config.load import load_config
+    from stepdistill.harness.checkpoint import list_checkpoints
+    from stepdistill.harness.trainer import Trainer
+
+    path = Path(path)
+    if (path / "stepdistill_state.json").is_file():
+        checkpoint, run_dir = path, path.parent.parent
+    elif (path / "config.yaml").is_file():
+        found = list_checkpoints(path)
+        if not found:
+            raise ValueError(f"{path} has no checkpoints/checkpoint-* folder to export from")
+        checkpoint, run_dir = found[-1], path
+    else:
+        raise ValueError(f"{path} is neither a run folder (config.yaml) nor a checkpoint (stepdistill_state.json)")
+    cfg = load_config(str(run_dir / "config.yaml"), ["run.trackers=[none]", "train.resume=null"])
+    trainer = Trainer(cfg)
+    trainer.accelerator.load_state(str(checkpoint))
+    return trainer.export(out, dtype=dtype, use_ema=use_ema)

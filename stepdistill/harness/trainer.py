@@ -1,0 +1,312 @@
+"""The one training loop every method plugs into.
+
+The harness owns devices, wrapping (DDP via accelerate), precision, optimizers, LR schedulers,
+gradient accumulation and clipping, EMA, checkpoints, logging, sample grids and the final export.
+A method only declares roles and phases and returns losses (``methods.base.DistillMethod``).
+
+One *step* runs every phase of ``method.phases(step)``; each phase is one optimizer update of the
+roles it trains, over ``gradient_accumulation_steps`` micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from stepdistill.config.schema import RoleConfig
+from stepdistill.harness.checkpoint import read_state, resolve_resume, save_checkpoint
+from stepdistill.harness.logging import MetricsWriter, image_grid
+from stepdistill.harness.roles import Role, build_roles
+from stepdistill.methods import MethodContext, get_method
+
+logger = logging.getLogger("stepdistill")
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(mixed_precision: str, weight_dtype: str) -> tuple[str, torch.dtype]:
+    """``auto`` → bf16 on GPU (fp16 is known to diverge for these methods), no mixed precision on CPU."""
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    if weight_dtype == "auto":
+        weight_dtype = {"bf16": "bf16", "fp16": "fp16"}.get(mixed_precision, "fp32")
+    return mixed_precision, _DTYPES[weight_dtype]
+
+
+class _ParamsState:
+    """Checkpointable holder of a shared-base LoRA role's parameters (not wrapped by accelerate)."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+
+    def state_dict(self) -> dict:
+        return {str(i): p.detach().clone() for i, p in enumerate(self.params)}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                p.copy_(state[str(i)])
+
+
+def _role_configs(cfg: DictConfig, method_cls, method_cfg) -> dict[str, RoleConfig]:
+    roles = dict(method_cls.default_roles(method_cfg))
+    for name, role in (cfg.get("roles") or {}).items():
+        if name not in roles:
+            raise ValueError(f"roles.{name} is not a role of method {method_cls.name!r}; roles: {', '.join(roles)}")
+        roles[name] = OmegaConf.to_object(role) if isinstance(role, DictConfig) else role
+    return roles
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.output_dir)
+        mixed_precision, self.weight_dtype = resolve_precision(cfg.train.mixed_precision, cfg.model.weight_dtype)
+        trackers = [t for t in cfg.run.trackers if t != "none"]
+        if "wandb" in trackers:
+            os.environ.setdefault("WANDB_MODE", cfg.run.wandb_mode)
+            os.environ.setdefault("WANDB_DIR", str(self.run_dir))
+        self.accelerator = Accelerator(
+            mixed_precision=mixed_precision,
+            log_with=trackers or None,
+            project_dir=str(self.run_dir),
+        )
+        self.device = self.accelerator.device
+        if cfg.train.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        from stepdistill.data.prompts import PromptSampler, load_prompts
+        from stepdistill.models import load_teacher
+
+        self.method_cls = get_method(cfg.method.name)
+        self.method_cfg = OmegaConf.to_object(cfg.method)
+        role_cfgs = _role_configs(cfg, self.method_cls, self.method_cfg)
+        prompts = load_prompts(cfg.data.prompts, cfg.data.caption_column)
+        self.prompts = PromptSampler(
+            prompts, cfg.data.batch_size, seed=cfg.run.seed,
+            rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
+        )
+        self.sample_prompts = list(cfg.train.sample_prompts) or prompts[:4]
+
+        set_seed(cfg.run.seed)  # identical initialisation on every rank
+        self.teacher = load_teacher(
+            cfg.model.pretrained, family=cfg.model.family, device=self.device, dtype=self.weight_dtype,
+            revision=cfg.model.revision, variant=cfg.model.variant,
+        )
+        self.roles: dict[str, Role] = build_roles(
+            self.teacher, role_cfgs, self.method_cls.role_heads(self.method_cfg), self.device
+        )
+        self.real_data = None
+        if cfg.data.images:
+            from stepdistill.data.images import RealLatents
+
+            self.real_data = RealLatents(cfg.data.images, self.teacher, cfg.model.resolution, cfg.data.batch_size,
+                                         seed=cfg.run.seed, rank=self.accelerator.process_index,
+                                         world_size=self.accelerator.num_processes)
+        self.method = self.method_cls(
+            self.method_cfg,
+            MethodContext(teacher=self.teacher, roles=self.roles, resolution=cfg.model.resolution, device=self.device,
+                          has_real_data=self.real_data is not None),
+        )
+        self._prepare_optimizers()
+        set_seed(cfg.run.seed, device_specific=True)  # different noise on every rank from here on
+
+    # ---- setup --------------------------------------------------------------------------------
+    def _prepare_optimizers(self) -> None:
+        from diffusers.optimization import get_scheduler
+        from diffusers.training_utils import EMAModel
+
+        self.optimizers, self.schedulers, self.emas = {}, {}, {}
+        acc = self.accelerator
+        for name, role in self.roles.items():
+            if not role.trainable:
+                continue
+            params = role.trainable_parameters()
+            if not params:
+                raise ValueError(f"role {name!r} is trainable but has no parameters to train")
+            rc = role.cfg
+            opt = torch.optim.AdamW(params, lr=rc.lr, betas=tuple(rc.betas), weight_decay=rc.weight_decay,
+                                    eps=rc.adam_eps)
+            sched = get_scheduler(rc.lr_scheduler, opt, num_warmup_steps=rc.lr_warmup_steps,
+                                  num_training_steps=self.cfg.train.max_steps)
+            shared = role.adapter is not None and role.module is self.teacher.backbone
+            if shared:
+                # The base belongs to the teacher: no DDP wrapper; LoRA gradients are averaged by hand.
+                opt, sched = acc.prepare(opt, sched)
+                acc.register_for_checkpointing(_ParamsState(role.trainable_parameters()))
+                if role.head is not None:
+                    role.wrapped_head = acc.prepare(role.head)
+            elif role.head is not None:
+                role.wrapped, role.wrapped_head, opt, sched = acc.prepare(role.module, role.head, opt, sched)
+            else:
+                role.wrapped, opt, sched = acc.prepare(role.module, opt, sched)
+            self.optimizers[name], self.schedulers[name] = opt, sched
+            if rc.ema_decay > 0:
+                ema = EMAModel([p for p in role.trainable_parameters()], decay=rc.ema_decay)
+                ema.to(self.device)
+                acc.register_for_checkpointing(ema)
+                self.emas[name] = ema
+
+    # ---- one step -----------------------------------------------------------------------------
+    def make_batch(self, index: int) -> dict:
+        prompts = self.prompts.batch_for_step(index)
+        with torch.no_grad():
+            cond = self.teacher.encode_prompt(prompts)
+            uncond = self.teacher.encode_negative(len(prompts), self.cfg.data.negative_prompt)
+        batch = {"prompts": prompts, "cond": cond, "uncond": uncond}
+        if self.real_data is not None:
+            batch["real"] = self.real_data.batch_for_step(index)
+        return batch
+
+    def _activate(self, phase_roles: tuple[str, ...]) -> None:
+        for name, role in self.roles.items():
+            role.active = name in phase_roles
+            if role.trainable:
+                role.set_requires_grad(role.active)
+
+    def run_phase(self, phase: str, step: int) -> dict[str, torch.Tensor]:
+        acc = self.accelerator
+        phase_roles = self.method.phase_roles(phase)
+        self._activate(phase_roles)
+        accum = self.cfg.train.gradient_accumulation_steps
+        wrapped = [self.roles[r].wrapped for r in phase_roles if self.roles[r].wrapped is not None]
+        logs: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            batch = self.make_batch(step * accum + micro)
+            sync = micro == accum - 1
+            no_sync = contextlib.ExitStack()
+            if not sync:
+                for module in wrapped:
+                    no_sync.enter_context(acc.no_sync(module))
+            with no_sync, acc.autocast():
+                losses = self.method.losses(phase, batch, step)
+                if "loss" not in losses:
+                    raise RuntimeError(f"{self.method_cls.__name__}.losses({phase!r}) returned no 'loss' entry")
+                acc.backward(losses["loss"] / accum)
+            for key, value in losses.items():
+                value = value.detach().float()
+                logs[f"{phase}/{key}"] = logs.get(f"{phase}/{key}", 0) + value / accum
+        for name in phase_roles:
+            role = self.roles[name]
+            if not role.trainable:
+                continue
+            params = role.trainable_parameters()
+            if role.wrapped is None and acc.num_processes > 1:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad = acc.reduce(p.grad, reduction="mean")
+            max_norm = role.cfg.max_grad_norm if role.cfg.max_grad_norm > 0 else math.inf
+            logs[f"grad_norm/{name}"] = acc.clip_grad_norm_(params, max_norm).detach().float()
+            self.optimizers[name].step()
+            self.schedulers[name].step()
+            self.optimizers[name].zero_grad(set_to_none=True)
+            if name in self.emas:
+                self.emas[name].step(params)
+            logs[f"lr/{name}"] = torch.tensor(self.schedulers[name].get_last_lr()[0])
+        self._activate(())
+        return logs
+
+    # ---- outputs ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def save_samples(self, step: int) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.accelerator.autocast():
+            gen = torch.Generator(self.device).manual_seed(self.cfg.run.seed)
+            n = len(self.sample_prompts)
+            shape = (n, *self.teacher.latent_shape(self.cfg.model.resolution))
+            noise = torch.randn(shape, generator=gen, device=self.device)
+            cond = self.teacher.encode_prompt(self.sample_prompts)
+            uncond = self.teacher.encode_negative(n, self.cfg.data.negative_prompt)
+            latents = self.method.sample(noise, cond, uncond, generator=gen)
+            images = self.teacher.decode(latents)
+        path = self.run_dir / "samples" / f"step_{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(images, rows=1 if n <= 4 else None).save(path)
+        return path
+
+    def export(self, out: str | Path | None = None, dtype: str | None = None, use_ema: bool | None = None) -> Path:
+        """Write the student as a diffusers pipeline (default: ``<run>/export``)."""
+        from stepdistill.export.pipeline import export_pipeline
+
+        out = Path(out) if out is not None else self.run_dir / "export"
+        dtype = dtype or self.cfg.export.dtype
+        use_ema = self.cfg.export.use_ema if use_ema is None else use_ema
+        role_name = self.method.student_role
+        role = self.roles[role_name]
+        ema = self.emas.get(role_name) if use_ema else None
+        params = role.trainable_parameters()
+        if ema is not None:
+            ema.store(params)
+            ema.copy_to(params)
+        try:
+            if self.accelerator.is_main_process:
+                export_pipeline(self.teacher, self.method, role, out, dtype=dtype,
+                                config=OmegaConf.to_container(self.cfg, resolve=True))
+        finally:
+            if ema is not None:
+                ema.restore(params)
+        self.accelerator.wait_for_everyone()
+        return out
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def train(self) -> Path:
+        cfg, acc = self.cfg, self.accelerator
+        start = 0
+        checkpoint = resolve_resume(self.run_dir, cfg.train.resume)
+        if checkpoint is not None:
+            acc.load_state(str(checkpoint))
+            start = read_state(checkpoint)["step"]
+            logger.info("resumed from %s at step %d", checkpoint, start)
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        writer = MetricsWriter(self.run_dir, resume_step=start if checkpoint else None) if acc.is_main_process else None
+        if acc.log_with:
+            acc.init_trackers(cfg.run.name, config=OmegaConf.to_container(cfg, resolve=True))
+
+        bar = tqdm(range(start, cfg.train.max_steps), initial=start, total=cfg.train.max_steps,
+                   disable=not (acc.is_main_process and cfg.train.progress_bar), desc=f"{cfg.method.name}")
+        for step in bar:
+            logs: dict[str, torch.Tensor] = {}
+            for phase in self.method.phases(step):
+                logs.update(self.run_phase(phase, step))
+            last = step + 1 == cfg.train.max_steps
+            if step % cfg.train.log_every == 0 or last:
+                metrics = {k: float(v) for k, v in logs.items()}
+                if acc.is_main_process:
+                    writer.write(step, metrics)
+                    bar.set_postfix({k.split("/", 1)[1] if k.endswith("/loss") else k: f"{v:.4g}"
+                                     for k, v in metrics.items() if k.endswith("loss")})
+                acc.log(metrics, step=step)
+            if cfg.train.sample_every and ((step + 1) % cfg.train.sample_every == 0 or last):
+                self.save_samples(step + 1)
+            if (step + 1) % cfg.train.checkpoint_every == 0 or last:
+                save_checkpoint(acc, self.run_dir, step + 1, {"method": cfg.method.name},
+                                cfg.train.checkpoints_total_limit)
+        bar.close()
+        if cfg.export.enabled:
+            out = self.export()
+            if acc.is_main_process:
+                logger.info("exported diffusers pipeline to %s", out)
+        acc.end_training()
+        if acc.is_main_process:
+            (self.run_dir / "DONE.json").write_text(json.dumps({"steps": cfg.train.max_steps}))
+        return self.run_dir
+
+
+def train(cfg: DictConfig) -> Path:
+    """Run training for a resolved config (``config.load.load_config``); returns the run folder."""
+    return Trainer(cfg).train()

@@ -1,0 +1,91 @@
+"""The method interface: every distillation method is a plug-in of the one harness.
+
+A method declares the roles (networks) it needs, the phases of one training step, and returns
+losses for a phase. It never calls ``backward`` or steps an optimizer: the harness does, for the
+roles the phase trains (``phase_roles``); the other trainable roles have ``requires_grad`` switched
+off during that phase, so e.g. the critic gets no gradient from the generator loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from stepdistill.config.schema import RoleConfig
+    from stepdistill.harness.roles import Role
+    from stepdistill.models.loading import Teacher
+
+
+@dataclass
+class MethodContext:
+    """What the harness hands to a method: the loaded teacher and the built roles."""
+
+    teacher: Teacher
+    roles: dict[str, Role]
+    resolution: int
+    device: torch.device
+    has_real_data: bool = False  # data.images is set: batches carry batch["real"] = {"latents", "cond"}
+
+    @property
+    def schedule(self):
+        return self.teacher.schedule
+
+
+class DistillMethod:
+    Config: ClassVar[type]
+    name: ClassVar[str]
+    paper: ClassVar[str] = ""
+    student_role: ClassVar[str] = "generator"  # the role that is exported
+
+    def __init__(self, cfg: Any, ctx: MethodContext) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.teacher = ctx.teacher
+        self.schedule = ctx.teacher.schedule
+        self.roles = ctx.roles
+
+    # ---- declared structure -------------------------------------------------------------------
+    @classmethod
+    def default_roles(cls, cfg: Any) -> dict[str, RoleConfig]:
+        """Roles this method needs and how they start; the user's ``roles:`` section overrides them."""
+        raise NotImplementedError
+
+    @classmethod
+    def role_heads(cls, cfg: Any) -> dict[str, str]:
+        """Roles that carry an extra head module, e.g. {"critic": "gan"} (built by the harness)."""
+        return {}
+
+    def phases(self, step: int) -> list[str]:
+        """The phases of generator step ``step``, in order; each is one optimizer update."""
+        raise NotImplementedError
+
+    def phase_roles(self, phase: str) -> tuple[str, ...]:
+        """Roles whose optimizers step in ``phase`` (default: the role named like the phase)."""
+        return (phase,)
+
+    # ---- training -----------------------------------------------------------------------------
+    def losses(self, phase: str, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """Loss terms for one phase; must contain "loss" (the one the harness back-propagates).
+
+        Other entries are logged (detached by the harness); entries under ``stats/`` are health
+        signals (score statistics, gradient norms of the DMD direction, GAN logits).
+        """
+        raise NotImplementedError
+
+    # ---- inference / export -------------------------------------------------------------------
+    @property
+    def num_inference_steps(self) -> int:
+        return 1
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, cond, uncond=None, num_steps: int | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Student sampler: latents from noise in ``num_steps`` generator evaluations."""
+        raise NotImplementedError
+
+    def export_scheduler(self, num_steps: int | None = None):
+        """A diffusers scheduler that reproduces ``sample`` inside a plain pipeline."""
+        raise NotImplementedError

@@ -1,0 +1,319 @@
+"""DMD and DMD2: distribution matching distillation with a learned fake score (critic).
+
+- DMD: Tianwei Yin, Michaël Gharbi, Richard Zhang, Eli Shechtman, Frédo Durand, William T. Freeman,
+  Taesung Park. "One-step Diffusion with Distribution Matching Distillation." CVPR 2024, arXiv 2311.18828.
+- DMD2: Tianwei Yin, Michaël Gharbi, Taesung Park, Richard Zhang, Eli Shechtman, Frédo Durand,
+  William T. Freeman. "Improved Distribution Matching Distillation for Fast Image Synthesis."
+  NeurIPS 2024, arXiv 2405.14867.
+
+Roles: ``generator`` (the student, initialised from the teacher), ``critic`` (the fake score
+mu_fake, trained to denoise generator samples), ``teacher`` (frozen, the real score mu_real).
+DMD2 adds: no regression loss, a two time-scale update rule (several critic updates per generator
+update), a GAN classifier on the critic's bottleneck features, and multi-step students trained
+with backward simulation and sampled with re-noising between steps (an LCM-style sampler).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from stepdistill.config.schema import RoleConfig
+from stepdistill.losses import (
+    denoising_loss,
+    dmd_loss,
+    gan_critic_loss,
+    gan_generator_loss,
+    regression_loss,
+)
+from stepdistill.methods.base import DistillMethod, MethodContext
+from stepdistill.methods.registry import register
+
+
+@dataclass
+class DMDConfig:
+    name: str = "dmd"
+    # Generator steps. DMD is a one-step method; >1 uses the few-step sampler of DMD2.
+    num_steps: int = 1
+    # Timesteps the generator is conditioned on, highest first (default: evenly spaced from the top,
+    # e.g. [999] for one step, [999, 749, 499, 249] for four steps of a 1000-step VP teacher).
+    generator_timesteps: Optional[List[int]] = None
+    # CFG scale of the real score (teacher) and of the fake score in the DMD gradient.
+    real_guidance_scale: float = 3.0
+    fake_guidance_scale: float = 1.0
+    # Timestep range of the DMD gradient and of the critic's denoising loss, as fractions of the
+    # teacher's training timesteps (DMD Sec. 3.2: T_min = 0.02 T, T_max = 0.98 T).
+    min_t_frac: float = 0.02
+    max_t_frac: float = 0.98
+    # Critic updates per generator update (1 in DMD; the TTUR of DMD2 uses 5 or 10).
+    critic_steps_per_generator_step: int = 1
+    dmd_weight: float = 1.0
+    # Regression loss on (noise -> teacher ODE output) pairs (DMD Sec. 3.3, Eq. 9); lambda_reg = 0.25.
+    regression_weight: float = 0.25
+    # Folder written by `stepdistill cache-pairs` (pairs.safetensors + prompts.json).
+    regression_pairs: Optional[str] = None
+    # "pseudo_huber" (default; the paper's LPIPS needs downloaded VGG weights) or "l2", in latent space.
+    regression_loss: str = "pseudo_huber"
+    regression_batch_size: int = 1
+    # Multi-step students: train step k on the student's own k-step output (DMD2 Sec. 4.5).
+    backward_simulation: bool = True
+    # GAN term on the critic's bottleneck features (DMD2 Sec. 4.3); 0 disables it.
+    gan_generator_weight: float = 0.0
+    gan_critic_weight: float = 0.0
+    gan_max_t_frac: float = 0.98
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"method.num_steps={self.num_steps} must be >= 1")
+        if self.generator_timesteps is not None:
+            ts = list(self.generator_timesteps)
+            if len(ts) != self.num_steps:
+                raise ValueError(
+                    f"method.generator_timesteps has {len(ts)} entries but method.num_steps={self.num_steps}; "
+                    "give one timestep per generator step, highest first"
+                )
+            if any(a <= b for a, b in zip(ts, ts[1:])):
+                raise ValueError(f"method.generator_timesteps={ts} must be strictly decreasing")
+        if not 0.0 <= self.min_t_frac < self.max_t_frac <= 1.0:
+            raise ValueError(
+                f"method.min_t_frac={self.min_t_frac}, max_t_frac={self.max_t_frac}: need 0 <= min < max <= 1"
+            )
+        if self.critic_steps_per_generator_step < 1:
+            raise ValueError("method.critic_steps_per_generator_step must be >= 1")
+        if self.regression_loss not in ("pseudo_huber", "l2"):
+            raise ValueError(f"method.regression_loss={self.regression_loss!r}; choose one of: pseudo_huber, l2")
+        for key in ("gan_generator_weight", "gan_critic_weight", "regression_weight", "dmd_weight"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"method.{key}={getattr(self, key)} must be >= 0")
+
+
+@dataclass
+class DMD2Config(DMDConfig):
+    name: str = "dmd2"
+    real_guidance_scale: float = 8.0
+    critic_steps_per_generator_step: int = 5  # TTUR (DMD2 Sec. 4.2)
+    regression_weight: float = 0.0  # DMD2 drops the regression loss (Sec. 4.1)
+    gan_generator_weight: float = 1e-3
+    gan_critic_weight: float = 1e-2
+
+
+@register
+class DMD(DistillMethod):
+    name = "dmd"
+    Config = DMDConfig
+    paper = "Yin et al., One-step Diffusion with Distribution Matching Distillation, CVPR 2024 (arXiv 2311.18828)"
+
+    def __init__(self, cfg: DMDConfig, ctx: MethodContext) -> None:
+        super().__init__(cfg, ctx)
+        default = self.schedule.timesteps_for_steps(cfg.num_steps)
+        self.timesteps = [float(t) for t in (cfg.generator_timesteps or default)]
+        self.native = self.teacher.prediction_type
+        self.latent_shape = tuple(self.teacher.latent_shape(ctx.resolution))
+        self._fake_cache: tuple | None = None
+        self.pairs = None
+        if cfg.regression_weight > 0:
+            if not cfg.regression_pairs:
+                raise ValueError(
+                    f"method.regression_weight={cfg.regression_weight} needs method.regression_pairs: make them with "
+                    "`stepdistill cache-pairs --config <config> --out <dir> --num N` (or set regression_weight=0)"
+                )
+            from stepdistill.data.pairs import load_pairs
+
+            self.pairs = load_pairs(cfg.regression_pairs, expect_shape=self.latent_shape)
+        if (cfg.gan_critic_weight > 0 or cfg.gan_generator_weight > 0) and not ctx.has_real_data:
+            raise ValueError(
+                f"method.gan_critic_weight={cfg.gan_critic_weight} (GAN term) needs real data: set data.images to a "
+                "folder of images with captions, or to teacher samples made by `stepdistill cache-pairs`; "
+                "or set method.gan_critic_weight=0 and method.gan_generator_weight=0"
+            )
+        if cfg.num_steps > 1 and not cfg.backward_simulation and not ctx.has_real_data:
+            raise ValueError(
+                "method.backward_simulation=false trains steps k > 0 on noised real latents: set data.images, "
+                "or keep backward_simulation=true"
+            )
+
+    # ---- structure ----------------------------------------------------------------------------
+    @classmethod
+    def default_roles(cls, cfg: DMDConfig) -> dict[str, RoleConfig]:
+        return {
+            "generator": RoleConfig(init_from="teacher", trainable=True),
+            "critic": RoleConfig(init_from="teacher", trainable=True),
+            "teacher": RoleConfig(init_from="teacher", trainable=False),
+        }
+
+    @classmethod
+    def role_heads(cls, cfg: DMDConfig) -> dict[str, str]:
+        return {"critic": "gan"} if (cfg.gan_critic_weight > 0 or cfg.gan_generator_weight > 0) else {}
+
+    def phases(self, step: int) -> list[str]:
+        # TTUR: the critic is updated every step, the generator every `critic_steps_per_generator_step`.
+        if step % self.cfg.critic_steps_per_generator_step == 0:
+            return ["generator", "critic"]
+        return ["critic"]
+
+    @property
+    def num_inference_steps(self) -> int:
+        return len(self.timesteps)
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _t(self, t: float, n: int) -> torch.Tensor:
+        return torch.full((n,), float(t), device=self.ctx.device)
+
+    def _native_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The regression target of a denoiser in the teacher's own parameterization."""
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        alpha = alpha.view(-1, *[1] * (x0.dim() - 1))
+        sigma = sigma.view(-1, *[1] * (x0.dim() - 1))
+        if self.native == "epsilon":
+            return noise
+        if self.native == "v_prediction":
+            return alpha * noise - sigma * x0
+        if self.native == "flow":
+            return noise - x0
+        return x0
+
+    def _generator_input(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generator's input x_{t_k} and t_k for this batch (backward simulation for k > 0)."""
+        cond = batch["cond"]
+        n = len(cond)
+        noise = torch.randn((n, *self.latent_shape), device=self.ctx.device)
+        if len(self.timesteps) == 1:
+            return noise, self._t(self.timesteps[0], n)
+        k = int(torch.randint(len(self.timesteps), ()).item())
+        if self.cfg.backward_simulation:
+            x = noise
+            with torch.no_grad():
+                generator = self.roles["generator"].denoiser
+                for i in range(k):
+                    x0 = generator(x, self._t(self.timesteps[i], n), cond, output="x0")
+                    x = self.schedule.add_noise(x0, torch.randn_like(x0), self._t(self.timesteps[i + 1], n))
+            return x, self._t(self.timesteps[k], n)
+        real = batch["real"]["latents"][:n]
+        t = self._t(self.timesteps[k], n)
+        return (noise if k == 0 else self.schedule.add_noise(real, noise, t)), t
+
+    def _critic_features(self, x0: torch.Tensor, cond, max_frac: float):
+        critic = self.roles["critic"]
+        t = self.schedule.sample_timesteps(len(x0), min_frac=0.0, max_frac=max_frac, device=x0.device)
+        x_t = self.schedule.add_noise(x0, torch.randn_like(x0), t)
+        _, features = critic.denoiser(x_t, t, cond, output="x0", return_features=True)
+        return critic.gan_head(features).flatten()
+
+    # ---- losses -------------------------------------------------------------------------------
+    def losses(self, phase: str, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        if phase == "generator":
+            return self._generator_losses(batch, step)
+        if phase == "critic":
+            return self._critic_losses(batch, step)
+        raise ValueError(f"{self.name} has no phase {phase!r}")
+
+    def _generator_losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        cfg, cond, uncond = self.cfg, batch["cond"], batch["uncond"]
+        x_in, t_in = self._generator_input(batch)
+        x0 = self.roles["generator"].denoiser(x_in, t_in, cond, output="x0")
+        self._fake_cache = (step, tuple(batch["prompts"]), x0.detach())
+
+        # Distribution matching (DMD Eq. 7, normalised by Eq. 8): diffuse the sample to a random t,
+        # compare the teacher's (real) and the critic's (fake) denoised predictions.
+        n = len(x0)
+        t = self.schedule.sample_timesteps(n, min_frac=cfg.min_t_frac, max_frac=cfg.max_t_frac, device=x0.device)
+        with torch.no_grad():
+            x_t = self.schedule.add_noise(x0.detach(), torch.randn_like(x0), t)
+            real_x0 = self.roles["teacher"].denoiser(
+                x_t, t, cond, uncond=uncond, guidance_scale=cfg.real_guidance_scale, output="x0")
+            fake_uncond = uncond if cfg.fake_guidance_scale != 1.0 else None
+            fake_x0 = self.roles["critic"].denoiser(
+                x_t, t, cond, uncond=fake_uncond, guidance_scale=cfg.fake_guidance_scale, output="x0")
+        loss_dmd, grad = dmd_loss(x0, real_x0, fake_x0)
+        out = {
+            "dmd": loss_dmd,
+            "stats/dmd_grad_norm": grad.flatten(1).norm(dim=1).mean(),
+            "stats/real_x0_mean": real_x0.mean(), "stats/real_x0_std": real_x0.std(),
+            "stats/fake_x0_mean": fake_x0.mean(), "stats/fake_x0_std": fake_x0.std(),
+            "stats/generator_x0_std": x0.detach().std(),
+        }
+        loss = cfg.dmd_weight * loss_dmd
+        if cfg.gan_generator_weight > 0:
+            # Non-saturating generator loss through the frozen critic and its classifier (DMD2 Eq. 6).
+            logits = self._critic_features(x0, cond, cfg.gan_max_t_frac)
+            out["gan"] = gan_generator_loss(logits)
+            out["stats/fake_logits"] = logits.detach().mean()
+            loss = loss + cfg.gan_generator_weight * out["gan"]
+        if self.pairs is not None:
+            # Regression on teacher ODE pairs (DMD Eq. 9): the one-step output from the pair's noise
+            # must match the teacher's multi-step output.
+            noise, target, prompts = self.pairs.batch(step, cfg.regression_batch_size, self.ctx.device)
+            with torch.no_grad():
+                pair_cond = self.teacher.encode_prompt(prompts)
+            pred = self.roles["generator"].denoiser(noise, self._t(self.timesteps[0], len(noise)), pair_cond,
+                                                    output="x0")
+            out["regression"] = regression_loss(pred, target, cfg.regression_loss)
+            loss = loss + cfg.regression_weight * out["regression"]
+        out["loss"] = loss
+        return out
+
+    def _critic_losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        cfg, cond = self.cfg, batch["cond"]
+        cache = self._fake_cache
+        if cache is not None and cache[0] == step and cache[1] == tuple(batch["prompts"]):
+            x0 = cache[2]
+        else:
+            with torch.no_grad():
+                x_in, t_in = self._generator_input(batch)
+                x0 = self.roles["generator"].denoiser(x_in, t_in, cond, output="x0")
+        self._fake_cache = None
+        # The fake score learns to denoise generator samples (DMD Eq. 6, in the teacher's parameterization).
+        n = len(x0)
+        t = self.schedule.sample_timesteps(n, min_frac=cfg.min_t_frac, max_frac=cfg.max_t_frac, device=x0.device)
+        noise = torch.randn_like(x0)
+        x_t = self.schedule.add_noise(x0, noise, t)
+        pred = self.roles["critic"].denoiser(x_t, t, cond, output=self.native)
+        out = {"denoising": denoising_loss(pred, self._native_target(x0, noise, t))}
+        loss = out["denoising"]
+        if cfg.gan_critic_weight > 0:
+            # The classifier tells real latents from generator samples at a random noise level (DMD2 Eq. 6).
+            real = batch["real"]
+            real_logits = self._critic_features(real["latents"], real["cond"], cfg.gan_max_t_frac)
+            fake_logits = self._critic_features(x0, cond, cfg.gan_max_t_frac)
+            out["gan"] = gan_critic_loss(real_logits, fake_logits)
+            out["stats/real_logits"] = real_logits.detach().mean()
+            out["stats/fake_logits"] = fake_logits.detach().mean()
+            loss = loss + cfg.gan_critic_weight * out["gan"]
+        out["loss"] = loss
+        return out
+
+    # ---- sampling and export ------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, noise, cond, uncond=None, num_steps=None, generator=None):
+        """DMD2's few-step sampler: predict x0, re-noise it to the next timestep with fresh noise."""
+        timesteps = self.timesteps
+        if num_steps is not None and num_steps != len(timesteps):
+            timesteps = self.schedule.timesteps_for_steps(num_steps)
+        denoiser = self.roles[self.student_role].denoiser
+        x, n = noise, len(noise)
+        for i, t in enumerate(timesteps):
+            x0 = denoiser(x, self._t(t, n), cond, output="x0")
+            if i + 1 < len(timesteps):
+                fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                x = self.schedule.add_noise(x0, fresh, self._t(timesteps[i + 1], n))
+        return x0
+
+    def export_scheduler(self, num_steps=None):
+        from stepdistill.sampling.schedulers import renoising_scheduler
+
+        return renoising_scheduler(self.teacher.pipeline.scheduler, self.schedule, num_steps or len(self.timesteps))
+
+    def export_timesteps(self) -> list[float] | None:
+        """Timesteps the exported scheduler must be called with, when they differ from its defaults."""
+        default = self.schedule.timesteps_for_steps(len(self.timesteps))
+        same = all(abs(float(a) - float(b)) < 1e-3 for a, b in zip(default, self.timesteps))
+        return None if same else list(self.timesteps)
+
+
+@register
+class DMD2(DMD):
+    name = "dmd2"
+    Config = DMD2Config
+    paper = "Yin et al., Improved Distribution Matching Distillation for Fast Image Synthesis, NeurIPS 2024 (arXiv 2405.14867)"
