@@ -1,0 +1,478 @@
+"""Teacher loading: any diffusers text-to-image pipeline -> family -> ``Teacher``.
+
+``model.pretrained`` is one of
+
+* a Hub id (``stabilityai/sdxl-base-1.0``), fetched by diffusers (or read from the HF cache offline);
+* a local folder written by ``DiffusionPipeline.save_pretrained``;
+* ``tiny:<family>`` — a tiny random pipeline of that family, built once by ``models/tiny.py`` and
+  cached under ``$STEPDISTILL_CACHE/tiny/<family>`` (default ``~/.cache/stepdistill``), for tests
+  and smoke runs.
+
+The family is read from the pipeline's ``model_index.json`` (``_class_name``) before any weight is
+loaded (``check_pretrained``), so a wrong path or family fails in a second, not after minutes of
+loading. ``load_teacher`` then loads the pipeline, freezes it, and wraps it in a ``Teacher``: the
+pipeline's own prompt encoding, the backbone, its noise schedule, the VAE, and ``Denoiser`` s for
+the backbone or any trainable copy of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from stepdistill.models.denoiser import Conditioning, Denoiser
+from stepdistill.models.schedules import NoiseSchedule
+
+FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux")
+
+# Pipeline class -> family. StableDiffusionPipeline is SD 1.x or 2.x; see detect_family.
+PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": ("sd15", "sd2"),
+    "StableDiffusionXLPipeline": ("sdxl",),
+    "StableDiffusion3Pipeline": ("sd3",),
+    "FluxPipeline": ("flux",),
+}
+
+_DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+# ---- locating and identifying a pipeline ----------------------------------------------------------
+def _cache_root() -> Path:
+    return Path(os.environ.get("STEPDISTILL_CACHE") or Path.home() / ".cache" / "stepdistill")
+
+
+def _tiny_is_current(folder: Path) -> bool:
+    from stepdistill.models.tiny import TINY_VERSION
+
+    marker = folder / ".stepdistill_tiny.json"
+    try:
+        return json.loads(marker.read_text()).get("version") == TINY_VERSION
+    except (OSError, ValueError):
+        return False
+
+
+def _build_tiny_cached(family: str) -> Path:
+    """Build ``tiny:<family>`` once; safe when several processes (DDP ranks) race to build it."""
+    from stepdistill.models.tiny import TINY_VERSION, build_tiny_pipeline
+
+    folder = _cache_root() / "tiny" / family
+    if _tiny_is_current(folder):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{family}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        build_tiny_pipeline(family, tmp, seed=0)
+        (tmp / ".stepdistill_tiny.json").write_text(json.dumps({"version": TINY_VERSION, "seed": 0}))
+        if folder.exists() and not _tiny_is_current(folder):
+            shutil.rmtree(folder, ignore_errors=True)  # a stale build of an older TINY_VERSION
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not _tiny_is_current(folder):  # not another process's finished build: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """``tiny:<family>`` -> its cached folder (built on first use); a local folder -> itself; else a Hub id."""
+    pretrained = str(pretrained)
+    if pretrained.startswith("tiny:"):
+        family = pretrained.split(":", 1)[1]
+        if family not in FAMILIES:
+            raise ValueError(
+                f"{pretrained!r}: unknown tiny family {family!r}; choose one of {', '.join(FAMILIES)}"
+            )
+        return str(_build_tiny_cached(family))
+    expanded = os.path.expanduser(pretrained)
+    if os.path.isdir(expanded):
+        return expanded
+    return pretrained
+
+
+def _hub_file(repo_id: str, filename: str, revision: str | None) -> str:
+    """Download (or find in the HF cache) one small file of a Hub repo; ValueError with the fix on failure."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    try:
+        return hf_hub_download(repo_id, filename, revision=revision)
+    except HFValidationError as e:
+        raise ValueError(
+            f"{repo_id!r} is neither an existing local folder nor a valid Hugging Face Hub repo id. "
+            "Point model.pretrained at a folder written by DiffusionPipeline.save_pretrained, a Hub id "
+            "(e.g. stabilityai/sdxl-turbo), or tiny:<family>."
+        ) from e
+    except (OSError, HfHubHTTPError) as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        hint = (
+            "HF_HUB_OFFLINE is set, so only models already in the Hugging Face cache "
+            f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}/hub) can be used: download it once with "
+            f"`hf download {repo_id}` on a machine with internet, or point to a local folder."
+            if offline
+            else "Check the repo id, your network, and your access to the repo (gated models need `hf auth login`); "
+            "with no network, set HF_HUB_OFFLINE=1 and use a model in the Hugging Face cache or a local folder."
+        )
+        raise ValueError(
+            f"Could not fetch {filename} of {repo_id!r} from the Hub ({type(e).__name__}). {hint}"
+        ) from e
+
+
+def read_model_index(pretrained: str, revision: str | None = None) -> dict:
+    """The ``model_index.json`` of a pipeline (local folder, ``tiny:<family>`` or Hub id; only that file)."""
+    path = resolve_pretrained(pretrained)
+    if os.path.isdir(path):
+        index = Path(path) / "model_index.json"
+        if not index.is_file():
+            raise ValueError(
+                f"{path} is not a diffusers pipeline folder (no model_index.json). Point model.pretrained at a "
+                "folder written by DiffusionPipeline.save_pretrained (a single backbone folder such as unet/ "
+                "is not enough), a Hub id, or tiny:<family>."
+            )
+        return json.loads(index.read_text())
+    return json.loads(Path(_hub_file(path, "model_index.json", revision)).read_text())
+
+
+def read_scheduler_config(pretrained: str, revision: str | None = None) -> dict | None:
+    """The pipeline's ``scheduler/scheduler_config.json``, or None when it has none / cannot be fetched."""
+    path = resolve_pretrained(pretrained)
+    if os.path.isdir(path):
+        config = Path(path) / "scheduler" / "scheduler_config.json"
+        return json.loads(config.read_text()) if config.is_file() else None
+    try:
+        return json.loads(Path(_hub_file(path, "scheduler/scheduler_config.json", revision)).read_text())
+    except ValueError:
+        return None
+
+
+def detect_family(model_index: dict, scheduler_config: dict | None = None) -> str:
+    """The family of a pipeline from its ``model_index.json`` (and scheduler config for SD 1.x vs 2.x).
+
+    ``StableDiffusionPipeline`` is SD 1.x or SD 2.x. The two share every code path here; the only
+    difference that matters for distillation is the prediction type, so the decision is made on it:
+    ``sd2`` when the scheduler predicts ``v_prediction`` (SD 2.x 768 px), ``sd15`` otherwise. SD 2.x
+    *base* (512 px, epsilon) is therefore reported as ``sd15``; forcing ``family: sd2`` for it is
+    accepted (see ``check_pretrained``). The text encoder is not inspected (that would need its config).
+    """
+    cls = model_index.get("_class_name")
+    if cls not in PIPELINE_FAMILIES:
+        supported = ", ".join(f"{name} ({'/'.join(f)})" for name, f in PIPELINE_FAMILIES.items())
+        raise ValueError(f"Unsupported pipeline class {cls!r}; stepdistill supports: {supported}.")
+    families = PIPELINE_FAMILIES[cls]
+    if len(families) == 1:
+        return families[0]
+    prediction_type = (scheduler_config or {}).get("prediction_type", "epsilon")
+    return "sd2" if prediction_type == "v_prediction" else "sd15"
+
+
+def check_pretrained(pretrained: str, family: str = "auto", revision: str | None = None) -> str:
+    """Resolve ``pretrained``, detect its family (no weights loaded) and check a forced ``family`` matches.
+
+    Returns the family (the forced one when given: ``sd15`` and ``sd2`` may be forced onto each other,
+    both being a ``StableDiffusionPipeline``).
+    """
+    if family != "auto" and family not in FAMILIES:
+        raise ValueError(f"model.family={family!r} is not valid; choose auto or one of {', '.join(FAMILIES)}")
+    model_index = read_model_index(pretrained, revision)
+    detected = detect_family(model_index, read_scheduler_config(pretrained, revision))
+    if family == "auto" or family == detected:
+        return detected
+    if (
+        family in PIPELINE_FAMILIES["StableDiffusionPipeline"]
+        and detected in PIPELINE_FAMILIES["StableDiffusionPipeline"]
+    ):
+        return family
+    raise ValueError(
+        f"model.family={family!r} but {pretrained} is a {model_index.get('_class_name')} (family {detected!r}). "
+        f"Set model.family to auto or {detected}."
+    )
+
+
+# ---- the teacher ------------------------------------------------------------------------------------
+class Teacher:
+    """A frozen diffusers pipeline seen through the interfaces distillation needs.
+
+    Attributes:
+        pipeline: the ``DiffusionPipeline`` (components on ``device``, frozen, eval mode).
+        family: "sd15" | "sd2" | "sdxl" | "sd3" | "flux".
+        backbone: ``pipeline.unet`` or ``pipeline.transformer``; ``backbone_name`` says which.
+        schedule: the ``NoiseSchedule`` of the pipeline's scheduler (at ``resolution`` for FLUX's
+            resolution-dependent shift).
+        prediction_type: "epsilon" | "v_prediction" | "flow" (what the backbone predicts).
+        resolution: pixel resolution of training; used for SDXL's size conditioning and FLUX's shift.
+        vae, vae_scale_factor: the autoencoder and its downsampling factor (8 for all families).
+    """
+
+    def __init__(self, pipeline, family: str, resolution: int | None = None):
+        self.pipeline = pipeline
+        self.family = family
+        self.backbone_name = "unet" if getattr(pipeline, "unet", None) is not None else "transformer"
+        self.backbone: nn.Module = getattr(pipeline, self.backbone_name)
+        self.vae = pipeline.vae
+        self.vae_scale_factor = int(getattr(pipeline, "vae_scale_factor", 8))
+        self.resolution = int(resolution or self.default_resolution)
+        # Maximum text length for T5 (SD3 / FLUX); None keeps the pipeline's own default (256 / 512).
+        self.max_sequence_length: int | None = None
+        self.schedule: NoiseSchedule = NoiseSchedule.from_scheduler(
+            pipeline.scheduler, image_seq_len=self.image_seq_len(self.resolution)
+        )
+        self.prediction_type = self.schedule.prediction_type
+        self._negative_cache: dict[tuple[str, int, str], Conditioning] = {}
+
+    # ---- basic facts ------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weight dtype of the backbone."""
+        return next(self.backbone.parameters()).dtype
+
+    @property
+    def scheduler(self):
+        return self.pipeline.scheduler
+
+    @property
+    def default_resolution(self) -> int:
+        """The resolution the pipeline generates at by default (e.g. 512 for SD 1.5, 1024 for SDXL)."""
+        size = getattr(self.pipeline, "default_sample_size", None)
+        if size is None:
+            size = getattr(self.backbone.config, "sample_size", None) or 64
+        if isinstance(size, list | tuple):
+            size = size[0]
+        return int(size) * self.vae_scale_factor
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        """(C, H, W) of the (unpacked) latents for square images of ``resolution`` pixels."""
+        # SD3 patchifies 2x2 and FLUX packs 2x2 latent patches: the latent side must be even there.
+        multiple = self.vae_scale_factor * (2 if self.family in ("sd3", "flux") else 1)
+        if resolution <= 0 or resolution % multiple:
+            raise ValueError(
+                f"resolution={resolution} must be a positive multiple of {multiple} for {self.family}"
+            )
+        side = resolution // self.vae_scale_factor
+        return (int(self.vae.config.latent_channels), side, side)
+
+    def image_seq_len(self, resolution: int) -> int:
+        """Number of image tokens of a transformer at ``resolution`` (2x2 patches of the latent)."""
+        side = resolution // self.vae_scale_factor
+        return (side // 2) * (side // 2)
+
+    def denoiser(self, backbone: nn.Module | None = None) -> Denoiser:
+        """A ``Denoiser`` for ``backbone`` (default: the frozen teacher backbone) with this family's conventions."""
+        return Denoiser(
+            backbone if backbone is not None else self.backbone,
+            self.family,
+            self.schedule,
+            self.prediction_type,
+        )
+
+    # ---- prompts ----------------------------------------------------------------------------------
+    def encode_prompt(self, prompts: list[str] | str, resolution: int | None = None) -> Conditioning:
+        """Conditioning of ``prompts`` through the pipeline's own ``encode_prompt`` (no gradients).
+
+        ``resolution`` (default ``self.resolution``) only matters for SDXL's size conditioning
+        (``time_ids``: original size = target size = resolution, crop (0, 0)).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        with torch.no_grad():
+            return self._encode(prompts, negative=None, resolution=resolution or self.resolution)
+
+    def encode_negative(
+        self, batch_size: int, negative_prompt: str = "", resolution: int | None = None
+    ) -> Conditioning:
+        """The unconditional ("negative") conditioning for classifier-free guidance, tiled to ``batch_size``.
+
+        Computed exactly as the pipeline computes its negative embeddings when called with
+        ``negative_prompt`` (``""`` = no negative prompt: e.g. SDXL then uses zeros, as its pipeline
+        does with ``force_zeros_for_empty_prompt``). Cached per (prompt, resolution, device).
+        """
+        resolution = resolution or self.resolution
+        key = (negative_prompt, resolution, str(self.device))
+        if key not in self._negative_cache:
+            with torch.no_grad():
+                self._negative_cache[key] = self._encode(
+                    [""], negative=negative_prompt, resolution=resolution
+                )
+        return self._negative_cache[key].expand_to(batch_size)
+
+    def _encode(self, prompts: list[str], negative: str | None, resolution: int) -> Conditioning:
+        """Positive conditioning of ``prompts`` or, when ``negative`` is a string, the pipeline's negative one."""
+        pipe, device = self.pipeline, self.device
+        cfg = negative is not None
+        # The pipelines' convention: negative_prompt=None means "no negative prompt".
+        neg_list = [negative] if negative else None
+        t5_kwargs = (
+            {} if self.max_sequence_length is None else {"max_sequence_length": self.max_sequence_length}
+        )
+
+        if self.family in ("sd15", "sd2"):
+            pos, neg = pipe.encode_prompt(prompts, device, 1, cfg, negative_prompt=neg_list)
+            return Conditioning({"encoder_hidden_states": neg if cfg else pos})
+
+        if self.family == "sdxl":
+            pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+                prompt=prompts,
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=cfg,
+                negative_prompt=neg_list,
+            )
+            embeds, pooled = (neg, neg_pooled) if cfg else (pos, pooled)
+            time_ids = self._sdxl_time_ids(resolution, pooled).to(device=device, dtype=embeds.dtype)
+            return Conditioning(
+                {
+                    "encoder_hidden_states": embeds,
+                    "text_embeds": pooled,
+                    "time_ids": time_ids.repeat(embeds.shape[0], 1),
+                }
+            )
+
+        if self.family == "sd3":
+            pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+                prompt=prompts,
+                prompt_2=None,
+                prompt_3=None,
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=cfg,
+                negative_prompt=neg_list,
+                **t5_kwargs,
+            )
+            embeds, pooled = (neg, neg_pooled) if cfg else (pos, pooled)
+            return Conditioning({"encoder_hidden_states": embeds, "pooled_projections": pooled})
+
+        # flux: no CFG inside encode_prompt; the negative prompt is encoded like a prompt (true CFG).
+        embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt=[negative] if cfg else prompts,
+            prompt_2=None,
+            device=device,
+            num_images_per_prompt=1,
+            **t5_kwargs,
+        )
+        if text_ids.ndim == 3:  # older diffusers returned batched ids
+            text_ids = text_ids[0]
+        txt_ids = text_ids.to(device=device, dtype=embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+        return Conditioning(
+            {
+                "encoder_hidden_states": embeds,
+                "pooled_projections": pooled,
+                "txt_ids": txt_ids.contiguous(),
+            }
+        )
+
+    def _sdxl_time_ids(self, resolution: int, pooled: Tensor) -> Tensor:
+        """SDXL's size/crop conditioning [1, 6] for an uncropped square image of ``resolution`` px."""
+        pipe, size = self.pipeline, (resolution, resolution)
+        if hasattr(pipe, "_get_add_time_ids"):
+            encoder_2 = getattr(pipe, "text_encoder_2", None)
+            proj_dim = int(pooled.shape[-1]) if encoder_2 is None else encoder_2.config.projection_dim
+            return pipe._get_add_time_ids(
+                size, (0, 0), size, dtype=pooled.dtype, text_encoder_projection_dim=proj_dim
+            )
+        return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=pooled.dtype)
+
+    # ---- VAE --------------------------------------------------------------------------------------
+    def _vae_factors(self) -> tuple[float, float]:
+        config = self.vae.config
+        return float(config.scaling_factor), float(getattr(config, "shift_factor", None) or 0.0)
+
+    def decode(self, latents: Tensor, clamp: bool = True) -> Tensor:
+        """Latents (as the backbone sees them) -> images in [-1, 1], float32 [B, 3, H, W].
+
+        Undoes the VAE's scaling and shift factors (``z / scaling + shift``; shift is SD3/FLUX only).
+        Not wrapped in ``no_grad``: gradients flow to ``latents`` when the caller wants them.
+        ``clamp=False`` returns the raw decoder output.
+        """
+        scale, shift = self._vae_factors()
+        z = latents.to(device=self.vae.device, dtype=self.vae.dtype) / scale + shift
+        images = self.vae.decode(z, return_dict=False)[0].float()
+        return images.clamp(-1, 1) if clamp else images
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] [B, 3, H, W] -> scaled latents (float32), deterministic (mode of the posterior)."""
+        scale, shift = self._vae_factors()
+        x = images.to(device=self.vae.device, dtype=self.vae.dtype)
+        posterior = self.vae.encode(x, return_dict=False)[0]
+        latents = posterior.mode() if hasattr(posterior, "mode") else posterior
+        return ((latents.float() - shift) * scale).float()
+
+    def __repr__(self) -> str:
+        return (
+            f"Teacher(family={self.family!r}, pipeline={type(self.pipeline).__name__}, "
+            f"backbone={self.backbone_name}, prediction_type={self.prediction_type!r}, "
+            f"schedule={self.schedule!r}, dtype={self.dtype}, device={self.device})"
+        )
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype={dtype!r} is not valid; use a torch.dtype or one of {', '.join(_DTYPES)}")
+
+
+def _dtype_kwarg() -> str:
+    """``from_pretrained``'s dtype keyword: ``dtype`` in recent diffusers, ``torch_dtype`` before."""
+    try:
+        from diffusers.utils import deprecation_utils
+
+        return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+    except ImportError:
+        return "torch_dtype"
+
+
+def load_teacher(
+    pretrained: str,
+    family: str = "auto",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    revision: str | None = None,
+    variant: str | None = None,
+    *,
+    resolution: int | None = None,
+) -> Teacher:
+    """Load a diffusers pipeline as a frozen ``Teacher``.
+
+    The family is checked first from ``model_index.json`` (``check_pretrained``) so errors come before
+    the weights load. Every component is frozen (``requires_grad_(False)``, eval mode), moved to
+    ``device`` in ``dtype``; the progress bar is disabled. ``resolution`` (default: the pipeline's
+    own, ``TINY_RESOLUTION`` for ``tiny:<family>``) sets SDXL's size conditioning and FLUX's
+    resolution-dependent timestep shift: pass the training resolution.
+    """
+    from diffusers import DiffusionPipeline
+
+    family = check_pretrained(pretrained, family, revision=revision)
+    if resolution is None and str(pretrained).startswith("tiny:"):
+        from stepdistill.models.tiny import TINY_RESOLUTION
+
+        resolution = TINY_RESOLUTION[family]
+    path = resolve_pretrained(pretrained)
+    kwargs = {}
+    if family in ("sd15", "sd2"):
+        kwargs.update(safety_checker=None, requires_safety_checker=False)  # never load the NSFW checker
+    kwargs[_dtype_kwarg()] = _as_dtype(dtype)
+    pipeline = DiffusionPipeline.from_pretrained(path, revision=revision, variant=variant, **kwargs)
+    pipeline.to(device)
+    for component in pipeline.components.values():
+        if isinstance(component, nn.Module):
+            component.requires_grad_(False)
+            component.eval()
+    pipeline.set_progress_bar_config(disable=True)
+    return Teacher(pipeline, family, resolution=resolution)
