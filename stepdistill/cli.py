@@ -1,0 +1,152 @@
+"""The ``stepdistill`` command line: ``stepdistill {train,export,cache-pairs,bench-train} ...``.
+
+Each subcommand imports its implementation lazily, so ``stepdistill --help`` is instant and a
+subcommand only needs the modules it uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from stepdistill.train import _EPILOG, add_train_arguments, collect_overrides
+
+__all__ = ["main", "build_parser"]
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from stepdistill.train import run
+
+    return run(args)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from stepdistill.export.pipeline import export_from_run
+
+    try:
+        out = export_from_run(args.path, args.out, dtype=args.dtype, use_ema=not args.no_ema)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported to {out if out is not None else args.out}")
+    return 0
+
+
+def _cmd_cache_pairs(args: argparse.Namespace) -> int:
+    from stepdistill.config.load import load_config, validate_paths
+
+    parser = args.parser
+    if args.num < 1:
+        parser.error(f"--num={args.num} must be >= 1")
+    if args.steps < 1:
+        parser.error(f"--steps={args.steps} must be >= 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        parser.error(f"--batch-size={args.batch_size} must be >= 1")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate_paths_for_pairs(cfg, validate_paths)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from stepdistill.data.pairs import cache_pairs
+
+    batch_size = args.batch_size if args.batch_size is not None else cfg.data.batch_size
+    out = cache_pairs(cfg, args.out, args.num, args.steps, batch_size)
+    print(f"cached {args.num} noise/teacher-output pairs in {out if out is not None else args.out}")
+    return 0
+
+
+def validate_paths_for_pairs(cfg, validate_paths) -> None:
+    """Pairs are what ``method.regression_pairs`` will point to, so it need not exist yet."""
+    method = cfg.method
+    if method is not None and "regression_pairs" in method and method.regression_pairs:
+        saved = method.regression_pairs
+        method.regression_pairs = None
+        try:
+            validate_paths(cfg)
+        finally:
+            method.regression_pairs = saved
+    else:
+        validate_paths(cfg)
+
+
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    from stepdistill.bench.train_step import main as bench_main
+
+    result = bench_main(list(args.args))
+    return result if isinstance(result, int) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stepdistill",
+        description="Distil multi-step diffusion models into one-step / few-step generators.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+
+    p = sub.add_parser("train", help="train a distilled generator from a config (same as train.py)",
+                       description="Train a distilled generator from a config.", epilog=_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(p)
+    p.set_defaults(func=_cmd_train, parser=p)
+
+    p = sub.add_parser("export", help="export a run (or checkpoint) as a diffusers pipeline",
+                       description="Write the distilled generator of a run folder or checkpoint as a "
+                                   "diffusers pipeline (with its few-step scheduler).")
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT", help="run folder or checkpoint folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder of the pipeline")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="weight dtype (default fp32)")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA weights")
+    p.set_defaults(func=_cmd_export, parser=p)
+
+    p = sub.add_parser("cache-pairs", help="cache (noise, teacher ODE output) pairs for DMD's regression loss",
+                       description="Run the teacher's deterministic sampler on the config's prompts and "
+                                   "store noise / output pairs for method.regression_pairs (DMD).")
+    p.add_argument("--config", "-c", required=True, metavar="PATH_OR_NAME", help="config file or name")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--num", required=True, type=int, metavar="N", help="number of pairs")
+    p.add_argument("--steps", type=int, default=50, help="teacher sampling steps (default 50)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="sampling batch size (default: data.batch_size)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=_cmd_cache_pairs, parser=p)
+
+    p = sub.add_parser("bench-train", help="benchmark training-step time and memory",
+                       description="Benchmark training steps; arguments are passed to "
+                                   "stepdistill.bench.train_step (see `stepdistill bench-train --help`).",
+                       add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
+    p.set_defaults(func=_cmd_bench_train, parser=p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench-train"]:
+        # Everything after the subcommand belongs to the benchmark's own parser, verbatim (argparse's
+        # REMAINDER would reorder leading options).
+        status = _cmd_bench_train(argparse.Namespace(args=argv[1:]))
+        if status:
+            sys.exit(status)
+        return status
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        parser.print_help(sys.stderr)
+        sys.exit(2)
+    if hasattr(args, "overrides"):
+        collect_overrides(args.parser, args, extra)
+    elif extra:
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    status = args.func(args)
+    if status:
+        sys.exit(status)
+    return status
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,498 @@
+"""Load a run configuration: YAML file (+ ``base:`` inheritance) + ``key=value`` overrides → typed config.
+
+The result is an OmegaConf ``DictConfig`` backed by the dataclasses of ``config/schema.py`` (and the
+chosen method's own ``Config`` dataclass), so an unknown key or a value of the wrong type fails here,
+before any model is loaded, with one ``ValueError`` that names the full key, where it came from and
+what would be valid.
+
+Order of precedence (later wins)::
+
+    schema defaults  <  method's default roles  <  base config(s)  <  YAML file  <  command-line overrides
+
+The ``roles`` section is special: its defaults come from the method (``default_roles``), e.g. DMD2's
+teacher is frozen while its critic trains, so a user's ``roles.critic.lr=...`` overrides the method's
+critic rather than a blank ``RoleConfig``. The returned config lists every role fully resolved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigKeyError,
+    InterpolationResolutionError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+from stepdistill.config.schema import Config, RoleConfig
+
+__all__ = [
+    "CONFIGS_DIR",
+    "configs_dir",
+    "list_configs",
+    "resolve_config_path",
+    "parse_overrides",
+    "load_config",
+    "to_dataclass",
+    "validate_paths",
+]
+
+# The configs/ folder of the repository (stepdistill/config/load.py → <repo>/configs).
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+_YAML_SUFFIXES = (".yaml", ".yml")
+_DEFAULT_METHOD = "dmd2"
+_BASE_KEY = "base"
+
+
+def configs_dir() -> Path:
+    """The folder bare config names are looked up in: ``$STEPDISTILL_CONFIGS`` or ``<repo>/configs``."""
+    env = os.environ.get("STEPDISTILL_CONFIGS")
+    return Path(env).expanduser() if env else CONFIGS_DIR
+
+
+def list_configs(root: Path | None = None) -> list[str]:
+    """Names of every config under ``root`` (default: the configs dir), e.g. ``dmd2_sdxl``, ``tests/tiny_dmd2``."""
+    root = configs_dir() if root is None else root
+    if not root.is_dir():
+        return []
+    names = {p.relative_to(root).with_suffix("").as_posix() for s in _YAML_SUFFIXES for p in root.rglob(f"*{s}")}
+    return sorted(names)
+
+
+def _strip_yaml_suffix(name: str) -> str:
+    for suffix in _YAML_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def resolve_config_path(path: str | os.PathLike, relative_to: Path | None = None) -> Path:
+    """Find a config file from a path or a bare name.
+
+    Tried in order: ``path`` as given (and relative to ``relative_to``, used for ``base:`` of a file);
+    ``<configs>/<path>`` (so ``configs/tests/x.yaml`` works from any working directory);
+    ``<configs>/<name>.yaml`` / ``.yml``; finally ``<configs>/**/<name>.yaml`` when exactly one matches.
+    """
+    raw = str(path)
+    given = Path(raw).expanduser()
+    root = configs_dir()
+    candidates = [given]
+    if relative_to is not None and not given.is_absolute():
+        candidates.insert(0, relative_to / given)
+    if not given.is_absolute():
+        candidates.append(root / given)
+        # "configs/x.yaml" written relative to the repository root.
+        candidates.append(root.parent / given)
+        stem = _strip_yaml_suffix(raw)
+        candidates.extend(root / f"{stem}{suffix}" for suffix in _YAML_SUFFIXES)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+        if candidate.is_dir() and candidate == given:
+            raise ValueError(f"config {raw!r} is a directory; give a YAML file or a config name")
+
+    # A bare name anywhere below configs/ (e.g. "tiny_dmd2" → configs/tests/tiny_dmd2.yaml).
+    name = Path(_strip_yaml_suffix(raw)).name
+    matches = sorted({p for s in _YAML_SUFFIXES for p in root.rglob(f"{name}{s}")}) if root.is_dir() else []
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        listed = ", ".join(str(m.relative_to(root)) for m in matches)
+        raise ValueError(f"config name {raw!r} is ambiguous in {root}: {listed}; give the path instead")
+
+    known = list_configs(root)
+    near = difflib.get_close_matches(_strip_yaml_suffix(raw), known, n=5, cutoff=0.4)
+    near += [k for k in difflib.get_close_matches(name, [Path(k).name for k in known], n=5, cutoff=0.4)
+             if k not in near]
+    hint = f" Did you mean: {', '.join(near)}?" if near else ""
+    available = ", ".join(known) if known else "(none)"
+    raise ValueError(
+        f"config {raw!r} not found: no such file, and no config of that name in {root}.{hint}"
+        f" Available configs: {available}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# YAML loading with ``base:`` inheritance
+# ---------------------------------------------------------------------------------------------------
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends: report the file, not a parser traceback
+        raise ValueError(f"could not parse config file {path}: {e}") from None
+    if not isinstance(loaded, DictConfig):  # an empty file loads as {}
+        raise ValueError(f"config file {path} must hold a mapping of sections (run:, model:, ...), "
+                         f"not a {type(loaded).__name__}")
+    # An empty section (`train:` or `roles: {critic: }` with nothing under it) sets nothing; left as
+    # null it would wipe the same section of a `base:` config in the merge.
+    for key in [k for k in loaded if loaded._get_node(k)._is_none()]:
+        del loaded[key]
+    if isinstance(loaded.get("roles"), DictConfig):
+        for name in [k for k in loaded.roles if loaded.roles._get_node(k)._is_none()]:
+            del loaded.roles[name]
+    return loaded
+
+
+def _load_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+    """The file's content merged on top of its ``base:`` config (recursively). ``base`` is removed."""
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise ValueError(f"config inheritance cycle through 'base:': {cycle}")
+    data = _load_yaml(path)
+    if _BASE_KEY not in data:
+        return data
+    base_name = data[_BASE_KEY]
+    if not isinstance(base_name, str) or not base_name:
+        raise ValueError(f"{path}: 'base:' must be the name or path of another config, got {base_name!r}")
+    try:
+        base_path = resolve_config_path(base_name, relative_to=path.parent)
+    except ValueError as e:
+        raise ValueError(f"{path}: base: {e}") from None
+    base = _load_with_bases(base_path, (*chain, path))
+    del data[_BASE_KEY]
+    return OmegaConf.merge(base, data)  # untyped merge; the schema checks the result
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    """``["train.max_steps=7", "roles.critic.lr=1e-6"]`` → a DictConfig (values parsed as YAML)."""
+    merged = OmegaConf.create({})
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        key = key.strip()
+        if not sep or not key or key.startswith("-") or " " in key:
+            raise ValueError(
+                f"override {item!r} is not of the form key=value (e.g. train.max_steps=100, "
+                f"roles.critic.lr=1e-6, run.trackers=[none])"
+            )
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise ValueError(f"could not parse override {item!r}: {_first_line(e)}") from None
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------------
+# Error formatting
+# ---------------------------------------------------------------------------------------------------
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _type_name(tp: Any) -> str:
+    """A readable name for a dataclass field type: int, float, 'list of float', 'str or null'."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        name = " or ".join(_type_name(a) for a in inner)
+        return f"{name} or null" if len(inner) < len(args) else name
+    if origin in (list, tuple, Sequence):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return f"mapping of {_type_name(args[1])}" if len(args) == 2 else "mapping"
+    if tp is Any:
+        return "any value"
+    if dataclasses.is_dataclass(tp):
+        return f"a section ({tp.__name__})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _field_type(cls: Any, key: str) -> Any | None:
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        return None
+    try:
+        return typing.get_type_hints(cls).get(key)
+    except Exception:  # unresolvable forward references: fall back to the omegaconf message
+        return None
+
+
+def _valid_keys(cls: Any) -> list[str]:
+    if isinstance(cls, type) and dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+    return []
+
+
+def _format_error(
+    e: OmegaConfBaseException, origin: str, schema: DictConfig | None = None, prefix: str = ""
+) -> ValueError:
+    """One readable ValueError from an omegaconf exception: key, value, source and the fix.
+
+    ``schema`` is the node the failing merge targeted (to look up list element types); ``prefix`` is
+    prepended to the reported key when that node is not the root (e.g. ``roles.critic.``).
+    """
+    rel_key = getattr(e, "full_key", None) or ""
+    full_key = prefix + rel_key
+    object_type = getattr(e, "object_type", None)
+    key = getattr(e, "key", None)
+    if isinstance(e, ConfigKeyError) and rel_key:
+        valid = _valid_keys(object_type)
+        section = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+        where = f"valid keys of {section}" if section else "valid top-level sections"
+        valid_txt = f"; {where}: {', '.join(valid)}" if valid else ""
+        close = difflib.get_close_matches(str(key), valid, n=1)
+        hint = f" (did you mean {section + '.' if section else ''}{close[0]}?)" if close else ""
+        return ValueError(f"unknown config key {full_key!r} in {origin}{hint}{valid_txt}")
+    if isinstance(e, MissingMandatoryValue) and rel_key:
+        return ValueError(f"{full_key} is required but not set ({origin}); set it in the config file or "
+                          f"pass {full_key}=...")
+    if isinstance(e, InterpolationResolutionError):
+        return ValueError(f"could not resolve an interpolation in {full_key or 'the config'} ({origin}): "
+                          f"{_first_line(e)}")
+    if isinstance(e, ValidationError) and rel_key:
+        expected = _field_type(object_type, str(key)) if key is not None else None
+        if expected is None and schema is not None:
+            expected = _list_item_type(schema, rel_key)
+        value = _bad_value(e)
+        want = f"expected {_type_name(expected)}" if expected is not None else _first_line(e)
+        shown = f"={value}" if value is not None else ""
+        return ValueError(f"invalid value {full_key}{shown} in {origin}: {want}")
+    where = f" [key: {full_key}]" if rel_key else ""
+    return ValueError(f"invalid config ({origin}): {_first_line(e)}{where}")
+
+
+def _list_item_type(schema: DictConfig, key: str) -> Any | None:
+    """For list items (``train.sample_prompts[0]``): the element type of the declared list field."""
+    if "[" not in key:
+        return None
+    parent_key = key.split("[", 1)[0]
+    owner_path, _, field_name = parent_key.rpartition(".")
+    owner = OmegaConf.select(schema, owner_path) if owner_path else schema
+    tp = _field_type(OmegaConf.get_type(owner), field_name) if isinstance(owner, DictConfig) else None
+    args = typing.get_args(tp) if tp is not None else ()
+    return args[0] if args else None
+
+
+def _bad_value(e: OmegaConfBaseException) -> str | None:
+    msg = str(e)
+    if msg.startswith("Value '"):
+        # "Value 'abc' of type 'str' could not be converted to Integer"
+        return repr(msg[len("Value '"):].split("' of type", 1)[0])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------
+
+
+def _method_name(*sources: DictConfig) -> Any:
+    """``method.name`` from the last source that sets it (overrides before the file), default dmd2."""
+    for src in sources:
+        method = src.get("method") if isinstance(src, DictConfig) else None
+        if isinstance(method, DictConfig) and "name" in method:
+            return method["name"]
+        if method is not None and not isinstance(method, DictConfig):
+            raise ValueError(f"'method' must be a section with at least 'name:', got {method!r}")
+    return _DEFAULT_METHOD
+
+
+def _pop_roles(src: DictConfig, origin: str) -> DictConfig:
+    if "roles" not in src:
+        return OmegaConf.create({})
+    roles = src["roles"]
+    del src["roles"]
+    if roles is None:
+        return OmegaConf.create({})
+    if not isinstance(roles, DictConfig):
+        raise ValueError(f"'roles' in {origin} must map role names to settings (e.g. roles.critic.lr: 1e-6), "
+                         f"got {roles!r}")
+    for name, value in roles.items():
+        if value is not None and not isinstance(value, DictConfig):
+            raise ValueError(f"roles.{name} in {origin} must be a section of role settings "
+                             f"(keys: {', '.join(_valid_keys(RoleConfig))}), got {value!r}")
+    return roles
+
+
+def _check_sections(target: DictConfig, src: DictConfig, origin: str, prefix: str = "") -> None:
+    """Where the schema has a section: drop an empty one (``train:`` with nothing under it) and reject
+    a scalar or list (``train=5``) with the section's keys. Recurses into nested sections."""
+    for key in list(src):
+        node = target._get_node(key) if key in target else None
+        if not isinstance(node, DictConfig) or node._is_none():
+            continue
+        value = src._get_node(key)
+        if isinstance(value, DictConfig) and not value._is_none():
+            _check_sections(node, value, origin, f"{prefix}{key}.")
+        elif value._is_none():
+            del src[key]
+        else:
+            cls = OmegaConf.get_type(node)
+            keys = _valid_keys(cls) or [str(k) for k in node]
+            raise ValueError(f"{prefix}{key} in {origin} must be a section with keys "
+                             f"({', '.join(keys)}), got {OmegaConf.to_container(src)[key]!r}")
+
+
+def _merge(target: DictConfig, src: DictConfig, origin: str) -> DictConfig:
+    _check_sections(target, src, origin)
+    try:
+        return OmegaConf.merge(target, src)
+    except OmegaConfBaseException as e:
+        raise _format_error(e, origin, target) from None
+
+
+def _to_object(node: Any, origin: str) -> Any:
+    """Instantiate dataclasses (runs their ``__post_init__`` checks), errors as one ValueError."""
+    try:
+        return OmegaConf.to_object(node)
+    except OmegaConfBaseException as e:
+        raise _format_error(e, origin) from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{e} ({origin})") from None
+
+
+def _build_roles(method_cls: type, method_obj: Any, user_roles: list[tuple[DictConfig, str]]) -> dict:
+    """Method default roles merged with the user's overrides, each checked against RoleConfig."""
+    try:
+        defaults = method_cls.default_roles(method_obj)
+    except NotImplementedError:
+        raise ValueError(f"method {method_cls.name!r} does not declare its roles (default_roles) yet") from None
+    declared = list(defaults)
+    for roles, origin in user_roles:
+        for name in roles:
+            if name not in defaults:
+                close = difflib.get_close_matches(str(name), declared, n=1)
+                hint = f" (did you mean roles.{close[0]}?)" if close else ""
+                raise ValueError(f"unknown role roles.{name} in {origin}{hint}; method {method_cls.name!r} "
+                                 f"has roles: {', '.join(declared)}")
+    built = {}
+    for name, default in defaults.items():
+        if not isinstance(default, RoleConfig):
+            raise TypeError(f"{method_cls.__name__}.default_roles() must return RoleConfig values, "
+                            f"got {type(default).__name__} for {name!r}")
+        node = OmegaConf.structured(default)
+        for roles, origin in user_roles:
+            if name in roles and roles[name] is not None:
+                try:
+                    node = OmegaConf.merge(node, roles[name])
+                except OmegaConfBaseException as e:
+                    raise _format_error(e, origin, node, prefix=f"roles.{name}.") from None
+        built[name] = node
+    return built
+
+
+def _check_roles(cfg: DictConfig, user_roles: list[tuple[DictConfig, str]]) -> None:
+    """RoleConfig.__post_init__ checks, per role, so errors name the role (``roles.critic.lora_rank``)."""
+    for name in cfg.roles:
+        try:
+            OmegaConf.to_object(cfg.roles[name])
+        except OmegaConfBaseException as e:
+            raise _format_error(e, "roles") from None
+        except (ValueError, TypeError) as e:
+            where = ", ".join(o for r, o in user_roles if name in r) or "the method's default roles"
+            raise ValueError(f"{str(e).replace('roles.*.', f'roles.{name}.')} ({where})") from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load, merge, type-check and validate a run config. Raises ValueError on any user error.
+
+    ``path`` is a YAML file or a bare config name (see ``resolve_config_path``); ``None`` builds the
+    config from the overrides alone. The result is a typed DictConfig with interpolations resolved.
+    """
+    from stepdistill.methods import get_method
+
+    if path is not None:
+        file = resolve_config_path(path)
+        raw = _load_with_bases(file)
+        file_origin = f"config file {file}"
+    else:
+        raw = OmegaConf.create({})
+        file_origin = "config"
+    dot = parse_overrides(list(overrides))
+    dot_origin = "command-line overrides"
+    # Errors found after merging (dataclass checks) cannot tell which source set the value.
+    if path is None:
+        both_origin = dot_origin
+    else:
+        both_origin = f"{file_origin} + {dot_origin}" if overrides else file_origin
+
+    name = _method_name(dot, raw)
+    if not isinstance(name, str):
+        raise ValueError(f"method.name must be a string, got {name!r}")
+    method_cls = get_method(name)  # unknown name → ValueError listing the registered methods
+
+    user_roles = [(_pop_roles(raw, file_origin), file_origin), (_pop_roles(dot, dot_origin), dot_origin)]
+
+    # Typed schema: the base dataclasses, with `method` typed by the chosen method's Config.
+    schema = OmegaConf.structured(Config())
+    schema.method = OmegaConf.structured(method_cls.Config)
+    cfg = _merge(schema, raw, file_origin)
+    cfg = _merge(cfg, dot, dot_origin)
+
+    method_obj = _to_object(cfg.method, both_origin)
+    cfg.roles = _build_roles(method_cls, method_obj, user_roles)
+
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise _format_error(e, both_origin) from None
+    _check_roles(cfg, user_roles)
+    # Full dataclass validation (every section's __post_init__, mandatory values).
+    _to_object(cfg, both_origin)
+    return cfg
+
+
+def to_dataclass(cfg: DictConfig) -> Config:
+    """The typed ``Config`` object (dataclasses all the way down; ``method`` is the method's Config)."""
+    return _to_object(cfg, "config")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Paths (checked before a real run, skipped by --dryrun)
+# ---------------------------------------------------------------------------------------------------
+
+
+def validate_paths(cfg: DictConfig | Config) -> Any:
+    """Check that the files and folders the config names exist; returns ``check_pretrained``'s result.
+
+    Checked: ``data.prompts`` (a file, or ``builtin:<name>``), ``data.images`` (a folder, if set),
+    ``roles.*.init_from`` (``teacher`` or a folder), ``method.regression_pairs`` (if the method has it
+    and it is set) and ``model.pretrained`` (via ``models.loading.check_pretrained``: tiny:<family>,
+    a local diffusers folder or a Hub id in the local cache; reads model_index.json, no weights).
+    """
+    from stepdistill.data.prompts import BUILTIN_PROMPTS
+
+    prompts = str(cfg.data.prompts)
+    if prompts.startswith("builtin:"):
+        builtin = prompts.split(":", 1)[1]
+        if builtin not in BUILTIN_PROMPTS:
+            raise ValueError(f"data.prompts={prompts!r}: unknown builtin prompt set; choose one of: "
+                             f"{', '.join('builtin:' + k for k in BUILTIN_PROMPTS)}")
+    else:
+        p = Path(prompts).expanduser()
+        if not p.is_file():
+            raise ValueError(f"data.prompts={prompts!r}: file not found"
+                             f"{' (it is a directory)' if p.is_dir() else ''} (working directory: {Path.cwd()}); "
+                             f"give a .txt/.csv/.tsv/.json/.jsonl/.parquet file or builtin:tiny")
+    if cfg.data.images:
+        images = Path(str(cfg.data.images)).expanduser()
+        if not images.is_dir():
+            raise ValueError(f"data.images={str(cfg.data.images)!r}: folder not found; give a folder of images "
+                             f"(with metadata.jsonl captions) or leave it empty (null)")
+    for role_name, role in (cfg.roles or {}).items():
+        init_from = str(role.init_from)
+        if init_from != "teacher" and not Path(init_from).expanduser().exists():
+            raise ValueError(f"roles.{role_name}.init_from={init_from!r}: not found; use 'teacher' or the path "
+                             f"of a diffusers backbone folder")
+    pairs = getattr(cfg.method, "regression_pairs", None) if cfg.method is not None else None
+    if pairs and not Path(str(pairs)).expanduser().exists():
+        raise ValueError(f"method.regression_pairs={str(pairs)!r}: not found; create it with "
+                         f"`stepdistill cache-pairs --config <config> --out {pairs} --num N`")
+
+    from stepdistill.models.loading import check_pretrained
+
+    return check_pretrained(cfg.model.pretrained, cfg.model.family)
+

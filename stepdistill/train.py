@@ -1,0 +1,105 @@
+"""``train.py`` / ``stepdistill train``: load a config, check it, train.
+
+    accelerate launch train.py --config dmd2_sdxl train.max_steps=2000 roles.generator.lr=1e-6
+    python train.py --config configs/tests/tiny_dmd2.yaml --dryrun      # print the resolved config
+
+``--config`` takes a YAML path or a bare name from configs/; trailing ``key=value`` arguments override
+any key. ``--dryrun`` prints the fully resolved config (every role included) and exits before any
+model is loaded. User errors (unknown keys, wrong types, missing files) print ``error: ...`` and exit
+with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from omegaconf import OmegaConf
+
+__all__ = ["build_parser", "collect_overrides", "main", "parse_args", "run"]
+
+_EPILOG = """\
+overrides:
+  key=value pairs after the options override the config, e.g.
+    train.max_steps=100 data.batch_size=4 roles.critic.lr=1e-6 run.trackers=[none]
+  values are parsed as YAML (1e-6 is a float, [a,b] a list, null is None).
+"""
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Distil a diffusion model into a few-step generator.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_train_arguments(parser)
+    return parser
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", required=True, metavar="PATH_OR_NAME",
+                        help="YAML config file, or a config name from configs/ (e.g. dmd2_sdxl, tiny_dmd2)")
+    parser.add_argument("--dryrun", "--dry-run", action="store_true",
+                        help="print the fully resolved config and exit without loading any model")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def collect_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: Sequence[str]) -> None:
+    """Merge the arguments parse_known_args left over into ``args.overrides``; reject non key=value ones.
+
+    parse_known_args lets overrides come before, between or after the options; whatever is left and
+    is not key=value (a mistyped option, a stray word) is a user error (exit 2 with the usage).
+    """
+    bad = [a for a in extra if a.startswith("-") or "=" not in a]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides are key=value, "
+                     f"e.g. train.max_steps=100)")
+    args.overrides = [*args.overrides, *extra]
+    bad = [a for a in args.overrides if "=" not in a or a.startswith("=")]
+    if bad:
+        parser.error(f"arguments {' '.join(repr(a) for a in bad)} are not key=value config overrides "
+                     f"(e.g. train.max_steps=100)")
+
+
+def parse_args(argv: Sequence[str] | None, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args, extra = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    collect_overrides(parser, args, extra)
+    return args
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load + validate the config, then dry-run or train. Returns the process exit status."""
+    from stepdistill.config.load import load_config, validate_paths
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dryrun:
+            print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+            return 0
+        validate_paths(cfg)
+    except ValueError as e:
+        return _fail(str(e))
+
+    from stepdistill.harness.trainer import train
+
+    run_dir = train(cfg)
+    if run_dir is not None:
+        print(f"run folder: {run_dir}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``train.py``; exits the process with the status (0 ok, 2 user error)."""
+    parser = build_parser(prog="train.py")
+    args = parse_args(argv, parser)
+    status = run(args)
+    if status:
+        sys.exit(status)
+    return status
