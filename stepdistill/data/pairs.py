@@ -73,7 +73,8 @@ def cache_pairs(cfg, out: str | Path, num: int, steps: int = 50, batch_size: int
         raise ValueError(f"--num={num} must be >= 1")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    teacher = load_teacher(cfg.model.pretrained, family=cfg.model.family, device=device, dtype=dtype)
+    teacher = load_teacher(cfg.model.pretrained, family=cfg.model.family, device=device, dtype=dtype,
+                           resolution=cfg.model.resolution)
     if teacher.family == "flux":
         # FluxPipeline packs latents into 2x2 patches; pairs are stored unpacked. Not wired up yet.
         raise ValueError("cache-pairs does not support FLUX teachers yet (packed latents); use an SD-family teacher")

@@ -46,7 +46,9 @@ def usage_snippet(folder: str, num_steps: int, timesteps, guidance_scale: float)
 def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32", config: dict | None = None) -> Path:
     out = Path(out)
     torch_dtype = _DTYPES[dtype]
-    student = student_backbone(role).to(torch_dtype).eval()
+    student = student_backbone(role).eval()
+    if student.dtype != torch_dtype:
+        student.to(torch_dtype)
     components = {}
     for key, value in teacher.pipeline.components.items():
         if key == teacher.backbone_name:

@@ -144,7 +144,7 @@ def build_roles(
                 module.requires_grad_(False)
                 adapter = name
                 add_lora(module, name, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules)
-            elif cfg.trainable:
+            elif cfg.trainable and module.dtype != torch.float32:
                 module.to(torch.float32)  # full-weight roles keep float32 master weights
         module.requires_grad_(False)
         head = None
@@ -153,9 +153,11 @@ def build_roles(
         role = Role(name, cfg, module, denoiser_fn=teacher.denoiser, head=head, adapter=adapter)
         if cfg.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
             module.enable_gradient_checkpointing()
-        role.set_requires_grad(cfg.trainable)
         if cfg.trainable:
             module.train()
         roles[name] = role
-    # The teacher's base stays frozen even when adapters live on it.
+    # Only now: peft's add_adapter re-freezes the adapters already on a shared base.
+    for role in roles.values():
+        if role.trainable:
+            role.set_requires_grad(True)
     return roles

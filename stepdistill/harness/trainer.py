@@ -11,6 +11,7 @@ roles it trains, over ``gradient_accumulation_steps`` micro-batches.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -77,6 +78,9 @@ class Trainer:
             os.environ.setdefault("WANDB_MODE", cfg.run.wandb_mode)
             os.environ.setdefault("WANDB_DIR", str(self.run_dir))
         self.accelerator = Accelerator(
+            # On a CPU-only machine, `accelerate launch --multi_gpu` must still give gloo DDP: accelerate
+            # only sets up a CPU process group when told it runs on CPU.
+            cpu=not torch.cuda.is_available(),
             mixed_precision=mixed_precision,
             log_with=trackers or None,
             project_dir=str(self.run_dir),
@@ -86,14 +90,14 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        from stepdistill.data.prompts import PromptSampler, load_prompts
+        from stepdistill.data.prompts import InfinitePromptLoader, load_prompts
         from stepdistill.models import load_teacher
 
         self.method_cls = get_method(cfg.method.name)
         self.method_cfg = OmegaConf.to_object(cfg.method)
         role_cfgs = _role_configs(cfg, self.method_cls, self.method_cfg)
         prompts = load_prompts(cfg.data.prompts, cfg.data.caption_column)
-        self.prompts = PromptSampler(
+        self.prompts = InfinitePromptLoader(
             prompts, cfg.data.batch_size, seed=cfg.run.seed,
             rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
         )
@@ -102,7 +106,7 @@ class Trainer:
         set_seed(cfg.run.seed)  # identical initialisation on every rank
         self.teacher = load_teacher(
             cfg.model.pretrained, family=cfg.model.family, device=self.device, dtype=self.weight_dtype,
-            revision=cfg.model.revision, variant=cfg.model.variant,
+            revision=cfg.model.revision, variant=cfg.model.variant, resolution=cfg.model.resolution,
         )
         self.roles: dict[str, Role] = build_roles(
             self.teacher, role_cfgs, self.method_cls.role_heads(self.method_cfg), self.device
@@ -301,10 +305,29 @@ class Trainer:
             out = self.export()
             if acc.is_main_process:
                 logger.info("exported diffusers pipeline to %s", out)
+        digests = self.weight_digests()
         acc.end_training()
         if acc.is_main_process:
-            (self.run_dir / "DONE.json").write_text(json.dumps({"steps": cfg.train.max_steps}))
+            desync = [name for name, per_rank in digests.items() if len(set(per_rank)) > 1]
+            if desync:
+                logger.warning("processes ended with different weights for roles %s (DDP desync)", desync)
+            (self.run_dir / "DONE.json").write_text(json.dumps(
+                {"steps": cfg.train.max_steps, "num_processes": acc.num_processes, "weight_sha256": digests}, indent=2))
         return self.run_dir
+
+    def weight_digests(self) -> dict[str, list[str]]:
+        """SHA-256 of every trainable role's weights on every process (equal under correct DDP)."""
+        from accelerate.utils import gather_object
+
+        digests = {}
+        for name, role in self.roles.items():
+            if not role.trainable:
+                continue
+            h = hashlib.sha256()
+            for p in role.trainable_parameters():
+                h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+            digests[name] = gather_object([h.hexdigest()])
+        return digests
 
 
 def train(cfg: DictConfig) -> Path:

@@ -1,0 +1,102 @@
+"""The real entry points, run as a user runs them (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import PYTHON, REPO, run
+
+ACCELERATE = [PYTHON, "-m", "accelerate.commands.launch"]
+
+# Runs in a process that never imports stepdistill: plain diffusers must load and run the export.
+LOAD_EXPORT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np, torch
+    from diffusers import DiffusionPipeline
+    folder = sys.argv[1]
+    info = json.load(open(folder + "/stepdistill.json"))
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    res = info["config"]["model"]["resolution"]
+    kwargs = {"timesteps": info["timesteps"]} if info["timesteps"] else {}
+    out = pipe("a prompt", num_inference_steps=info["num_inference_steps"], guidance_scale=info["guidance_scale"],
+               height=res, width=res, output_type="np", generator=torch.Generator().manual_seed(0), **kwargs)
+    image = out.images[0]
+    assert "stepdistill" not in sys.modules
+    print(json.dumps({"shape": list(image.shape), "std": float(np.std(image)), "pipeline": type(pipe).__name__,
+                      "scheduler": type(pipe.scheduler).__name__, "steps": len(pipe.scheduler.timesteps)}))
+    """
+)
+
+
+def _load_export(folder) -> dict:
+    proc = run([PYTHON, "-c", LOAD_EXPORT, str(folder)])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_accelerate_launch_train_exports_a_plain_diffusers_pipeline(tmp_path):
+    out = tmp_path / "run"
+    run([*ACCELERATE, "--num_processes", "1", "--mixed_precision", "no", "train.py",
+         "--config", "configs/tests/tiny_dmd2.yaml", "train.max_steps=2", f"run.output_dir={out}"])
+    # Run folder: resolved config, curves, sample grid, checkpoint, export.
+    assert (out / "config.yaml").read_text().count("max_steps: 2") == 1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert {"generator/loss", "generator/dmd", "critic/loss", "critic/denoising", "grad_norm/generator",
+            "grad_norm/critic", "generator/stats/dmd_grad_norm"} <= set(rows[0])
+    assert all(np.isfinite(v) for r in rows for v in r.values())
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "generator/loss" in header and "critic/loss" in header
+    grid = sorted((out / "samples").glob("*.png"))
+    assert grid and Image.open(grid[-1]).size[1] > 0
+    assert (out / "checkpoints" / "checkpoint-2" / "stepdistill_state.json").is_file()
+    info = json.loads((out / "export" / "stepdistill.json").read_text())
+    assert info["method"] == "dmd2" and info["num_inference_steps"] >= 1
+
+    result = _load_export(out / "export")
+    res = info["config"]["model"]["resolution"]
+    assert result["shape"] == [res, res, 3]
+    assert result["steps"] == info["num_inference_steps"]
+    assert result["std"] > 0  # not a blank image
+
+
+def test_two_process_ddp_ends_with_identical_weights(tmp_path):
+    out = tmp_path / "ddp"
+    run([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no", "train.py",
+         "--config", "tests/tiny_dmd2", "train.max_steps=2", "export.enabled=false", "train.sample_every=0",
+         f"run.output_dir={out}"], env={"CUDA_VISIBLE_DEVICES": ""})
+    done = json.loads((out / "DONE.json").read_text())
+    assert done["num_processes"] == 2
+    for role, per_rank in done["weight_sha256"].items():
+        assert len(per_rank) == 2 and per_rank[0] == per_rank[1], f"{role} differs between ranks"
+    assert set(done["weight_sha256"]) == {"generator", "critic"}
+
+
+def test_export_command_from_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    run([PYTHON, "train.py", "--config", "tests/tiny_dmd2", "train.max_steps=1", "export.enabled=false",
+         "train.sample_every=0", f"run.output_dir={out}", "run.trackers=[none]"])
+    assert not (out / "export").exists()
+    exported = tmp_path / "exported"
+    run([PYTHON, "-m", "stepdistill.cli", "export", str(out), "--out", str(exported)])
+    result = _load_export(exported)
+    assert result["pipeline"] == "StableDiffusionPipeline"
+    assert result["scheduler"] == "LCMScheduler"
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["train.max_stepz=3"], "train.max_stepz"),
+    (["model.family=sd99"], "sd99"),
+])
+def test_train_py_config_errors_exit_cleanly(bad, message):
+    import subprocess
+
+    proc = subprocess.run([PYTHON, "train.py", "--config", "tests/tiny_dmd2", *bad], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
