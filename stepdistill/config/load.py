@@ -492,6 +492,11 @@ def validate_paths(cfg: DictConfig | Config) -> Any:
         raise ValueError(f"method.regression_pairs={str(pairs)!r}: not found; create it with "
                          f"`stepdistill cache-pairs --config <config> --out {pairs} --num N`")
 
+    # What the method itself needs of the rest of the config (e.g. a GAN term needs data.images).
+    from stepdistill.methods import get_method
+
+    get_method(str(cfg.method.name)).check_config(cfg)
+
     from stepdistill.models.loading import check_pretrained
 
     return check_pretrained(cfg.model.pretrained, cfg.model.family)

@@ -9,7 +9,7 @@ picks it by ``method.name``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -30,7 +30,7 @@ class RunConfig:
     output_dir: str = "runs/${run.name}"
     seed: int = 0
     # wandb runs offline unless wandb_mode=online; "none" keeps only the CSV/JSONL metrics in the run folder.
-    trackers: List[str] = field(default_factory=lambda: ["tensorboard"])
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     wandb_mode: str = "offline"
 
     def __post_init__(self) -> None:
@@ -44,8 +44,8 @@ class ModelConfig:
     # Hub id, local diffusers folder, or "tiny:<family>" (a tiny random pipeline for tests).
     pretrained: str = MISSING
     family: str = "auto"
-    revision: Optional[str] = None
-    variant: Optional[str] = None
+    revision: str | None = None
+    variant: str | None = None
     # dtype of frozen weights (teacher); "auto" = bf16 on GPU when mixed precision is bf16, else fp32.
     weight_dtype: str = "auto"
     resolution: int = 512
@@ -63,9 +63,9 @@ class DataConfig:
     # "builtin:tiny" (a few fixed prompts, for tests and smoke runs).
     prompts: str = MISSING
     caption_column: str = "caption"
-    # Optional folder of real images (with captions in a metadata.jsonl) for the GAN loss of DMD2.
-    # When empty, DMD2's GAN term uses teacher samples as "real" data.
-    images: Optional[str] = None
+    # Real data for GAN terms (DMD2): a folder of images with a metadata.jsonl of captions, or a folder of
+    # teacher samples written by `stepdistill cache-pairs`. Methods with a GAN term require it.
+    images: str | None = None
     batch_size: int = 1  # per process
     negative_prompt: str = ""
     num_workers: int = 0
@@ -82,13 +82,13 @@ class RoleConfig:
     init_from: str = "teacher"  # "teacher" or a path to a diffusers backbone folder
     trainable: bool = True
     lora_rank: int = 0  # 0 = full weights; >0 = peft LoRA of that rank
-    lora_alpha: Optional[float] = None  # default: = rank
-    lora_target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_alpha: float | None = None  # default: = rank
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     # LoRA only: put the adapter on the teacher's frozen base instead of a second copy (saves memory).
     share_teacher_base: bool = False
     gradient_checkpointing: bool = False
     lr: float = 1e-5
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
     adam_eps: float = 1e-8
     lr_scheduler: str = "constant"  # any name of diffusers.optimization.get_scheduler
@@ -107,16 +107,18 @@ class RoleConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000  # generator steps (one step = every phase of method.phases(step))
+    # Training iterations; one iteration runs every phase of method.phases(step) (for DMD2: a critic
+    # update every iteration, a generator update every critic_steps_per_generator_step iterations).
+    max_steps: int = 1000
     mixed_precision: str = "auto"  # auto: bf16 on GPU (fp16 diverges for these methods), no on CPU
     gradient_accumulation_steps: int = 1
     allow_tf32: bool = True
     checkpoint_every: int = 500
     checkpoints_total_limit: int = 3
-    resume: Optional[str] = None  # "latest" or a checkpoint folder
+    resume: str | None = None  # "latest" or a checkpoint folder
     log_every: int = 10
     sample_every: int = 500  # 0 disables sample grids
-    sample_prompts: List[str] = field(default_factory=list)  # default: the first prompts of the data
+    sample_prompts: list[str] = field(default_factory=list)  # default: the first prompts of the data
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
@@ -144,5 +146,5 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     # Per-role overrides of the method's default roles (keys must be roles the method declares).
-    roles: Dict[str, RoleConfig] = field(default_factory=dict)
+    roles: dict[str, RoleConfig] = field(default_factory=dict)
     method: Any = None  # the method's own Config dataclass, chosen by method.name

@@ -54,6 +54,11 @@ class DistillMethod:
         raise NotImplementedError
 
     @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Raise ValueError when the whole run config cannot work for this method (called before any
+        model loads, e.g. a GAN term without ``data.images``)."""
+
+    @classmethod
     def role_heads(cls, cfg: Any) -> dict[str, str]:
         """Roles that carry an extra head module, e.g. {"critic": "gan"} (built by the harness)."""
         return {}

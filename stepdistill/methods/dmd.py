@@ -16,7 +16,6 @@ with backward simulation and sampled with re-noising between steps (an LCM-style
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
 
 import torch
 
@@ -39,12 +38,12 @@ class DMDConfig:
     num_steps: int = 1
     # Timesteps the generator is conditioned on, highest first (default: evenly spaced from the top,
     # e.g. [999] for one step, [999, 749, 499, 249] for four steps of a 1000-step VP teacher).
-    generator_timesteps: Optional[List[int]] = None
+    generator_timesteps: list[int] | None = None
     # CFG scale of the real score (teacher) and of the fake score in the DMD gradient.
     real_guidance_scale: float = 3.0
     fake_guidance_scale: float = 1.0
-    # Timestep range of the DMD gradient and of the critic's denoising loss, as fractions of the
-    # teacher's training timesteps (DMD Sec. 3.2: T_min = 0.02 T, T_max = 0.98 T).
+    # Timestep range of the DMD gradient, as fractions of the teacher's training timesteps
+    # (DMD Sec. 3.2: T_min = 0.02 T, T_max = 0.98 T). The critic's denoising loss uses all timesteps.
     min_t_frac: float = 0.02
     max_t_frac: float = 0.98
     # Critic updates per generator update (1 in DMD; the TTUR of DMD2 uses 5 or 10).
@@ -53,7 +52,7 @@ class DMDConfig:
     # Regression loss on (noise -> teacher ODE output) pairs (DMD Sec. 3.3, Eq. 9); lambda_reg = 0.25.
     regression_weight: float = 0.25
     # Folder written by `stepdistill cache-pairs` (pairs.safetensors + prompts.json).
-    regression_pairs: Optional[str] = None
+    regression_pairs: str | None = None
     # "pseudo_huber" (default; the paper's LPIPS needs downloaded VGG weights) or "l2", in latent space.
     regression_loss: str = "pseudo_huber"
     regression_batch_size: int = 1
@@ -62,7 +61,8 @@ class DMDConfig:
     # GAN term on the critic's bottleneck features (DMD2 Sec. 4.3); 0 disables it.
     gan_generator_weight: float = 0.0
     gan_critic_weight: float = 0.0
-    gan_max_t_frac: float = 0.98
+    # The GAN classifier sees latents noised to t ~ U[0, gan_max_t_frac * T) (DMD2 "diffusion GAN").
+    gan_max_t_frac: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
@@ -99,6 +99,26 @@ class DMD2Config(DMDConfig):
     gan_critic_weight: float = 1e-2
 
 
+def _check_data(cfg: DMDConfig, has_real_data: bool) -> None:
+    """The data each enabled loss term needs, checked before any model loads."""
+    if cfg.regression_weight > 0 and not cfg.regression_pairs:
+        raise ValueError(
+            f"method.regression_weight={cfg.regression_weight} needs method.regression_pairs: make them with "
+            "`stepdistill cache-pairs --config <config> --out <dir> --num N` (or set method.regression_weight=0)"
+        )
+    if (cfg.gan_critic_weight > 0 or cfg.gan_generator_weight > 0) and not has_real_data:
+        raise ValueError(
+            f"method.gan_critic_weight={cfg.gan_critic_weight}, gan_generator_weight={cfg.gan_generator_weight} "
+            "(GAN term) need real data: set data.images to a folder of images with a metadata.jsonl of captions, "
+            "or to teacher samples made by `stepdistill cache-pairs`; or set both weights to 0"
+        )
+    if cfg.num_steps > 1 and not cfg.backward_simulation and not has_real_data:
+        raise ValueError(
+            "method.backward_simulation=false trains steps k > 0 on noised real latents: set data.images, "
+            "or keep method.backward_simulation=true"
+        )
+
+
 @register
 class DMD(DistillMethod):
     name = "dmd"
@@ -113,28 +133,17 @@ class DMD(DistillMethod):
         self.latent_shape = tuple(self.teacher.latent_shape(ctx.resolution))
         self._fake_cache: tuple | None = None
         self.pairs = None
+        _check_data(cfg, has_real_data=ctx.has_real_data)
         if cfg.regression_weight > 0:
-            if not cfg.regression_pairs:
-                raise ValueError(
-                    f"method.regression_weight={cfg.regression_weight} needs method.regression_pairs: make them with "
-                    "`stepdistill cache-pairs --config <config> --out <dir> --num N` (or set regression_weight=0)"
-                )
             from stepdistill.data.pairs import load_pairs
 
             self.pairs = load_pairs(cfg.regression_pairs, expect_shape=self.latent_shape)
-        if (cfg.gan_critic_weight > 0 or cfg.gan_generator_weight > 0) and not ctx.has_real_data:
-            raise ValueError(
-                f"method.gan_critic_weight={cfg.gan_critic_weight} (GAN term) needs real data: set data.images to a "
-                "folder of images with captions, or to teacher samples made by `stepdistill cache-pairs`; "
-                "or set method.gan_critic_weight=0 and method.gan_generator_weight=0"
-            )
-        if cfg.num_steps > 1 and not cfg.backward_simulation and not ctx.has_real_data:
-            raise ValueError(
-                "method.backward_simulation=false trains steps k > 0 on noised real latents: set data.images, "
-                "or keep backward_simulation=true"
-            )
 
     # ---- structure ----------------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        _check_data(cfg.method, has_real_data=bool(cfg.data.images))
+
     @classmethod
     def default_roles(cls, cfg: DMDConfig) -> dict[str, RoleConfig]:
         return {
@@ -264,9 +273,10 @@ class DMD(DistillMethod):
                 x_in, t_in = self._generator_input(batch)
                 x0 = self.roles["generator"].denoiser(x_in, t_in, cond, output="x0")
         self._fake_cache = None
-        # The fake score learns to denoise generator samples (DMD Eq. 6, in the teacher's parameterization).
+        # The fake score learns to denoise generator samples at every noise level (DMD Eq. 6, in the
+        # teacher's own parameterization; uniform t over the whole training range as in DMD2).
         n = len(x0)
-        t = self.schedule.sample_timesteps(n, min_frac=cfg.min_t_frac, max_frac=cfg.max_t_frac, device=x0.device)
+        t = self.schedule.sample_timesteps(n, min_frac=0.0, max_frac=1.0, device=x0.device)
         noise = torch.randn_like(x0)
         x_t = self.schedule.add_noise(x0, noise, t)
         pred = self.roles["critic"].denoiser(x_t, t, cond, output=self.native)
