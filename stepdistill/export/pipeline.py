@@ -63,8 +63,9 @@ def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32",
     steps = method.num_inference_steps
     timesteps = method.export_timesteps() if hasattr(method, "export_timesteps") else None
     # Guidance is distilled into the student: CFG at sampling time would double the cost and
-    # over-saturate. diffusers pipelines skip CFG at guidance_scale <= 1 (FLUX uses its embedding).
-    guidance = 0.0 if teacher.family != "flux" else 3.5
+    # over-saturate; diffusers pipelines skip CFG at guidance_scale <= 1. Guidance-embedded FLUX
+    # students were called with the embedding at 1.0 during training, so they are sampled with it.
+    guidance = 1.0 if teacher.family == "flux" else 0.0
     info = {
         "method": method.name,
         "paper": method.paper,

@@ -86,9 +86,11 @@ class Trainer:
             project_dir=str(self.run_dir),
         )
         self.device = self.accelerator.device
-        if cfg.train.allow_tf32 and torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        if torch.cuda.is_available():
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
+            if cfg.train.allow_tf32:
+                torch.backends.cuda.matmul.allow_tf32 = True
+                torch.backends.cudnn.allow_tf32 = True
 
         from stepdistill.data.prompts import InfinitePromptLoader, load_prompts
         from stepdistill.models import load_teacher
@@ -123,6 +125,7 @@ class Trainer:
             MethodContext(teacher=self.teacher, roles=self.roles, resolution=cfg.model.resolution, device=self.device,
                           has_real_data=self.real_data is not None),
         )
+        self._batch_cache: tuple[int, dict] | None = None
         self._prepare_optimizers()
         set_seed(cfg.run.seed, device_specific=True)  # different noise on every rank from here on
 
@@ -140,8 +143,9 @@ class Trainer:
             if not params:
                 raise ValueError(f"role {name!r} is trainable but has no parameters to train")
             rc = role.cfg
+            fused = all(p.is_cuda for p in params)  # one kernel per step instead of a loop over tensors
             opt = torch.optim.AdamW(params, lr=rc.lr, betas=tuple(rc.betas), weight_decay=rc.weight_decay,
-                                    eps=rc.adam_eps)
+                                    eps=rc.adam_eps, fused=fused or None)
             sched = get_scheduler(rc.lr_scheduler, opt, num_warmup_steps=rc.lr_warmup_steps,
                                   num_training_steps=self.cfg.train.max_steps)
             shared = role.adapter is not None and role.module is self.teacher.backbone
@@ -157,13 +161,17 @@ class Trainer:
                 role.wrapped, opt, sched = acc.prepare(role.module, opt, sched)
             self.optimizers[name], self.schedulers[name] = opt, sched
             if rc.ema_decay > 0:
-                ema = EMAModel([p for p in role.trainable_parameters()], decay=rc.ema_decay)
+                ema = EMAModel([p for p in role.trainable_parameters()], decay=rc.ema_decay, foreach=True)
                 ema.to(self.device)
                 acc.register_for_checkpointing(ema)
                 self.emas[name] = ema
 
     # ---- one step -----------------------------------------------------------------------------
     def make_batch(self, index: int) -> dict:
+        """The batch of micro-batch ``index`` (prompts, their encodings, real data); the phases of one
+        step share it, so the text encoders run once per micro-batch."""
+        if self._batch_cache is not None and self._batch_cache[0] == index:
+            return self._batch_cache[1]
         prompts = self.prompts.batch_for_step(index)
         with torch.no_grad():
             cond = self.teacher.encode_prompt(prompts)
@@ -171,6 +179,7 @@ class Trainer:
         batch = {"prompts": prompts, "cond": cond, "uncond": uncond}
         if self.real_data is not None:
             batch["real"] = self.real_data.batch_for_step(index)
+        self._batch_cache = (index, batch)
         return batch
 
     def _activate(self, phase_roles: tuple[str, ...]) -> None:
@@ -289,7 +298,9 @@ class Trainer:
                 logs.update(self.run_phase(phase, step))
             last = step + 1 == cfg.train.max_steps
             if step % cfg.train.log_every == 0 or last:
-                metrics = {k: float(v) for k, v in logs.items()}
+                # One device-to-host copy for all metrics (each float() would wait for the GPU).
+                values = torch.stack([v.detach().float().reshape(()).to(self.device) for v in logs.values()]).tolist()
+                metrics = dict(zip(logs, values))
                 if acc.is_main_process:
                     writer.write(step, metrics)
                     bar.set_postfix({k.split("/", 1)[1] if k.endswith("/loss") else k: f"{v:.4g}"

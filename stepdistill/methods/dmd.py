@@ -127,8 +127,8 @@ class DMD(DistillMethod):
 
     def __init__(self, cfg: DMDConfig, ctx: MethodContext) -> None:
         super().__init__(cfg, ctx)
-        default = self.schedule.timesteps_for_steps(cfg.num_steps)
-        self.timesteps = [float(t) for t in (cfg.generator_timesteps or default)]
+        # Default: exactly the timesteps the exported pipeline will run (sampling/schedulers.py).
+        self.timesteps = [float(t) for t in (cfg.generator_timesteps or self._default_timesteps(cfg.num_steps))]
         self.native = self.teacher.prediction_type
         self.latent_shape = tuple(self.teacher.latent_shape(ctx.resolution))
         self._fake_cache: tuple | None = None
@@ -167,6 +167,11 @@ class DMD(DistillMethod):
         return len(self.timesteps)
 
     # ---- helpers ------------------------------------------------------------------------------
+    def _default_timesteps(self, num_steps: int) -> list[float]:
+        from stepdistill.sampling.schedulers import pipeline_timesteps
+
+        return pipeline_timesteps(self.teacher, num_steps, self.ctx.resolution)
+
     def _t(self, t: float, n: int) -> torch.Tensor:
         return torch.full((n,), float(t), device=self.ctx.device)
 
@@ -300,7 +305,7 @@ class DMD(DistillMethod):
         """DMD2's few-step sampler: predict x0, re-noise it to the next timestep with fresh noise."""
         timesteps = self.timesteps
         if num_steps is not None and num_steps != len(timesteps):
-            timesteps = self.schedule.timesteps_for_steps(num_steps)
+            timesteps = self._default_timesteps(num_steps)
         denoiser = self.roles[self.student_role].denoiser
         x, n = noise, len(noise)
         for i, t in enumerate(timesteps):
@@ -313,11 +318,12 @@ class DMD(DistillMethod):
     def export_scheduler(self, num_steps=None):
         from stepdistill.sampling.schedulers import renoising_scheduler
 
-        return renoising_scheduler(self.teacher.pipeline.scheduler, self.schedule, num_steps or len(self.timesteps))
+        return renoising_scheduler(self.teacher, num_steps or len(self.timesteps))
 
     def export_timesteps(self) -> list[float] | None:
-        """Timesteps the exported scheduler must be called with, when they differ from its defaults."""
-        default = self.schedule.timesteps_for_steps(len(self.timesteps))
+        """Timesteps the exported scheduler must be called with, when they differ from its defaults
+        (only when the config sets ``method.generator_timesteps`` by hand)."""
+        default = self._default_timesteps(len(self.timesteps))
         same = all(abs(float(a) - float(b)) < 1e-3 for a, b in zip(default, self.timesteps))
         return None if same else list(self.timesteps)
 

@@ -211,10 +211,13 @@ class VPSchedule(NoiseSchedule):
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod).detach().float().cpu()
         self.num_train_timesteps = int(self.alphas_cumprod.shape[0])
         self.prediction_type = _canonical(prediction_type)
+        self._acp_on: dict[torch.device, Tensor] = {}  # one copy per device: no host copy per call
 
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         t = self._as_tensor(t)
-        acp = self.alphas_cumprod.to(t.device)
+        if t.device not in self._acp_on:
+            self._acp_on[t.device] = self.alphas_cumprod.to(t.device)
+        acp = self._acp_on[t.device]
         # Linear interpolation of alphas_cumprod between the neighbouring integer timesteps.
         t = t.clamp(0, self.num_train_timesteps - 1)
         lo = t.floor().long()
@@ -228,7 +231,7 @@ class VPSchedule(NoiseSchedule):
         self._check_fracs(min_frac, max_frac)
         T = self.num_train_timesteps
         lo, hi = round(min_frac * T), max(round(max_frac * T) - 1, round(min_frac * T))
-        gen_device = generator.device if generator is not None else "cpu"
+        gen_device = generator.device if generator is not None else (device or "cpu")
         t = torch.randint(lo, hi + 1, (n,), generator=generator, device=gen_device)
         return t.float().to(device if device is not None else gen_device)
 
@@ -267,7 +270,7 @@ class FlowSchedule(NoiseSchedule):
     def sample_timesteps(self, n, *, min_frac=0.0, max_frac=1.0, generator=None, device=None) -> Tensor:
         """``t = shift(u) * T`` with ``u ~ U[min_frac, max_frac]`` (continuous)."""
         self._check_fracs(min_frac, max_frac)
-        gen_device = generator.device if generator is not None else "cpu"
+        gen_device = generator.device if generator is not None else (device or "cpu")
         u = torch.rand((n,), generator=generator, device=gen_device) * (max_frac - min_frac) + min_frac
         t = self.shift_sigma(u) * self.num_train_timesteps
         return t.to(device if device is not None else gen_device)

@@ -1,19 +1,57 @@
-"""diffusers schedulers that reproduce stepdistill's few-step samplers inside plain pipelines."""
+"""diffusers schedulers that reproduce stepdistill's few-step samplers inside plain pipelines.
+
+The student's timesteps are *defined* by the scheduler it is exported with: ``pipeline_timesteps``
+asks that scheduler which timesteps the teacher's own pipeline will use for ``num_inference_steps=N``,
+and methods train on exactly those. So an export never needs hand-set timesteps.
+
+The sampler is "predict x0, re-noise it to the next timestep with fresh noise" (DMD2's few-step
+sampler, the consistency-model multistep sampler):
+- VP teachers (SD 1.x/2.x, SDXL): ``LCMScheduler`` with ``original_inference_steps=N`` gives evenly
+  spaced timesteps ``[T-1, T-1-T/N, ...]`` at ``num_inference_steps=N`` (its boundary-condition
+  scalings differ from the identity by < 1e-7 there).
+- Flow teachers (SD3, FLUX): ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` computes
+  ``x0`` from the velocity and re-noises it to the next sigma. SD3's pipeline spaces its N timesteps
+  from sigma 1 to the scheduler's smallest sigma (~0.009: a wasted last step), so the export sets
+  ``shift_terminal`` to the regular grid's last sigma, ``shift(1/N)``; FLUX's pipeline passes
+  ``sigmas = linspace(1, 1/N, N)`` and a resolution-dependent shift itself.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 
-def renoising_scheduler(teacher_scheduler, schedule, num_steps: int):
-    """The "predict x0, re-noise to the next timestep" sampler of DMD2 / consistency models.
 
-    - VP teachers: ``LCMScheduler`` with ``original_inference_steps=num_steps`` gives exactly the
-      evenly spaced timesteps ``[T-1, T-1-T/n, ...]`` at ``num_inference_steps=num_steps`` and re-noises
-      with fresh Gaussian noise between steps (its boundary scalings are ~1e-7 from the identity here).
-    - Flow teachers: ``FlowMatchEulerDiscreteScheduler`` with ``stochastic_sampling=True`` computes
-      ``x0`` from the velocity and re-noises it to the next sigma.
-    """
+def _shift(sigma: float, shift: float) -> float:
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def renoising_scheduler(teacher, num_steps: int):
+    """The exported scheduler of a ``num_steps`` student of ``teacher``."""
     from diffusers import FlowMatchEulerDiscreteScheduler, LCMScheduler
 
-    if schedule.kind == "flow":
-        return FlowMatchEulerDiscreteScheduler.from_config(teacher_scheduler.config, stochastic_sampling=True)
-    return LCMScheduler.from_config(teacher_scheduler.config, original_inference_steps=num_steps)
+    config = teacher.pipeline.scheduler.config
+    if teacher.schedule.kind == "flow":
+        extra = {"stochastic_sampling": True}
+        if teacher.family != "flux" and num_steps > 1 and not config.get("use_dynamic_shifting", False):
+            extra["shift_terminal"] = _shift(1.0 / num_steps, float(config.get("shift", 1.0)))
+        return FlowMatchEulerDiscreteScheduler.from_config(config, **extra)
+    return LCMScheduler.from_config(config, original_inference_steps=num_steps)
+
+
+def pipeline_timesteps(teacher, num_steps: int, resolution: int) -> list[float]:
+    """The timesteps the exported pipeline runs at ``num_inference_steps=num_steps``."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps={num_steps} must be >= 1")
+    scheduler = renoising_scheduler(teacher, num_steps)
+    if teacher.family == "flux":
+        # As FluxPipeline.__call__ does: explicit sigmas and a shift from the image token count.
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        cfg = scheduler.config
+        mu = calculate_shift(teacher.image_seq_len(resolution), cfg.get("base_image_seq_len", 256),
+                             cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                             cfg.get("max_shift", 1.15))
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+    else:
+        scheduler.set_timesteps(num_steps)
+    return [float(t) for t in scheduler.timesteps]
