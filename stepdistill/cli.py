@@ -59,17 +59,18 @@ def _cmd_cache_pairs(args: argparse.Namespace) -> int:
 
 
 def validate_paths_for_pairs(cfg, validate_paths) -> None:
-    """Pairs are what ``method.regression_pairs`` will point to, so it need not exist yet."""
+    """Pairs are what ``method.regression_pairs`` will point to, so they need not exist yet, and the
+    method's own data requirements (which include those pairs) do not apply to making them."""
     method = cfg.method
     if method is not None and "regression_pairs" in method and method.regression_pairs:
         saved = method.regression_pairs
         method.regression_pairs = None
         try:
-            validate_paths(cfg)
+            validate_paths(cfg, method_checks=False)
         finally:
             method.regression_pairs = saved
     else:
-        validate_paths(cfg)
+        validate_paths(cfg, method_checks=False)
 
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:

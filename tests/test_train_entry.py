@@ -92,6 +92,8 @@ def test_export_command_from_a_checkpoint(tmp_path):
 @pytest.mark.parametrize("bad, message", [
     (["train.max_stepz=3"], "train.max_stepz"),
     (["model.family=sd99"], "sd99"),
+    (["method.gan_critic_weight=0.1"], "data.images"),  # the GAN term needs real data
+    (["method.regression_weight=0.25"], "stepdistill cache-pairs"),  # DMD's regression needs teacher pairs
 ])
 def test_train_py_config_errors_exit_cleanly(bad, message):
     import subprocess
