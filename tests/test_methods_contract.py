@@ -20,6 +20,7 @@ from tests.helpers import changed, snapshot, tiny_config
 # Every registered method runs with its tiny config; extra cases switch on optional loss terms.
 CASES = {name: name for name in sorted(all_methods())}
 CASES["dmd2_gan"] = "dmd2"
+CASES["dmd2_lora_shared"] = "dmd2"  # LoRA generator and critic on the teacher's own frozen base
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +38,9 @@ def _case(case, pairs) -> tuple[str, list[str]]:
     extra = {
         "dmd": [f"method.regression_pairs={pairs}"],
         "dmd2_gan": [f"data.images={pairs}", "method.gan_critic_weight=0.01", "method.gan_generator_weight=0.001"],
+        "dmd2_lora_shared": ["roles.generator.lora_rank=4", "roles.generator.share_teacher_base=true",
+                             "roles.critic.lora_rank=4", "roles.critic.share_teacher_base=true",
+                             "roles.critic.gradient_checkpointing=true"],
     }
     return CASES[case], extra.get(case, [])
 
@@ -47,12 +51,13 @@ def test_phases_train_the_right_roles(case, tmp_path, teacher_pairs):
     cfg = tiny_config(tmp_path, method, "train.sample_every=0", "export.enabled=false", *extra)
     trainer = Trainer(cfg)
     roles = trainer.roles
-    teacher_before = snapshot(trainer.teacher.backbone)
+    # The teacher's own weights (LoRA adapters that roles keep on its base are theirs, not the teacher's).
+    teacher_before = {k: v for k, v in snapshot(trainer.teacher.backbone).items() if "lora_" not in k}
     phases = trainer.method.phases(0)
     assert "generator" in phases, f"{method}: step 0 must update the generator"
     for phase in phases:
         trained = set(trainer.method.phase_roles(phase))
-        before = {name: snapshot(role.module) for name, role in roles.items() if role.trainable}
+        before = {name: _params(role) for name, role in roles.items() if role.trainable}
         head_before = {name: snapshot(role.head) for name, role in roles.items() if role.head is not None}
         seen_grads = {}
 
@@ -70,7 +75,7 @@ def test_phases_train_the_right_roles(case, tmp_path, teacher_pairs):
         for name, role in roles.items():
             if not role.trainable:
                 continue
-            diff = changed(before[name], role.module)
+            diff = _changed_params(before[name], role)
             if name in trained:
                 assert diff, f"{method}/{phase}: role {name} did not change"
                 assert seen_grads.get(name), f"{method}/{phase}: role {name} got no gradient"
@@ -86,8 +91,16 @@ def test_phases_train_the_right_roles(case, tmp_path, teacher_pairs):
     assert not changed(teacher_before, trainer.teacher.backbone), f"{method}: the teacher changed"
 
 
+def _params(role) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in role.trainable_parameters()]
+
+
+def _changed_params(before: list[torch.Tensor], role) -> list[int]:
+    return [i for i, (a, p) in enumerate(zip(before, role.trainable_parameters())) if not torch.equal(a, p)]
+
+
 def _role_weights(trainer):
-    return {name: snapshot(role.module) for name, role in trainer.roles.items() if role.trainable}
+    return {name: _params(role) for name, role in trainer.roles.items() if role.trainable}
 
 
 def _losses(run_dir):
@@ -117,7 +130,7 @@ def test_resume_continues_exactly(case, tmp_path, teacher_pairs):
         assert a[step] == b[step], f"{method}: losses at step {step} differ after resume: {a[step]} vs {b[step]}"
     wa, wb = _role_weights(straight), _role_weights(resumed)
     for name in wa:
-        assert not changed(wa[name], resumed.roles[name].module), f"{method}: {name} weights differ after resume"
+        assert not _changed_params(wa[name], resumed.roles[name]), f"{method}: {name} weights differ after resume"
     ema_a = straight.emas["generator"].shadow_params
     ema_b = resumed.emas["generator"].shadow_params
     assert all(torch.equal(x, y) for x, y in zip(ema_a, ema_b)), f"{method}: EMA differs after resume"

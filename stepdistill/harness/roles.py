@@ -21,7 +21,7 @@ import torch
 
 from stepdistill.config.schema import RoleConfig
 from stepdistill.models import Denoiser, GANHead, Teacher
-from stepdistill.models.lora import add_lora, lora_parameters, use_adapter
+from stepdistill.models.lora import add_lora, enable_adapter_aware_checkpointing, lora_parameters, use_adapter
 
 
 @dataclass
@@ -152,7 +152,7 @@ def build_roles(
             head = GANHead.for_backbone(module, teacher.family).to(device)
         role = Role(name, cfg, module, denoiser_fn=teacher.denoiser, head=head, adapter=adapter)
         if cfg.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
-            module.enable_gradient_checkpointing()
+            enable_adapter_aware_checkpointing(module)
         if cfg.trainable:
             module.train()
         roles[name] = role

@@ -46,11 +46,15 @@ def _tuner_layers(backbone: torch.nn.Module):
     return [m for m in backbone.modules() if isinstance(m, BaseTunerLayer)]
 
 
+_NOT_SET = object()
+
+
 @contextlib.contextmanager
 def use_adapter(backbone: torch.nn.Module, name: str | None):
     """Run calls inside with only adapter ``name`` active (``None``: the bare base model)."""
     layers = _tuner_layers(backbone)
     saved = [(layer._active_adapter, layer._disable_adapters) for layer in layers]
+    saved_name = getattr(backbone, "_stepdistill_adapter", _NOT_SET)
     try:
         for layer in layers:
             if name is None:
@@ -58,10 +62,37 @@ def use_adapter(backbone: torch.nn.Module, name: str | None):
             else:
                 layer._active_adapter = [name]
                 layer._disable_adapters = False
+        backbone._stepdistill_adapter = name
         yield
     finally:
         for layer, (active, disabled) in zip(layers, saved):
             layer._active_adapter, layer._disable_adapters = active, disabled
+        if saved_name is _NOT_SET:
+            del backbone._stepdistill_adapter
+        else:
+            backbone._stepdistill_adapter = saved_name
+
+
+def enable_adapter_aware_checkpointing(backbone: torch.nn.Module) -> None:
+    """Gradient checkpointing that recomputes each block with the adapter that was active in its forward.
+
+    Recomputation happens during ``backward``, long after ``use_adapter`` has switched to another role
+    (or back to the bare teacher): with plain checkpointing, a generator block would be recomputed with
+    the critic's adapter, or none. ``context_fn`` re-enters the forward-time adapter for recomputation.
+    """
+
+    def checkpoint(function, *args):
+        name = getattr(backbone, "_stepdistill_adapter", _NOT_SET)
+
+        def context_fn():
+            if name is _NOT_SET:
+                return contextlib.nullcontext(), contextlib.nullcontext()
+            return contextlib.nullcontext(), use_adapter(backbone, name)
+
+        return torch.utils.checkpoint.checkpoint(function.__call__, *args, use_reentrant=False,
+                                                 context_fn=context_fn)
+
+    backbone.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint)
 
 
 def lora_state_dict(backbone: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
