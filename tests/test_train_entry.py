@@ -102,3 +102,22 @@ def test_train_py_config_errors_exit_cleanly(bad, message):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_trackers_tensorboard_and_offline_wandb(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from stepdistill.harness.trainer import train
+    from tests.helpers import tiny_config
+
+    out = tmp_path / "run"
+    train(tiny_config(out, "dmd2", "run.trackers=[tensorboard,wandb]", "train.max_steps=2", "export.enabled=false",
+                      "train.sample_every=1"))
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    acc = EventAccumulator(str(events[0].parent)).Reload()
+    assert {"generator/loss", "critic/loss", "grad_norm/critic"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("critic/loss")] == [0, 1]
+    assert "samples" in acc.Tags()["images"]
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert runs and runs[0].stat().st_size > 0, "wandb did not write an offline run"

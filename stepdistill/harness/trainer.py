@@ -18,6 +18,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -57,6 +58,21 @@ class _ParamsState:
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 p.copy_(state[str(i)])
+
+
+def _flat_config(tree: dict, prefix: str = "") -> dict:
+    """``{"train": {"max_steps": 4}}`` → ``{"train.max_steps": 4}``; lists and None become strings
+    (TensorBoard's hparams accept only scalars)."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat_config(value, name + "."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
 
 
 def _role_configs(cfg: DictConfig, method_cls, method_cfg) -> dict[str, RoleConfig]:
@@ -247,7 +263,13 @@ class Trainer:
             images = self.teacher.decode(latents)
         path = self.run_dir / "samples" / f"step_{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(images, rows=1 if n <= 4 else None).save(path)
+        grid = image_grid(images, rows=1 if n <= 4 else None)
+        grid.save(path)
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({"samples": [grid]}, step=step)
         return path
 
     def export(self, out: str | Path | None = None, dtype: str | None = None, use_ema: bool | None = None) -> Path:
@@ -288,7 +310,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         writer = MetricsWriter(self.run_dir, resume_step=start if checkpoint else None) if acc.is_main_process else None
         if acc.log_with:
-            acc.init_trackers(cfg.run.name, config=OmegaConf.to_container(cfg, resolve=True))
+            acc.init_trackers(cfg.run.name, config=_flat_config(OmegaConf.to_container(cfg, resolve=True)))
 
         bar = tqdm(range(start, cfg.train.max_steps), initial=start, total=cfg.train.max_steps,
                    disable=not (acc.is_main_process and cfg.train.progress_bar), desc=f"{cfg.method.name}")
