@@ -43,6 +43,28 @@ def usage_snippet(folder: str, num_steps: int, timesteps, guidance_scale: float)
     )
 
 
+def export_lora(teacher, role, out: str | Path) -> Path:
+    """Save a LoRA student as diffusers LoRA weights (``pipe.load_lora_weights(out)`` on the teacher).
+
+    Written with the pipeline class's own ``save_lora_weights``, with the adapter's LoraConfig as
+    metadata so rank and alpha survive the round trip.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    module = _unwrap(role.module)
+    name = role.adapter
+    weights = {k: v.detach().float().cpu().contiguous()
+               for k, v in get_peft_model_state_dict(module, adapter_name=name).items()}
+    metadata = module.peft_config[name].to_dict()
+    metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
+    prefix = teacher.backbone_name
+    type(teacher.pipeline).save_lora_weights(
+        str(out), **{f"{prefix}_lora_layers": weights, f"{prefix}_lora_adapter_metadata": metadata},
+        safe_serialization=True,
+    )
+    return Path(out)
+
+
 def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32", config: dict | None = None) -> Path:
     out = Path(out)
     torch_dtype = _DTYPES[dtype]
@@ -66,7 +88,12 @@ def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32",
     # over-saturate; diffusers pipelines skip CFG at guidance_scale <= 1. Guidance-embedded FLUX
     # students were called with the embedding at 1.0 during training, so they are sampled with it.
     guidance = 1.0 if teacher.family == "flux" else 0.0
+    lora_dir = None
+    if role.is_lora:
+        # LoRA students are also written as LoRA weights for the teacher's own pipeline (LCM-LoRA style).
+        lora_dir = export_lora(teacher, role, out / "lora")
     info = {
+        "lora": "lora" if lora_dir is not None else None,
         "method": method.name,
         "paper": method.paper,
         "family": teacher.family,
