@@ -80,6 +80,32 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     return result if isinstance(result, int) else 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from stepdistill.train import main as train_main
+
+    return train_main(["--config", "toy/dmd2", *args.overrides])
+
+
+# `stepdistill toy <tool> ...`: the toy domain's own tools; arguments go verbatim to each tool's parser.
+TOY_TOOLS = {
+    "train-teacher": ("stepdistill.toy.train_teacher", "train a toy teacher pipeline (toy-sd / toy-flow)"),
+    "train-classifier": ("stepdistill.toy.classifier", "train the toy attribute classifier (FID features)"),
+    "eval": ("stepdistill.toy.evaluate", "evaluate a run's exported student against its toy teacher"),
+}
+
+
+def _cmd_toy(argv: list[str]) -> int:
+    import importlib
+
+    if not argv or argv[0] not in TOY_TOOLS:
+        tools = "\n".join(f"  {name:18s} {help_}" for name, (_, help_) in TOY_TOOLS.items())
+        print(f"usage: stepdistill toy TOOL [args...]\n\ntools:\n{tools}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(TOY_TOOLS[argv[0]][0])
+    result = module.main(argv[1:])
+    return result if isinstance(result, int) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stepdistill",
@@ -120,11 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     p.set_defaults(func=_cmd_bench_train, parser=p)
+
+    p = sub.add_parser("demo", help="the offline main job: DMD2 on the shipped toy teacher, then evaluation",
+                       description="Distil the shipped toy-sd teacher with DMD2 into a one-step generator "
+                                   "(configs/toy/dmd2.yaml), export it and compare it with the teacher.")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=_cmd_demo, parser=p)
+
+    p = sub.add_parser("toy", help="toy-domain tools: train-teacher, train-classifier, eval", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["toy"]:
+        status = _cmd_toy(argv[1:])
+        if status:
+            sys.exit(status)
+        return status
     if argv[:1] == ["bench-train"]:
         # Everything after the subcommand belongs to the benchmark's own parser, verbatim (argparse's
         # REMAINDER would reorder leading options).

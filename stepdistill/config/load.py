@@ -493,6 +493,12 @@ def validate_paths(cfg: DictConfig | Config, *, method_checks: bool = True) -> A
                          f"`stepdistill cache-pairs --config <config> --out {pairs} --num N`")
 
     # What the method itself needs of the rest of the config (e.g. a GAN term needs data.images).
+    if cfg.eval.enabled:
+        if not str(cfg.model.pretrained).startswith("toy-"):
+            raise ValueError(f"eval.enabled=true evaluates toy teachers only so far (model.pretrained=toy-sd or "
+                             f"toy-flow), not {cfg.model.pretrained!r}; set eval.enabled=false")
+        if not cfg.export.enabled:
+            raise ValueError("eval.enabled=true evaluates the exported student: set export.enabled=true")
     if method_checks:
         from stepdistill.methods import get_method
 

@@ -139,12 +139,37 @@ class ExportConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation after training: teacher vs exported student, same prompts and seeds.
+
+    Writes metrics.json (FID, alignment, diversity, latency for teacher and student), comparison.png
+    and summary.md into the run folder. Toy teachers (toy-sd, toy-flow) only for now: their FID
+    feature space and alignment score come with the project (stepdistill/toy/metrics.py).
+    """
+
+    enabled: bool = False
+    prompts: str = "builtin:toy_all"
+    seeds_per_prompt: int = 4
+    teacher_steps: int = 50
+    teacher_guidance: float = 3.0
+    # Student step counts to evaluate; empty = the trained number of steps.
+    student_steps: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.seeds_per_prompt < 1 or self.teacher_steps < 1:
+            raise ValueError("eval.seeds_per_prompt and eval.teacher_steps must be >= 1")
+        if any(s < 1 for s in self.student_steps):
+            raise ValueError(f"eval.student_steps={list(self.student_steps)}: every entry must be >= 1")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # Per-role overrides of the method's default roles (keys must be roles the method declares).
     roles: dict[str, RoleConfig] = field(default_factory=dict)
     method: Any = None  # the method's own Config dataclass, chosen by method.name

@@ -42,6 +42,19 @@ BUILTIN_PROMPTS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+
+def _toy(split: str) -> tuple[str, ...]:
+    from stepdistill.toy.data import eval_prompts
+
+    return tuple(eval_prompts(split))
+
+
+# The toy domain's captions (stepdistill/toy/data.py): its training combinations, all of them, and
+# the held-out ones that no toy teacher saw in training.
+BUILTIN_PROMPTS["toy"] = _toy("train")
+BUILTIN_PROMPTS["toy_all"] = _toy("all")
+BUILTIN_PROMPTS["toy_held_out"] = _toy("held_out")
+
 SUPPORTED_EXTENSIONS = (".txt", ".csv", ".tsv", ".json", ".jsonl", ".parquet")
 
 

@@ -296,6 +296,15 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return out
 
+    def evaluate(self) -> dict:
+        """Teacher vs exported student on the toy domain (``eval`` section of the config)."""
+        from stepdistill.toy.evaluate import evaluate_run
+
+        ev = self.cfg.eval
+        steps = list(ev.student_steps) or [self.method.num_inference_steps]
+        return evaluate_run(self.run_dir, str(self.cfg.model.pretrained), ev.teacher_steps, ev.teacher_guidance,
+                            steps, ev.seeds_per_prompt, self.cfg.model.resolution, ev.prompts)
+
     # ---- the loop -----------------------------------------------------------------------------
     def train(self) -> Path:
         cfg, acc = self.cfg, self.accelerator
@@ -338,6 +347,8 @@ class Trainer:
             out = self.export()
             if acc.is_main_process:
                 logger.info("exported diffusers pipeline to %s", out)
+            if cfg.eval.enabled and acc.is_main_process:
+                self.evaluate()
         digests = self.weight_digests()
         acc.end_training()
         if acc.is_main_process:

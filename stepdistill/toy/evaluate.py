@@ -1,0 +1,158 @@
+"""Teacher vs student on the toy domain: FID, prompt alignment, diversity, latency, comparison grid.
+
+Both sides are run as plain diffusers pipelines (the exported student folder and the shipped
+teacher), with the same prompts and seeds, so the numbers describe what a user would load.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from stepdistill.harness.logging import image_grid
+
+
+@dataclass
+class Entry:
+    """One row of the comparison: a pipeline sampled at a number of steps and a guidance scale."""
+
+    name: str
+    pipe: object
+    steps: int
+    guidance: float
+    timesteps: list | None = None
+
+
+@torch.no_grad()
+def generate(entry: Entry, prompts: list[str], seeds: list[int], resolution: int, batch_size: int = 64
+             ) -> tuple[torch.Tensor, float]:
+    """Images in [-1, 1] for every (prompt, seed) pair, prompt-major; and seconds per image."""
+    pairs = [(p, s) for p in prompts for s in seeds]
+    images, elapsed = [], 0.0
+    kwargs = {"timesteps": entry.timesteps} if entry.timesteps else {}
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        generators = [torch.Generator().manual_seed(s) for _, s in chunk]
+        t0 = time.perf_counter()
+        out = entry.pipe([p for p, _ in chunk], num_inference_steps=entry.steps, guidance_scale=entry.guidance,
+                         height=resolution, width=resolution, generator=generators, output_type="pt", **kwargs)
+        elapsed += time.perf_counter() - t0
+        images.append(out.images.float() * 2 - 1)
+    return torch.cat(images), elapsed / len(pairs)
+
+
+def labelled_grid(rows: list[tuple[str, torch.Tensor]], scale: int = 3) -> Image.Image:
+    """One row of images per entry, its name written on the left."""
+    label_w = 150
+    grids = [image_grid(images, rows=1) for _, images in rows]
+    w = max(g.width for g in grids) * scale
+    h = grids[0].height * scale
+    canvas = Image.new("RGB", (label_w + w, h * len(rows)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, ((name, _), grid) in enumerate(zip(rows, grids)):
+        canvas.paste(grid.resize((grid.width * scale, h), Image.NEAREST), (label_w, i * h))
+        draw.text((6, i * h + h // 2 - 6), name, fill=(0, 0, 0))
+    return canvas
+
+
+def evaluate_entries(entries: list[Entry], prompts: list[str], seeds: list[int], resolution: int,
+                     num_reference: int = 1000, batch_size: int = 64, progress=None) -> dict:
+    """Toy FID / alignment / diversity / latency of every entry, for all prompts and the held-out ones."""
+    from stepdistill.toy.metrics import evaluate_by_split, reference_images
+
+    ref_all = reference_images(num_reference, seed=10_000, split="all")
+    ref_held = reference_images(num_reference, seed=20_000, split="held_out")
+    groups = torch.arange(len(prompts)).repeat_interleave(len(seeds))
+    caps = [p for p in prompts for _ in seeds]
+    results, images = {}, {}
+    for entry in entries:
+        imgs, latency = generate(entry, prompts, seeds, resolution, batch_size)
+        metrics = evaluate_by_split(imgs, caps, ref_all, ref_held, groups)
+        metrics["latency_ms_per_image"] = latency * 1000
+        metrics["steps"], metrics["guidance_scale"] = entry.steps, entry.guidance
+        results[entry.name], images[entry.name] = metrics, imgs
+        if progress is not None:
+            progress(entry.name, metrics)
+    return {"results": results, "images": images}
+
+
+def summary_table(results: dict) -> str:
+    head = ("| model | steps | FID ↓ | alignment ↑ | held-out FID | held-out alignment | diversity | ms / image |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for name, m in results.items():
+        a, h = m["all"], m["held_out"]
+        rows.append(f"| {name} | {m['steps']} | {a['fid']:.2f} | {100 * a['alignment']:.1f}% | {h['fid']:.2f} | "
+                    f"{100 * h['alignment']:.1f}% | {a.get('diversity', float('nan')):.3f} | "
+                    f"{m['latency_ms_per_image']:.1f} |")
+    return "\n".join([head, *rows])
+
+
+def evaluate_run(run_dir: str | Path, teacher: str, teacher_steps: int, teacher_guidance: float,
+                 student_steps: list[int], seeds_per_prompt: int, resolution: int,
+                 prompts_source: str = "builtin:toy_all", grid_prompts: int = 8) -> dict:
+    """Evaluate ``<run_dir>/export`` against the teacher; write metrics.json, comparison.png, summary.md."""
+    from diffusers import DiffusionPipeline
+
+    from stepdistill.data.prompts import load_prompts
+    from stepdistill.models.loading import resolve_pretrained
+
+    run_dir = Path(run_dir)
+    export = run_dir / "export"
+    info = json.loads((export / "stepdistill.json").read_text())
+    student = DiffusionPipeline.from_pretrained(str(export))
+    teacher_pipe = DiffusionPipeline.from_pretrained(resolve_pretrained(teacher))
+    for pipe in (student, teacher_pipe):
+        pipe.set_progress_bar_config(disable=True)
+    entries = [Entry(f"teacher {teacher_steps}-step", teacher_pipe, teacher_steps, teacher_guidance)]
+    for steps in student_steps:
+        trained = steps == info["num_inference_steps"]
+        entries.append(Entry(f"student {steps}-step", student, steps, info["guidance_scale"],
+                             info["timesteps"] if trained else None))
+    prompts = load_prompts(prompts_source)
+    seeds = list(range(seeds_per_prompt))
+
+    def progress(name, m):
+        print(f"[eval] {name}: FID {m['all']['fid']:.2f}, alignment {100 * m['all']['alignment']:.1f}%, "
+              f"{m['latency_ms_per_image']:.1f} ms/image", flush=True)
+
+    out = evaluate_entries(entries, prompts, seeds, resolution, progress=progress)
+    # Comparison grid: the same prompts and seeds in every row.
+    idx = torch.arange(min(grid_prompts, len(prompts))) * len(seeds)
+    grid = labelled_grid([(name, imgs[idx]) for name, imgs in out["images"].items()])
+    grid.save(run_dir / "comparison.png")
+    table = summary_table(out["results"])
+    (run_dir / "summary.md").write_text(table + "\n")
+    metrics = {"teacher": teacher, "prompts": prompts_source, "seeds_per_prompt": seeds_per_prompt,
+               "results": out["results"]}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(table, flush=True)
+    return metrics
+
+
+def main(argv=None) -> int:
+    """``stepdistill toy eval RUN_DIR``: evaluate a finished run again (settings from its config.yaml)."""
+    import argparse
+
+    from omegaconf import OmegaConf
+
+    parser = argparse.ArgumentParser(prog="stepdistill toy eval", description=main.__doc__)
+    parser.add_argument("run_dir", help="run folder with config.yaml and export/")
+    parser.add_argument("--seeds-per-prompt", type=int, default=None)
+    parser.add_argument("--student-steps", type=int, nargs="*", default=None)
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "export" / "stepdistill.json").is_file():
+        parser.error(f"{run_dir} is not a finished run folder (needs config.yaml and export/stepdistill.json)")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    ev = cfg.eval
+    info = json.loads((run_dir / "export" / "stepdistill.json").read_text())
+    steps = args.student_steps or list(ev.student_steps) or [info["num_inference_steps"]]
+    evaluate_run(run_dir, str(cfg.model.pretrained), ev.teacher_steps, ev.teacher_guidance, steps,
+                 args.seeds_per_prompt or ev.seeds_per_prompt, cfg.model.resolution, ev.prompts)
+    return 0
