@@ -477,7 +477,7 @@ def validate_paths(cfg: DictConfig | Config, *, method_checks: bool = True) -> A
             raise ValueError(f"data.prompts={prompts!r}: file not found"
                              f"{' (it is a directory)' if p.is_dir() else ''} (working directory: {Path.cwd()}); "
                              f"give a .txt/.csv/.tsv/.json/.jsonl/.parquet file or builtin:tiny")
-    if cfg.data.images:
+    if cfg.data.images and str(cfg.data.images) != "builtin:toy":
         images = Path(str(cfg.data.images)).expanduser()
         if not images.is_dir():
             raise ValueError(f"data.images={str(cfg.data.images)!r}: folder not found; give a folder of images "

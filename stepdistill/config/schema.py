@@ -64,7 +64,8 @@ class DataConfig:
     prompts: str = MISSING
     caption_column: str = "caption"
     # Real data for GAN terms (DMD2): a folder of images with a metadata.jsonl of captions, or a folder of
-    # teacher samples written by `stepdistill cache-pairs`. Methods with a GAN term require it.
+    # teacher samples written by `stepdistill cache-pairs`, or builtin:toy (procedural toy-domain images).
+    # Methods with a GAN term require it.
     images: str | None = None
     batch_size: int = 1  # per process
     negative_prompt: str = ""

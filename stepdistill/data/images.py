@@ -4,7 +4,8 @@
 - a folder written by ``stepdistill cache-pairs`` (teacher samples as latents + prompts), or
 - a folder of images with a ``metadata.jsonl`` (``{"file_name": ..., "caption"|"text": ...}`` per line,
   the Hugging Face ``imagefolder`` convention); images are resized and centre-cropped to the model
-  resolution and encoded with the teacher's VAE on the fly.
+  resolution and encoded with the teacher's VAE on the fly, or
+- ``builtin:toy``: procedural images of the toy domain's training combinations, drawn on the fly.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class RealLatents:
                  rank: int = 0, world_size: int = 1):
         self.teacher, self.resolution, self.batch_size = teacher, resolution, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.toy = path == "builtin:toy"
+        if self.toy:
+            self.latents = self.files = None
+            return
         folder = Path(path)
         if not folder.is_dir():
             raise ValueError(f"data.images={path!r} is not a folder")
@@ -68,6 +73,20 @@ class RealLatents:
     def __len__(self) -> int:
         return len(self.captions)
 
+    @torch.no_grad()
+    def _toy_batch(self, index: int) -> dict:
+        from stepdistill.toy.data import sample_batch
+
+        # A different, reproducible draw for every (step, rank): resumed runs see the same images.
+        seed = (self.seed * 1_000_003 + index * self.world_size + self.rank) % (2**31)
+        images, attrs = sample_batch(self.batch_size, seed=seed, split="train")
+        if images.shape[-1] != self.resolution:
+            images = torch.nn.functional.interpolate(images, size=self.resolution, mode="bilinear")
+        device = self.teacher.backbone.device
+        captions = [a.caption for a in attrs]
+        latents = self.teacher.encode_images(images.to(device)).float()
+        return {"latents": latents, "cond": self.teacher.encode_prompt(captions), "prompts": captions}
+
     def _indices(self, index: int) -> list[int]:
         epoch_size = len(self)
         start = (index * self.world_size + self.rank) * self.batch_size
@@ -77,6 +96,8 @@ class RealLatents:
 
     @torch.no_grad()
     def batch_for_step(self, index: int) -> dict:
+        if self.toy:
+            return self._toy_batch(index)
         idx = self._indices(index)
         device = self.teacher.backbone.device
         if self.latents is not None:
