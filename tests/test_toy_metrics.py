@@ -1,0 +1,153 @@
+"""The toy metrics on the shipped classifier: it reads real procedural images right, and FID, KID,
+alignment and diversity move the way they should (CPU, a few seconds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stepdistill.toy import classifier as classifier_module
+from stepdistill.toy.classifier import ToyClassifier, _gaussian_blur, load_classifier
+from stepdistill.toy.data import HELD_OUT, parse_caption, render, sample_batch, to_tensor
+from stepdistill.toy.metrics import (
+    ToyFeatures,
+    alignment,
+    diversity,
+    evaluate_by_split,
+    evaluate_images,
+    fid,
+    kid,
+    reference_images,
+)
+
+N = 300  # images a set: enough for a clear FID gap, small enough to stay fast
+
+
+@pytest.fixture(scope="module")
+def real():
+    images, attrs = sample_batch(N, seed=101, split="all")
+    return images, [a.caption for a in attrs]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return reference_images(N, seed=202, split="all")
+
+
+def test_shipped_classifier_reads_fresh_images_including_held_out():
+    model = load_classifier()
+    assert isinstance(model, ToyClassifier) and not model.training
+    images, attrs = sample_batch(400, seed=303, split="all")
+    held_images, held_attrs = sample_batch(100, seed=304, split="held_out")
+    images, attrs = torch.cat([images, held_images]), attrs + held_attrs
+    color, kind, position = model(images)
+    assert color.shape == (500, 6) and kind.shape == (500, 3) and position.shape == (500, 5)
+    assert model.features(images).shape == (500, model.feature_dim)
+    targets = torch.tensor([a.labels for a in attrs])
+    correct = model.predict(images) == targets
+    assert correct.all(dim=1).float().mean() >= 0.95
+    assert correct[400:].all(dim=1).float().mean() >= 0.95  # the held-out combinations alone
+
+
+def test_toy_features_plug_into_torchmetrics(real):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    features = ToyFeatures()
+    assert features.num_features == 128
+    features.train()
+    assert not features.training  # stays in eval mode
+    images, _ = real
+    unit = (images[:8] + 1) / 2
+    as_uint8 = (unit * 255).round().to(torch.uint8)
+    # float [0, 1] and uint8 [0, 255] inputs are the same images
+    assert torch.allclose(features(unit), features(as_uint8), atol=0.1)
+    metric = FrechetInceptionDistance(feature=ToyFeatures(), normalize=True)
+    metric.update(unit, real=True)
+    metric.update(unit, real=False)
+    assert abs(float(metric.compute())) < 1e-3
+
+
+def test_fid_and_kid_separate_shifted_sets(real, reference):
+    images, _ = real
+    threads = torch.get_num_threads()
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+    shifted_sets = {
+        "noised": (images + 0.5 * noise).clamp(-1, 1),
+        "blurred": _gaussian_blur(images, 1.5),
+        "dimmed": images * 0.7,  # duller colours, lighter background
+    }
+    same = fid(images, images)
+    fresh = fid(images, reference)  # two real sets: the estimator's small-sample floor
+    shifted = {name: fid(x, reference) for name, x in shifted_sets.items()}
+    assert abs(same) < 1e-3 * min(shifted.values())
+    for name, value in shifted.items():
+        assert value > 1.5 * fresh > 0, (name, value, fresh)
+
+    kid_same, _ = kid(images, images)
+    kid_fresh, kid_std = kid(images, reference)
+    assert kid_std > 0  # subsets of half the set differ
+    assert abs(kid_same) < 0.1 and abs(kid_fresh) < 0.1
+    for name, x in shifted_sets.items():
+        value, std = kid(x, reference)
+        assert value > max(kid_fresh, kid_same, 0.0) + std, (name, value, kid_fresh)
+    assert torch.get_num_threads() == threads  # the metrics' single-thread section restores the setting
+
+
+def test_alignment_with_own_and_shuffled_captions(real):
+    images, captions = real
+    own = alignment(images, captions)
+    assert set(own) == {"alignment", "color_accuracy", "kind_accuracy", "position_accuracy"}
+    assert own["alignment"] >= 0.95
+    shuffled = captions[1:] + captions[:1]
+    assert alignment(images, shuffled)["alignment"] < 0.2
+
+
+def test_alignment_rejects_non_toy_caption(real):
+    images, captions = real
+    with pytest.raises(ValueError, match="a photo of a cat"):
+        alignment(images[:2], [captions[0], "a photo of a cat"])
+
+
+def test_diversity_zero_for_identical_positive_for_different_seeds():
+    images, _ = sample_batch(1, seed=5, split="all")
+    groups = [0, 0, 0, 0, 1, 1, 1, 1]
+    assert diversity(images.repeat(8, 1, 1, 1), groups) == pytest.approx(0.0, abs=1e-6)
+    # Same prompt, different seeds: the shape's size and place jitter.
+    captions = ["a red circle at the top left"] * 4 + ["a blue square in the center"] * 4
+    rendered = to_tensor([render(parse_caption(c), np.random.default_rng(i)) for i, c in enumerate(captions)])
+    assert diversity(rendered, captions) > 0
+    with pytest.raises(ValueError, match="two or more"):
+        diversity(rendered[:2], ["a", "b"])
+
+
+def test_evaluate_by_split(real):
+    images, captions = real
+    reference_held_out = reference_images(120, seed=404, split="held_out")
+    result = evaluate_by_split(images, captions, reference_images(N, seed=202), reference_held_out)
+    assert set(result) == {"all", "held_out"}
+    n_held = sum(1 for c in captions if parse_caption(c) in HELD_OUT)
+    assert result["held_out"]["num_images"] == n_held > 0
+    assert result["all"]["num_images"] == N
+    for part in result.values():
+        assert {"fid", "kid_mean", "kid_std", "alignment", "diversity"} <= set(part)
+        assert part["alignment"] >= 0.95
+    assert result["all"]["diversity"] > 0  # the random batch repeats prompts
+
+
+def test_evaluate_images_fails_fast_on_bad_prompts(real, reference):
+    images, captions = real
+    with pytest.raises(ValueError, match="not a toy-domain caption"):
+        evaluate_images(images[:4], captions[:3] + ["hello"], reference)
+    with pytest.raises(ValueError, match="4 images but 3 prompts"):
+        evaluate_images(images[:4], captions[:3], reference)
+
+
+def test_load_classifier_missing_folder_names_the_command(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="stepdistill toy train-classifier --out"):
+        load_classifier(path=tmp_path / "nowhere")
+    monkeypatch.setattr(classifier_module, "ASSETS_DIR", tmp_path / "assets" / "classifier")
+    with pytest.raises(
+        FileNotFoundError, match=r"no toy classifier in .*assets.*stepdistill toy train-classifier"
+    ):
+        load_classifier()
