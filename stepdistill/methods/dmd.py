@@ -28,6 +28,7 @@ from stepdistill.losses import (
     regression_loss,
 )
 from stepdistill.methods.base import DistillMethod, MethodContext
+from stepdistill.models.denoiser import Conditioning
 from stepdistill.methods.registry import register
 
 
@@ -289,9 +290,12 @@ class DMD(DistillMethod):
         loss = out["denoising"]
         if cfg.gan_critic_weight > 0:
             # The classifier tells real latents from generator samples at a random noise level (DMD2 Eq. 6).
+            # Real and fake in one batched critic forward (one pass of the backbone instead of two).
             real = batch["real"]
-            real_logits = self._critic_features(real["latents"], real["cond"], cfg.gan_max_t_frac)
-            fake_logits = self._critic_features(x0, cond, cfg.gan_max_t_frac)
+            n_real = len(real["latents"])
+            logits = self._critic_features(torch.cat([real["latents"].to(x0.dtype), x0]),
+                                           Conditioning.cat([real["cond"], cond]), cfg.gan_max_t_frac)
+            real_logits, fake_logits = logits[:n_real], logits[n_real:]
             out["gan"] = gan_critic_loss(real_logits, fake_logits)
             out["stats/real_logits"] = real_logits.detach().mean()
             out["stats/fake_logits"] = fake_logits.detach().mean()
