@@ -61,13 +61,13 @@ def labelled_grid(rows: list[tuple[str, torch.Tensor]], scale: int = 3) -> Image
 
 
 def evaluate_entries(entries: list[Entry], prompts: list[str], seeds: list[int], resolution: int,
-                     num_reference: int = 1000, batch_size: int = 64, progress=None) -> dict:
+                     num_reference: int = 2000, batch_size: int = 64, progress=None) -> dict:
     """Toy FID / alignment / diversity / latency of every entry, for all prompts and the held-out ones."""
     from stepdistill.toy.metrics import evaluate_by_split, reference_images
 
     ref_all = reference_images(num_reference, seed=10_000, split="all")
     ref_held = reference_images(num_reference, seed=20_000, split="held_out")
-    groups = torch.arange(len(prompts)).repeat_interleave(len(seeds))
+    groups = [i for i in range(len(prompts)) for _ in seeds]  # one group per prompt (its seeds)
     caps = [p for p in prompts for _ in seeds]
     results, images = {}, {}
     for entry in entries:
@@ -84,11 +84,14 @@ def evaluate_entries(entries: list[Entry], prompts: list[str], seeds: list[int],
 def summary_table(results: dict) -> str:
     head = ("| model | steps | FID ↓ | alignment ↑ | held-out FID | held-out alignment | diversity | ms / image |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|")
+    def num(value, fmt=".2f"):
+        return "n/a" if value is None else format(value, fmt)
+
     rows = []
     for name, m in results.items():
         a, h = m["all"], m["held_out"]
-        rows.append(f"| {name} | {m['steps']} | {a['fid']:.2f} | {100 * a['alignment']:.1f}% | {h['fid']:.2f} | "
-                    f"{100 * h['alignment']:.1f}% | {a.get('diversity', float('nan')):.3f} | "
+        rows.append(f"| {name} | {m['steps']} | {num(a['fid'])} | {num(100 * a['alignment'], '.1f')}% | "
+                    f"{num(h['fid'])} | {num(100 * h['alignment'], '.1f')}% | {num(a.get('diversity'), '.3f')} | "
                     f"{m['latency_ms_per_image']:.1f} |")
     return "\n".join([head, *rows])
 
