@@ -89,8 +89,17 @@ def _build_tiny_cached(family: str) -> Path:
 
 
 def resolve_pretrained(pretrained: str) -> str:
-    """``tiny:<family>`` -> its cached folder (built on first use); a local folder -> itself; else a Hub id."""
+    """``tiny:<family>`` -> its cached folder (built on first use); ``toy-sd`` / ``toy-flow`` -> the shipped
+    toy teacher folder (``stepdistill/toy/assets``; a local folder of that name is ``./toy-sd``); a local
+    folder -> itself; else a Hub id."""
     pretrained = str(pretrained)
+    if pretrained.startswith("toy-") and "/" not in pretrained:
+        from stepdistill.toy.teachers import TEACHERS, teacher_path
+
+        # A shipped name always means the shipped folder; another bare "toy-..." that is no local folder
+        # is a misspelt one. teacher_path raises ValueError naming the teachers / the training command.
+        if pretrained in TEACHERS or not os.path.isdir(pretrained):
+            return str(teacher_path(pretrained))
     if pretrained.startswith("tiny:"):
         family = pretrained.split(":", 1)[1]
         if family not in FAMILIES:
