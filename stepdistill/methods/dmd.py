@@ -28,8 +28,8 @@ from stepdistill.losses import (
     regression_loss,
 )
 from stepdistill.methods.base import DistillMethod, MethodContext
-from stepdistill.models.denoiser import Conditioning
 from stepdistill.methods.registry import register
+from stepdistill.models.denoiser import Conditioning
 
 
 @dataclass
