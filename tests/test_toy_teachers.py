@@ -98,7 +98,9 @@ def test_tokenizers_spell_each_caption_word_as_one_known_token(toy_sd, toy_flow)
         caption = max((a.caption for a in ALL), key=len)
         ids = tokenizer(caption, padding="max_length", max_length=tokenizer.model_max_length).input_ids
         assert len(ids) == teachers.TEXT_MAX_LENGTH
-        assert ids[: len(caption.split()) + 2].count(tokenizer.eos_token_id) == 1  # EOS (= unk) only at the end
+        assert (
+            ids[: len(caption.split()) + 2].count(tokenizer.eos_token_id) == 1
+        )  # EOS (= unk) only at the end
     t5 = toy_flow.pipeline.tokenizer_3
     for word in words:
         ids = t5(word, add_special_tokens=False).input_ids
@@ -118,7 +120,9 @@ OPPOSITE |= {"bottom left": "top right", "center": "top left"}
 @pytest.mark.parametrize("teacher", ["toy_sd", "toy_flow"])
 def test_eight_step_samples_draw_the_prompted_colour_in_the_prompted_place(teacher, request):
     pipe = request.getfixturevalue(teacher).pipeline
-    prompts = [a for a in ALL if a.caption in ("a red square at the top left", "a blue circle at the bottom right")]
+    prompts = [
+        a for a in ALL if a.caption in ("a red square at the top left", "a blue circle at the bottom right")
+    ]
     assert len(prompts) == 2 and not set(prompts) & HELD_OUT
     images = _generate(pipe, [a.caption for a in prompts], steps=8)
     background = torch.tensor(BACKGROUND) / 255
@@ -128,3 +132,31 @@ def test_eight_step_samples_draw_the_prompted_colour_in_the_prompted_place(teach
         outside = _patch_mean(image, OPPOSITE[attrs.position])
         assert (inside - target).norm() < 0.5 * (target - background).norm(), (attrs.caption, inside)
         assert (outside - background).norm() < 0.15, (attrs.caption, outside)
+
+
+# ---- the training script, end to end in seconds -------------------------------------------------
+def test_train_teacher_script_writes_loadable_pipelines(tmp_path):
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    from stepdistill.toy.train_teacher import main
+
+    tiny = ["--steps", "2", "--pool", "64", "--batch-size", "4", "--seed", "1"]
+    sd_out, flow_out = tmp_path / "toy-sd", tmp_path / "toy-flow"
+    argv = ["--kind", "sd", "--out", str(sd_out), "--vae-steps", "2", "--vae-batch-size", "4"]
+    assert main([*argv, "--unet-channels", "16", "32", *tiny]) == 0
+    assert (
+        main(["--kind", "flow", "--out", str(flow_out), "--from-sd", str(sd_out), "--layers", "1", *tiny])
+        == 0
+    )
+
+    info = json.loads((sd_out / "stepdistill_toy.json").read_text())
+    assert info["denoiser_steps"] == 2 and info["scaling_factor"] > 0
+    sd = DiffusionPipeline.from_pretrained(str(sd_out))
+    assert sd.vae.config.scaling_factor == info["scaling_factor"]
+    flow = DiffusionPipeline.from_pretrained(str(flow_out))
+    assert type(flow).__name__ == "StableDiffusion3Pipeline"
+    assert flow.vae.config.scaling_factor == info["scaling_factor"]  # toy-flow reuses toy-sd's VAE
+    images = _generate(flow, ["a green circle in the center"], steps=2)
+    assert images.shape == (1, 3, RESOLUTION, RESOLUTION)

@@ -3,10 +3,11 @@
 ``--kind sd`` (toy-sd, a ``StableDiffusionPipeline``):
 
 1. the VAE on procedurally rendered training images (L1 + L2 reconstruction, a small KL term), then
-   its ``scaling_factor`` = 1 / std of the latents, measured on fresh images;
+   its ``scaling_factor`` = 1 / std of the latents, measured on 1024 fresh images;
 2. a pool of training latents (posterior mean and std of rendered images, ``split="train"``: the
    held-out combinations are never seen);
-3. the UNet and the CLIP text encoder jointly, with the DDPM epsilon loss (Min-SNR-5 weighting),
+3. the UNet and the CLIP text encoder jointly, with the DDPM epsilon loss (weighted so that the implied
+   x0 error counts clamp(SNR, 1, 5): Min-SNR-5, and as much as in flow matching at high noise),
    captions encoded by the pipeline's own ``encode_prompt``, 10% of them dropped to "" so that
    classifier-free guidance works; AdamW, cosine learning rate, EMA of the trained weights.
 
@@ -48,27 +49,53 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stepdistill toy train-teacher",
         description="Train a toy teacher pipeline (toy-sd or toy-flow) from scratch on the procedural shapes.",
     )
-    p.add_argument("--kind", choices=("sd", "flow"), required=True, help="sd: toy-sd (UNet); flow: toy-flow (SD3)")
-    p.add_argument("--out", default=None, help="output folder (default: the shipped stepdistill/toy/assets/toy-<kind>)")
-    p.add_argument("--steps", type=int, default=None, help="denoiser training steps (default: sd 3000, flow 1500)")
+    p.add_argument(
+        "--kind", choices=("sd", "flow"), required=True, help="sd: toy-sd (UNet); flow: toy-flow (SD3)"
+    )
+    p.add_argument(
+        "--out", default=None, help="output folder (default: the shipped stepdistill/toy/assets/toy-<kind>)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="denoiser training steps (default: sd 3000, flow 1500)"
+    )
     p.add_argument("--vae-steps", type=int, default=1000, help="VAE training steps (sd only)")
     p.add_argument("--vae-batch-size", type=int, default=32)
-    p.add_argument("--vae-from", default=None, help="sd: reuse the VAE of this toy-sd folder instead of training one")
+    p.add_argument(
+        "--vae-from", default=None, help="sd: reuse the VAE of this toy-sd folder instead of training one"
+    )
     p.add_argument("--batch-size", type=int, default=None, help="denoiser batch size (default 32)")
     p.add_argument("--lr", type=float, default=None, help="denoiser peak learning rate (default 1e-3)")
     p.add_argument("--pool", type=int, default=16384, help="number of pre-encoded training latents")
     p.add_argument("--ema-decay", type=float, default=0.995)
-    p.add_argument("--unet-channels", type=int, nargs="+", default=(48, 96), help="sd: UNet block_out_channels")
-    p.add_argument("--kl-weight", type=float, default=1e-6, help="sd: VAE KL weight (per-pixel mean reconstruction)")
+    p.add_argument(
+        "--unet-channels", type=int, nargs="+", default=(48, 96), help="sd: UNet block_out_channels"
+    )
+    p.add_argument(
+        "--kl-weight", type=float, default=1e-6, help="sd: VAE KL weight (per-pixel mean reconstruction)"
+    )
     p.add_argument("--layers", type=int, default=4, help="flow: number of SD3 transformer blocks")
-    p.add_argument("--from-sd", default=None, help="flow: toy-sd folder whose VAE and text encoder are reused")
+    p.add_argument(
+        "--from-sd",
+        default=None,
+        help="flow: toy-sd folder whose VAE is reused (default: the shipped toy-sd)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument(
-        "--save-every", type=int, default=0, help="also save the EMA pipeline every N steps to OUT_checkpoints/step-N"
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy, shared CPU)",
     )
-    p.add_argument("--grid", default=None, help="also write a 50-step sample grid PNG of the eval prompts here")
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        help="also save the EMA pipeline every N steps to OUT_checkpoints/step-N",
+    )
+    p.add_argument(
+        "--grid", default=None, help="also write a 50-step sample grid PNG of the eval prompts here"
+    )
     return p
 
 
@@ -105,10 +132,14 @@ def save_grid(images: torch.Tensor, path: str | Path, ncol: int = 15, upscale: i
         r, c = divmod(i, ncol)
         grid[:, r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = im
     array = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(array).resize((grid.shape[2] * upscale, grid.shape[1] * upscale), Image.NEAREST).save(path)
+    Image.fromarray(array).resize((grid.shape[2] * upscale, grid.shape[1] * upscale), Image.NEAREST).save(
+        path
+    )
 
 
-def generate(pipe, prompts: list[str], steps: int = 50, guidance: float = 3.0, seed: int = 0, batch: int = 75):
+def generate(
+    pipe, prompts: list[str], steps: int = 50, guidance: float = 3.0, seed: int = 0, batch: int = 75
+):
     """Images [N, 3, 32, 32] in [0, 1] from a toy pipeline (seeded, in batches)."""
     pipe.set_progress_bar_config(disable=True)
     out = []
@@ -131,7 +162,9 @@ def _maybe_checkpoint(args, out: Path, step: int, pipe, ema, params) -> None:
         return
     ema.store(params)
     ema.copy_to(params)
-    pipe.save_pretrained(str(out.parent / f"{out.name}_checkpoints" / f"step-{step + 1}"), safe_serialization=True)
+    pipe.save_pretrained(
+        str(out.parent / f"{out.name}_checkpoints" / f"step-{step + 1}"), safe_serialization=True
+    )
     ema.restore(params)
 
 
@@ -160,7 +193,7 @@ def train_vae(args, device: torch.device):
 
     # scaling_factor: unit std of the latents the diffusion model sees (posterior samples).
     with torch.no_grad():
-        x, _ = sample_batch(1024, _data_seed(args.seed, 3, 0), split="train")
+        x, _ = sample_batch(min(1024, args.pool), _data_seed(args.seed, 3, 0), split="train")
         posterior = vae.encode(x.to(device)).latent_dist
         z = posterior.sample()
         mse = F.mse_loss(vae.decode(posterior.mode()).sample.clamp(-1, 1), x.to(device)).item()
@@ -205,7 +238,12 @@ def train_sd(args, out: Path, device: torch.device) -> dict:
     if args.vae_from:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(str(Path(args.vae_from) / "vae")).to(device).eval().requires_grad_(False)
+        vae = (
+            AutoencoderKL.from_pretrained(str(Path(args.vae_from) / "vae"))
+            .to(device)
+            .eval()
+            .requires_grad_(False)
+        )
         vae_stats = {"vae_from": str(args.vae_from), "scaling_factor": vae.config.scaling_factor}
     else:
         vae, vae_stats = train_vae(args, device)
@@ -223,7 +261,12 @@ def train_sd(args, out: Path, device: torch.device) -> dict:
     noise_sched = teachers.training_scheduler()
     alphas_cumprod = noise_sched.alphas_cumprod.to(device)
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    weights = snr.clamp(max=5.0) / snr  # Min-SNR-5 for epsilon prediction (Hang et al. 2023)
+    # Loss weight per timestep, written as the weight of the implied x0 error (eps-MSE * w = x0-MSE * w * snr):
+    # clamp(snr, 1, 5). Above SNR 5 this is Min-SNR-5 (Hang et al. 2023). Below SNR 1 the plain eps loss
+    # weighs the x0 error by snr ~ 0 — and at high noise is where the layout (which colour, where) is
+    # decided; weighing it by 1 there, as flow matching does, is what teaches the UNet to put the shape
+    # where the prompt says instead of where the starting noise happens to suggest.
+    weights = snr.clamp(min=1.0, max=5.0) / snr
 
     params = [*unet.parameters(), *text_encoder.parameters()]
     opt, lr_sched = _optimizer(params, args.lr, args.steps)
@@ -237,7 +280,9 @@ def train_sd(args, out: Path, device: torch.device) -> dict:
         latents = (means[idx] + stds[idx] * eps_z) * scale
         prompts = _drop_captions([captions[i] for i in idx.tolist()], gen)
         noise = torch.randn(latents.shape, generator=gen).to(device)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch_size,), generator=gen).to(device)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (args.batch_size,), generator=gen).to(
+            device
+        )
         noisy = noise_sched.add_noise(latents, noise, t)
         embeds = pipe.encode_prompt(prompts, device, 1, False)[0]
         pred = unet(noisy, t, embeds).sample
