@@ -353,3 +353,22 @@ def test_bf16_teacher_gives_float32_predictions(family):
     assert pred.dtype == torch.float32 and torch.isfinite(pred).all()
     assert feats.dtype == torch.bfloat16
     assert teacher.decode(pred).dtype == torch.float32
+
+
+def test_features_only_stops_at_the_bottleneck(teacher, inputs, family):
+    """``features_only`` gives the same features as a full forward, without running the rest of the backbone."""
+    x_t, t, cond, uncond = inputs
+    d = teacher.denoiser()
+    _, full = d(x_t, t, cond, return_features=True)
+    later = teacher.backbone.conv_out if family in ("sd15", "sd2", "sdxl") else teacher.backbone.proj_out
+    calls = []
+    handle = later.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        feats = d(x_t, t, cond, features_only=True)
+        feats_cfg = d(x_t, t, cond, uncond=uncond, guidance_scale=2.0, features_only=True, true_cfg=True)
+    finally:
+        handle.remove()
+    assert calls == [], "the backbone ran past its feature module"
+    torch.testing.assert_close(feats, full)
+    torch.testing.assert_close(feats_cfg, full, rtol=1e-4, atol=1e-4)
+    assert not d.feature_module()._forward_hooks

@@ -218,7 +218,7 @@ class CallType:
     cfg: bool
     grad: bool
     input_grad: bool
-    features: bool
+    features: bool | str  # True: prediction and features; "features only": the backbone stops there
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
     count: int = 0
@@ -236,6 +236,8 @@ class CallType:
         kind = "fwd+bwd" if self.backprop else ("fwd (grad mode)" if self.grad else "fwd")
         if self.features and self.used_outputs == {1}:
             kind = "fwd+bwd from the features"
+        if self.features == "features only":
+            kind = ("fwd+bwd" if self.backprop else "fwd") + " to the features"
         text = f"{self.role} {kind}, batch {self.batch}"
         calls = self.backbone_batches
         if self.cfg and calls == (2 * self.batch,):
@@ -298,7 +300,7 @@ class CallRecorder:
         batch = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim else 0
         uncond = kwargs.get("uncond")
         cfg = uncond is not None and float(kwargs.get("guidance_scale", 1.0)) != 1.0
-        features = bool(kwargs.get("return_features", False))
+        features = "features only" if kwargs.get("features_only") else bool(kwargs.get("return_features", False))
         key = (self.phase, role, batch, frame, cfg, grad, input_grad, features)
         calls = self.calls.setdefault(self.kind, {})
         call = calls.get(key)

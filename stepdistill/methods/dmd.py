@@ -213,7 +213,8 @@ class DMD(DistillMethod):
         critic = self.roles["critic"]
         t = self.schedule.sample_timesteps(len(x0), min_frac=0.0, max_frac=max_frac, device=x0.device)
         x_t = self.schedule.add_noise(x0, torch.randn_like(x0), t)
-        _, features = critic.denoiser(x_t, t, cond, output="x0", return_features=True)
+        # The classifier reads the bottleneck: the critic's backbone stops there (as DMD2's classify mode).
+        features = critic.denoiser(x_t, t, cond, features_only=True)
         return critic.gan_head(features).flatten()
 
     # ---- losses -------------------------------------------------------------------------------

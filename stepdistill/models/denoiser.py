@@ -174,6 +174,10 @@ def latent_image_ids(height: int, width: int, device=None, dtype=None) -> Tensor
     return ids.to(dtype=dtype or torch.float32)
 
 
+class _FeaturesReady(Exception):
+    """Raised by the feature hook to end a backbone forward early (``features_only``)."""
+
+
 class Denoiser:
     """Calls a backbone (teacher, or any trainable copy of it) and returns float32 predictions.
 
@@ -229,6 +233,7 @@ class Denoiser:
         guidance_scale: float = 1.0,
         output: str = "x0",
         return_features: bool = False,
+        features_only: bool = False,
         true_cfg: bool | None = None,
         embedded_guidance: float | None = None,
     ):
@@ -250,6 +255,9 @@ class Denoiser:
                 [B, C, h, w], or the image hidden states after transformer block ``len // 2``
                 [B, N, D] (FLUX: N packed 2x2 tokens). With CFG only the conditional half. In the
                 backbone's dtype and attached to the graph (for GAN heads).
+            features_only: return only those features, stopping the backbone right after the feature
+                module (a UNet skips its decoder half, a transformer its later blocks): what a GAN
+                classifier on the bottleneck needs, at about half the cost of a full forward.
             true_cfg: force (True) or forbid (False) the two-pass CFG with ``uncond``. Default: on for
                 every model except guidance-embedded ones.
             embedded_guidance: guidance-embedded models only: the value given to the guidance
@@ -280,6 +288,14 @@ class Denoiser:
             cond_in = Conditioning.cat([uncond.expand_to(batch).to(cond.device), cond])
         else:
             x_in, t_in, cond_in = x_t, t, cond
+
+        if features_only:
+            with self._capture_features(True, stop=True) as captured:
+                try:
+                    self.forward_native(x_in, t_in, cond_in, guidance=guidance)
+                except _FeaturesReady:
+                    pass
+            return captured[0][batch:] if use_cfg else captured[0]
 
         with self._capture_features(return_features) as captured:
             native = self.forward_native(x_in, t_in, cond_in, guidance=guidance)
@@ -352,8 +368,9 @@ class Denoiser:
         return t
 
     @contextlib.contextmanager
-    def _capture_features(self, enabled: bool):
-        """Record the feature module's output during the forward; the hook is removed on exit."""
+    def _capture_features(self, enabled: bool, stop: bool = False):
+        """Record the feature module's output during the forward; the hook is removed on exit.
+        With ``stop``, the hook ends the forward there by raising ``_FeaturesReady``."""
         captured: list[Tensor] = []
         if not enabled:
             yield captured
@@ -364,6 +381,8 @@ class Denoiser:
             feats = output[-1] if isinstance(output, tuple | list) else output
             if not captured:  # the first call only (re-computation under checkpointing is ignored)
                 captured.append(feats)
+            if stop:
+                raise _FeaturesReady
 
         handle = self.feature_module().register_forward_hook(hook)
         try:
