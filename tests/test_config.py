@@ -232,6 +232,16 @@ def test_unknown_key_top_level_and_nested(capsys):
         load_config(TINY, ["roles.critic.learning_rate=1"])
 
 
+def test_list_entries_are_checked_and_named():
+    cfg = load_config("toy/dmd2", ["eval.teacher_baselines=[{steps: 2, guidance: 1.5}]"])
+    assert [dict(row) for row in cfg.eval.teacher_baselines] == [{"steps": 2, "guidance": 1.5}]
+    with pytest.raises(ValueError, match=r"'eval.teacher_baselines\[\].step'.*did you mean "
+                                         r"eval.teacher_baselines\[\].steps\?.*: steps, guidance"):
+        load_config("toy/dmd2", ["eval.teacher_baselines=[{step: 1}]"])
+    with pytest.raises(ValueError, match=r"eval.teacher_baselines entry steps=0.*need steps >= 1"):
+        load_config("toy/dmd2", ["eval.teacher_baselines=[{steps: 0}]"])
+
+
 def test_unknown_key_in_a_file_names_the_file(tmp_path):
     f = tmp_path / "typo.yaml"
     f.write_text("base: tiny_dmd2\ndata:\n  batchsize: 4\n")

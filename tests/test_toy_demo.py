@@ -16,13 +16,15 @@ def test_two_step_dmd2_on_toy_sd_exports_evaluates_and_loads(tmp_path):
     out = tmp_path / "toy"
     cfg = load_config("toy/dmd2", [f"run.output_dir={out}", "run.trackers=[none]", "train.max_steps=2",
                                    "train.progress_bar=false", "data.batch_size=4", "eval.seeds_per_prompt=1",
-                                   "eval.teacher_steps=4", "eval.prompts=builtin:toy_held_out"])
+                                   "eval.teacher_steps=4", "eval.prompts=builtin:toy_held_out",
+                                   "eval.teacher_baselines=[{steps: 1, guidance: 1.0}]"])
     trainer = Trainer(cfg)
     trainer.train()
     # The evaluation wrote its numbers for teacher and student, on all prompts and the held-out ones.
     metrics = json.loads((out / "metrics.json").read_text())
     rows = metrics["results"]
-    assert set(rows) == {"teacher 4-step", "student 1-step"}
+    assert set(rows) == {"teacher 4-step", "teacher 1-step CFG 1", "student 1-step"}
+    assert rows["teacher 1-step CFG 1"]["steps"] == 1 and rows["teacher 1-step CFG 1"]["guidance_scale"] == 1.0
     for row in rows.values():
         for split in ("all", "held_out"):
             assert 0.0 <= row[split]["alignment"] <= 1.0 and row[split]["fid"] >= 0.0

@@ -220,6 +220,23 @@ def _field_type(cls: Any, key: str) -> Any | None:
         return None
 
 
+def _list_field_of(cls: Any, item_type: Any, prefix: str = "") -> str | None:
+    """Dotted name of the list field of dataclass ``cls`` whose entries are ``item_type`` dataclasses."""
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)) or item_type is None:
+        return None
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:
+        return None
+    for name, hint in hints.items():
+        if typing.get_origin(hint) is list and typing.get_args(hint) == (item_type,):
+            return prefix + name
+        found = _list_field_of(hint, item_type, f"{prefix}{name}.")
+        if found:
+            return found
+    return None
+
+
 def _valid_keys(cls: Any) -> list[str]:
     if isinstance(cls, type) and dataclasses.is_dataclass(cls):
         return [f.name for f in dataclasses.fields(cls)]
@@ -241,6 +258,9 @@ def _format_error(
     if isinstance(e, ConfigKeyError) and rel_key:
         valid = _valid_keys(object_type)
         section = full_key.rsplit(".", 1)[0] if "." in full_key else ""
+        owner = _list_field_of(Config, object_type)
+        if owner and "." not in full_key:  # omegaconf names keys inside list entries from the entry only
+            section, full_key = f"{owner}[]", f"{owner}[].{rel_key}"
         where = f"valid keys of {section}" if section else "valid top-level sections"
         valid_txt = f"; {where}: {', '.join(valid)}" if valid else ""
         close = difflib.get_close_matches(str(key), valid, n=1)

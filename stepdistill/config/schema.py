@@ -140,6 +140,19 @@ class ExportConfig:
 
 
 @dataclass
+class TeacherRow:
+    """One extra teacher setting evaluated beside the student (for context, e.g. the teacher at 1 step)."""
+
+    steps: int = 1
+    guidance: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.guidance < 0:
+            raise ValueError(f"eval.teacher_baselines entry steps={self.steps}, guidance={self.guidance}: "
+                             "need steps >= 1 and guidance >= 0")
+
+
+@dataclass
 class EvalConfig:
     """Evaluation after training: teacher vs exported student, same prompts and seeds.
 
@@ -155,6 +168,9 @@ class EvalConfig:
     teacher_guidance: float = 3.0
     # Student step counts to evaluate; empty = the trained number of steps.
     student_steps: list[int] = field(default_factory=list)
+    # Further teacher rows for context, e.g. [{steps: 1, guidance: 1.0}]: the teacher sampled at the
+    # student's step count, i.e. what distillation starts from.
+    teacher_baselines: list[TeacherRow] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.seeds_per_prompt < 1 or self.teacher_steps < 1:

@@ -298,12 +298,13 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Teacher vs exported student on the toy domain (``eval`` section of the config)."""
-        from stepdistill.toy.evaluate import evaluate_run
+        from stepdistill.toy.evaluate import baseline_rows, evaluate_run
 
         ev = self.cfg.eval
         steps = list(ev.student_steps) or [self.method.num_inference_steps]
         return evaluate_run(self.run_dir, str(self.cfg.model.pretrained), ev.teacher_steps, ev.teacher_guidance,
-                            steps, ev.seeds_per_prompt, self.cfg.model.resolution, ev.prompts)
+                            steps, ev.seeds_per_prompt, self.cfg.model.resolution, ev.prompts,
+                            teacher_baselines=baseline_rows(ev))
 
     # ---- the loop -----------------------------------------------------------------------------
     def train(self) -> Path:

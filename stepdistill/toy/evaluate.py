@@ -98,8 +98,14 @@ def summary_table(results: dict) -> str:
 
 def evaluate_run(run_dir: str | Path, teacher: str, teacher_steps: int, teacher_guidance: float,
                  student_steps: list[int], seeds_per_prompt: int, resolution: int,
-                 prompts_source: str = "builtin:toy_all", grid_prompts: int = 8) -> dict:
-    """Evaluate ``<run_dir>/export`` against the teacher; write metrics.json, comparison.png, summary.md."""
+                 prompts_source: str = "builtin:toy_all", grid_prompts: int = 8,
+                 teacher_baselines: list[tuple[int, float]] = ()) -> dict:
+    """Evaluate ``<run_dir>/export`` against the teacher; write metrics.json, comparison.png, summary.md.
+
+    Rows: ``teacher {teacher_steps}-step`` (the reference of the quality bar), one per
+    ``teacher_baselines`` (steps, guidance) entry named ``teacher {steps}-step CFG {guidance}``, then
+    ``student {steps}-step`` for each of ``student_steps``.
+    """
     from diffusers import DiffusionPipeline
 
     from stepdistill.data.prompts import load_prompts
@@ -113,6 +119,9 @@ def evaluate_run(run_dir: str | Path, teacher: str, teacher_steps: int, teacher_
     for pipe in (student, teacher_pipe):
         pipe.set_progress_bar_config(disable=True)
     entries = [Entry(f"teacher {teacher_steps}-step", teacher_pipe, teacher_steps, teacher_guidance)]
+    for steps, guidance in teacher_baselines:
+        if (steps, guidance) != (teacher_steps, teacher_guidance):
+            entries.append(Entry(f"teacher {steps}-step CFG {guidance:g}", teacher_pipe, steps, guidance))
     for steps in student_steps:
         trained = steps == info["num_inference_steps"]
         entries.append(Entry(f"student {steps}-step", student, steps, info["guidance_scale"],
@@ -138,6 +147,11 @@ def evaluate_run(run_dir: str | Path, teacher: str, teacher_steps: int, teacher_
     return metrics
 
 
+def baseline_rows(ev) -> list[tuple[int, float]]:
+    """``eval.teacher_baselines`` of a config (a run's config.yaml may predate the key)."""
+    return [(int(row["steps"]), float(row["guidance"])) for row in ev.get("teacher_baselines") or []]
+
+
 def main(argv=None) -> int:
     """``stepdistill toy eval RUN_DIR``: evaluate a finished run again (settings from its config.yaml)."""
     import argparse
@@ -157,5 +171,6 @@ def main(argv=None) -> int:
     info = json.loads((run_dir / "export" / "stepdistill.json").read_text())
     steps = args.student_steps or list(ev.student_steps) or [info["num_inference_steps"]]
     evaluate_run(run_dir, str(cfg.model.pretrained), ev.teacher_steps, ev.teacher_guidance, steps,
-                 args.seeds_per_prompt or ev.seeds_per_prompt, cfg.model.resolution, ev.prompts)
+                 args.seeds_per_prompt or ev.seeds_per_prompt, cfg.model.resolution, ev.prompts,
+                 teacher_baselines=baseline_rows(ev))
     return 0
