@@ -6,6 +6,7 @@ teacher), with the same prompts and seeds, so the numbers describe what a user w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -13,8 +14,25 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from stepdistill.harness.logging import image_grid
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """Load pipelines without diffusers' per-component progress bars and its safety-checker notice
+    (the toy pipelines have no safety checker by design)."""
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    dlogging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(level)
+        dlogging.enable_progress_bar()
 
 
 @dataclass
@@ -29,13 +47,14 @@ class Entry:
 
 
 @torch.no_grad()
-def generate(entry: Entry, prompts: list[str], seeds: list[int], resolution: int, batch_size: int = 64
-             ) -> tuple[torch.Tensor, float]:
+def generate(entry: Entry, prompts: list[str], seeds: list[int], resolution: int, batch_size: int = 64,
+             progress: bool = True) -> tuple[torch.Tensor, float]:
     """Images in [-1, 1] for every (prompt, seed) pair, prompt-major; and seconds per image."""
     pairs = [(p, s) for p in prompts for s in seeds]
     images, elapsed = [], 0.0
     kwargs = {"timesteps": entry.timesteps} if entry.timesteps else {}
-    for start in range(0, len(pairs), batch_size):
+    for start in tqdm(range(0, len(pairs), batch_size), desc=f"eval: {entry.name}", unit="batch",
+                      leave=False, disable=not progress):
         chunk = pairs[start:start + batch_size]
         generators = [torch.Generator().manual_seed(s) for _, s in chunk]
         t0 = time.perf_counter()
@@ -98,7 +117,7 @@ def summary_table(results: dict) -> str:
 
 def evaluate_run(run_dir: str | Path, teacher: str, teacher_steps: int, teacher_guidance: float,
                  student_steps: list[int], seeds_per_prompt: int, resolution: int,
-                 prompts_source: str = "builtin:toy_all", grid_prompts: int = 8,
+                 prompts_source: str = "builtin:toy_all", grid_prompts: int = 12,
                  teacher_baselines: list[tuple[int, float]] = ()) -> dict:
     """Evaluate ``<run_dir>/export`` against the teacher; write metrics.json, comparison.png, summary.md.
 
@@ -114,8 +133,9 @@ def evaluate_run(run_dir: str | Path, teacher: str, teacher_steps: int, teacher_
     run_dir = Path(run_dir)
     export = run_dir / "export"
     info = json.loads((export / "stepdistill.json").read_text())
-    student = DiffusionPipeline.from_pretrained(str(export))
-    teacher_pipe = DiffusionPipeline.from_pretrained(resolve_pretrained(teacher))
+    with _quiet_diffusers():
+        student = DiffusionPipeline.from_pretrained(str(export))
+        teacher_pipe = DiffusionPipeline.from_pretrained(resolve_pretrained(teacher))
     for pipe in (student, teacher_pipe):
         pipe.set_progress_bar_config(disable=True)
     entries = [Entry(f"teacher {teacher_steps}-step", teacher_pipe, teacher_steps, teacher_guidance)]
@@ -135,7 +155,9 @@ def evaluate_run(run_dir: str | Path, teacher: str, teacher_steps: int, teacher_
 
     out = evaluate_entries(entries, prompts, seeds, resolution, progress=progress)
     # Comparison grid: the same prompts and seeds in every row.
-    idx = torch.arange(min(grid_prompts, len(prompts))) * len(seeds)
+    # Prompts spread over the whole list (the toy lists are sorted by colour), first seed of each.
+    n = min(grid_prompts, len(prompts))
+    idx = torch.linspace(0, len(prompts) - 1, n).round().long() * len(seeds)
     grid = labelled_grid([(name, imgs[idx]) for name, imgs in out["images"].items()])
     grid.save(run_dir / "comparison.png")
     table = summary_table(out["results"])
