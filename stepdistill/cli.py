@@ -22,14 +22,40 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stepdistill.export.hub import push_to_hub, write_model_card
     from stepdistill.export.pipeline import export_from_run
 
+    path = Path(args.path)
     try:
-        out = export_from_run(args.path, args.out, dtype=args.dtype, use_ema=not args.no_ema)
+        if args.private and not args.push_to_hub:
+            raise ValueError("--private only applies with --push-to-hub REPO_ID")
+        if (path / "stepdistill.json").is_file():
+            # Already an export folder: refresh its card (for the repo id) and push it as it is.
+            if args.out and Path(args.out).resolve() != path.resolve():
+                raise ValueError(f"{path} is already an export; push it without --out, or export its run instead")
+            out = path
+            write_model_card(out, repo_id=args.push_to_hub, license_=args.license)
+        else:
+            if not args.out:
+                raise ValueError("--out DIR is required to export a run or checkpoint")
+            if args.push_to_hub and not args.dry_run:
+                from huggingface_hub import get_token
+
+                if get_token() is None:  # fail before the export, not after it
+                    raise ValueError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN")
+            out = export_from_run(path, args.out, dtype=args.dtype, use_ema=not args.no_ema,
+                                  lora_only=args.lora, variant=args.variant, repo_id=args.push_to_hub,
+                                  license_=args.license)
+            print(f"exported to {out}")
+        if args.push_to_hub:
+            url = push_to_hub(out, args.push_to_hub, private=args.private, dry_run=args.dry_run)
+            if url:
+                print(f"pushed to {url}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported to {out if out is not None else args.out}")
     return 0
 
 
@@ -119,13 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(p)
     p.set_defaults(func=_cmd_train, parser=p)
 
-    p = sub.add_parser("export", help="export a run (or checkpoint) as a diffusers pipeline",
+    p = sub.add_parser("export", help="export a run (or checkpoint) as a diffusers pipeline or LoRA, "
+                                      "with a model card; optionally push it to the Hub",
                        description="Write the distilled generator of a run folder or checkpoint as a "
-                                   "diffusers pipeline (with its few-step scheduler).")
-    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT", help="run folder or checkpoint folder")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder of the pipeline")
+                                   "diffusers pipeline (with its few-step scheduler) or as LoRA weights, with "
+                                   "a model card (README.md); optionally push the folder to the Hugging Face "
+                                   "Hub. Given an export folder, (re)writes its card and pushes it.")
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT", help="run folder, checkpoint folder or export folder")
+    p.add_argument("--out", metavar="DIR", help="output folder (required unless PATH is an export folder)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="weight dtype (default fp32)")
+    p.add_argument("--variant", choices=("fp16", "bf16"), default=None,
+                   help="save the weights as this diffusers variant (*.fp16.safetensors; load with variant=)")
+    p.add_argument("--lora", action="store_true",
+                   help="write only the LoRA weights of a LoRA student (pipe.load_lora_weights) and its scheduler")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA weights")
+    p.add_argument("--license", default=None, help="license id for the model card (default: the base model's)")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                   help="upload the folder to this model repo (token from HF_TOKEN or `hf auth login`)")
+    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    p.add_argument("--dry-run", action="store_true", help="with --push-to-hub: list what would be uploaded")
     p.set_defaults(func=_cmd_export, parser=p)
 
     p = sub.add_parser("cache-pairs", help="cache (noise, teacher ODE output) pairs for DMD's regression loss",

@@ -357,13 +357,21 @@ def _fake_module(monkeypatch, name: str, **attrs):
 def test_cli_export_dispatch(monkeypatch, capsys, tmp_path):
     calls = []
     _fake_module(monkeypatch, "stepdistill.export.pipeline",
-                 export_from_run=lambda path, out, dtype, use_ema: calls.append((path, out, dtype, use_ema)) or out)
+                 export_from_run=lambda path, out, dtype, use_ema, **kw: calls.append(
+                     (str(path), out, dtype, use_ema, kw)) or out)
     assert cli.main(["export", "runs/x", "--out", str(tmp_path), "--dtype", "fp16", "--no-ema"]) == 0
-    assert calls == [("runs/x", str(tmp_path), "fp16", False)]
-    assert cli.main(["export", "runs/x", "--out", str(tmp_path)]) == 0
-    assert calls[-1] == ("runs/x", str(tmp_path), "fp32", True)
+    no_extras = dict(lora_only=False, variant=None, repo_id=None, license_=None)
+    assert calls == [("runs/x", str(tmp_path), "fp16", False, no_extras)]
+    assert cli.main(["export", "runs/x", "--out", str(tmp_path), "--lora", "--variant", "bf16",
+                     "--license", "mit"]) == 0
+    assert calls[-1] == ("runs/x", str(tmp_path), "fp32", True,
+                         dict(lora_only=True, variant="bf16", repo_id=None, license_="mit"))
     capsys.readouterr()
     user_error(capsys, ["export", "runs/x", "--out", "o", "--dtype", "int8"], entry=cli.main)
+    assert "--out DIR is required" in user_error(capsys, ["export", "runs/x"], entry=cli.main)
+    err = user_error(capsys, ["export", "runs/x", "--out", "o", "--private"], entry=cli.main)
+    assert "--private only applies with --push-to-hub" in err
+    assert len(calls) == 2  # the errors stopped before any export
 
 
 def test_cli_cache_pairs_dispatch(monkeypatch, tmp_path):

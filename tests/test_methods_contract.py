@@ -138,3 +138,31 @@ def test_resume_continues_exactly(case, tmp_path, teacher_pairs):
     ema_b = resumed.emas["generator"].shadow_params
     assert all(torch.equal(x, y) for x, y in zip(ema_a, ema_b)), f"{method}: EMA differs after resume"
     assert wb  # at least one trainable role was compared
+
+
+def test_every_method_exports_what_plain_diffusers_loads(tmp_path, teacher_pairs):
+    """Each registered method's export is loaded and sampled, as its stepdistill.json says, by a process
+    that never imports stepdistill."""
+    from tests.helpers import PYTHON, REPO, run
+
+    folders = []
+    for name in sorted(all_methods()):
+        method, extra = _case(name, teacher_pairs)
+        out = tmp_path / name
+        Trainer(tiny_config(out, method, "train.max_steps=1", "train.sample_every=0", *extra)).train()
+        folders.append(str(out / "export"))
+    code = (
+        "import json, sys\nfrom pathlib import Path\nimport diffusers\n"
+        f"for folder in {folders!r}:\n"
+        "    info = json.loads((Path(folder) / 'stepdistill.json').read_text())\n"
+        "    pipe = diffusers.DiffusionPipeline.from_pretrained(folder)\n"
+        "    kwargs = {'timesteps': info['timesteps']} if info['timesteps'] else {}\n"
+        "    image = pipe('a red circle', num_inference_steps=info['num_inference_steps'], height=64, width=64,\n"
+        "                 guidance_scale=info['guidance_scale'], output_type='np', **kwargs).images[0]\n"
+        "    assert image.shape == (64, 64, 3) and (Path(folder) / 'README.md').is_file()\n"
+        "    print(info['method'], type(pipe).__name__, 'ok')\n"
+        "assert 'stepdistill' not in sys.modules\n"
+    )
+    proc = run([PYTHON, "-c", code], cwd=REPO)
+    for name in sorted(all_methods()):
+        assert f"{name} StableDiffusionPipeline ok" in proc.stdout

@@ -30,6 +30,10 @@ def test_two_step_dmd2_on_toy_sd_exports_evaluates_and_loads(tmp_path):
             assert 0.0 <= row[split]["alignment"] <= 1.0 and row[split]["fid"] >= 0.0
         assert row["latency_ms_per_image"] > 0
     assert (out / "comparison.png").is_file() and "| teacher 4-step |" in (out / "summary.md").read_text()
+    # The export's model card carries the evaluation and the comparison grid.
+    card = (out / "export" / "README.md").read_text()
+    assert "| teacher 4-step |" in card and "![samples](samples.png)" in card
+    assert (out / "export" / "samples.png").read_bytes() == (out / "comparison.png").read_bytes()
     # Plain diffusers (a process that never imports stepdistill) loads the export and generates.
     code = (
         "import sys, diffusers\n"

@@ -65,8 +65,34 @@ def export_lora(teacher, role, out: str | Path) -> Path:
     return Path(out)
 
 
-def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32", config: dict | None = None) -> Path:
+def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32", config: dict | None = None,
+                    lora_only: bool = False, variant: str | None = None, run_dir: str | Path | None = None,
+                    repo_id: str | None = None, license_: str | None = None) -> Path:
+    """Write the student to ``out`` with ``stepdistill.json`` and a model card (README.md).
+
+    Default: the whole pipeline (weights in ``dtype``; with ``variant`` = "fp16"/"bf16" they are saved as
+    that diffusers variant, ``*.fp16.safetensors``). ``lora_only``: just the LoRA weights of a LoRA
+    student (``pipe.load_lora_weights(out)`` on the base pipeline) and the scheduler to sample them with.
+    ``run_dir`` supplies the card's metrics and sample grid; ``repo_id`` its usage snippet.
+    """
+    from stepdistill.export.hub import write_model_card
+
     out = Path(out)
+    if variant is not None:
+        if variant not in ("fp16", "bf16"):
+            raise ValueError(f"variant={variant!r}: choose fp16 or bf16")
+        dtype = variant
+    if lora_only:
+        if not role.is_lora:
+            raise ValueError(f"--lora: the {method.name} student is full weights, not a LoRA; export the whole "
+                             "pipeline (drop --lora) or train with roles.generator.lora_rank > 0")
+        out.mkdir(parents=True, exist_ok=True)
+        export_lora(teacher, role, out)
+        scheduler = method.export_scheduler()
+        scheduler.save_pretrained(str(out / "scheduler"))
+        _write_info(out, teacher, method, type(scheduler).__name__, lora=".", config=config, lora_only=True)
+        write_model_card(out, run_dir, repo_id, license_)
+        return out
     torch_dtype = _DTYPES[dtype]
     student = student_backbone(role).eval()
     if student.dtype != torch_dtype:
@@ -80,36 +106,50 @@ def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32",
         components[key] = value
     components["scheduler"] = method.export_scheduler()
     pipe = type(teacher.pipeline)(**components)
-    pipe.save_pretrained(str(out), safe_serialization=True)
+    pipe.save_pretrained(str(out), safe_serialization=True, variant=variant)
 
+    lora_dir = None
+    if role.is_lora:
+        # LoRA students are also written as LoRA weights for the teacher's own pipeline (LCM-LoRA style).
+        lora_dir = export_lora(teacher, role, out / "lora")
+    _write_info(out, teacher, method, type(components["scheduler"]).__name__,
+                lora="lora" if lora_dir is not None else None, config=config, variant=variant)
+    write_model_card(out, run_dir, repo_id, license_)
+    return out
+
+
+def _write_info(out: Path, teacher, method, scheduler: str, lora: str | None, config: dict | None,
+                lora_only: bool = False, variant: str | None = None) -> None:
+    """``stepdistill.json``: how to sample the export (steps, timesteps, guidance), method and config."""
     steps = method.num_inference_steps
     timesteps = method.export_timesteps() if hasattr(method, "export_timesteps") else None
     # Guidance is distilled into the student: CFG at sampling time would double the cost and
     # over-saturate; diffusers pipelines skip CFG at guidance_scale <= 1. Guidance-embedded FLUX
     # students were called with the embedding at 1.0 during training, so they are sampled with it.
     guidance = 1.0 if teacher.family == "flux" else 0.0
-    lora_dir = None
-    if role.is_lora:
-        # LoRA students are also written as LoRA weights for the teacher's own pipeline (LCM-LoRA style).
-        lora_dir = export_lora(teacher, role, out / "lora")
     info = {
-        "lora": "lora" if lora_dir is not None else None,
+        "lora": lora,
+        "lora_only": lora_only,
+        "variant": variant,
         "method": method.name,
         "paper": method.paper,
         "family": teacher.family,
         "num_inference_steps": steps,
         "timesteps": timesteps,
         "guidance_scale": guidance,
-        "scheduler": type(components["scheduler"]).__name__,
+        "scheduler": scheduler,
         "usage": usage_snippet(str(out), steps, timesteps, guidance),
         "config": config,
     }
     (out / "stepdistill.json").write_text(json.dumps(info, indent=2, default=str))
-    return out
 
 
-def export_from_run(path: str | Path, out: str | Path, dtype: str = "fp32", use_ema: bool = True) -> Path:
-    """Export from a run folder (its newest checkpoint) or from one checkpoint folder."""
+def export_from_run(path: str | Path, out: str | Path, dtype: str = "fp32", use_ema: bool = True,
+                    **export_kwargs) -> Path:
+    """Export from a run folder (its newest checkpoint) or from one checkpoint folder.
+
+    ``export_kwargs``: ``lora_only``, ``variant``, ``repo_id``, ``license_`` of ``export_pipeline``.
+    """
     from stepdistill.config.load import load_config
     from stepdistill.harness.checkpoint import list_checkpoints
     from stepdistill.harness.trainer import Trainer
@@ -127,4 +167,4 @@ def export_from_run(path: str | Path, out: str | Path, dtype: str = "fp32", use_
     cfg = load_config(str(run_dir / "config.yaml"), ["run.trackers=[none]", "train.resume=null"])
     trainer = Trainer(cfg)
     trainer.accelerator.load_state(str(checkpoint))
-    return trainer.export(out, dtype=dtype, use_ema=use_ema)
+    return trainer.export(out, dtype=dtype, use_ema=use_ema, **export_kwargs)

@@ -272,8 +272,10 @@ class Trainer:
                 tracker.log_images({"samples": [grid]}, step=step)
         return path
 
-    def export(self, out: str | Path | None = None, dtype: str | None = None, use_ema: bool | None = None) -> Path:
-        """Write the student as a diffusers pipeline (default: ``<run>/export``)."""
+    def export(self, out: str | Path | None = None, dtype: str | None = None, use_ema: bool | None = None,
+               **export_kwargs) -> Path:
+        """Write the student as a diffusers pipeline (default: ``<run>/export``) with its model card;
+        ``export_kwargs`` go to ``export.pipeline.export_pipeline`` (lora_only, variant, repo_id, license_)."""
         from stepdistill.export.pipeline import export_pipeline
 
         out = Path(out) if out is not None else self.run_dir / "export"
@@ -289,7 +291,8 @@ class Trainer:
         try:
             if self.accelerator.is_main_process:
                 export_pipeline(self.teacher, self.method, role, out, dtype=dtype,
-                                config=OmegaConf.to_container(self.cfg, resolve=True))
+                                config=OmegaConf.to_container(self.cfg, resolve=True), run_dir=self.run_dir,
+                                **export_kwargs)
         finally:
             if ema is not None:
                 ema.restore(params)
@@ -349,7 +352,10 @@ class Trainer:
             if acc.is_main_process:
                 logger.info("exported diffusers pipeline to %s", out)
             if cfg.eval.enabled and acc.is_main_process:
+                from stepdistill.export.hub import write_model_card
+
                 self.evaluate()
+                write_model_card(out, self.run_dir)  # again, now with the evaluation and its grid
         digests = self.weight_digests()
         acc.end_training()
         if acc.is_main_process:

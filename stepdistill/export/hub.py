@@ -1,0 +1,234 @@
+"""Model cards and Hub upload for exported students.
+
+``write_model_card`` turns an export folder (``stepdistill.json`` written by ``export.pipeline``) into a
+Hugging Face model card: base model and its license, method and paper, steps and scheduler, the
+metrics of the run's last evaluation, a sample grid, the usage snippet and the resolved training
+config. ``push_to_hub`` uploads the folder with ``huggingface_hub`` (``create_repo`` + ``upload_folder``).
+
+The token comes only from huggingface_hub's standard places (``HF_TOKEN``, the cached ``hf auth
+login``): this module never reads, prints or writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+# Licenses of well-known base models (their Hub cards say so; used offline, when the base card cannot
+# be read). Keys are Hub ids, lower-case.
+KNOWN_LICENSES = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "compvis/stable-diffusion-v1-4": "creativeml-openrail-m",
+    "stabilityai/stable-diffusion-2-1": "openrail++",
+    "stabilityai/stable-diffusion-2-1-base": "openrail++",
+    "stabilityai/stable-diffusion-xl-base-1.0": "openrail++",
+    "stabilityai/stable-diffusion-3-medium-diffusers": "other",
+    "stabilityai/stable-diffusion-3.5-medium": "other",
+    "stabilityai/stable-diffusion-3.5-large": "other",
+    "black-forest-labs/flux.1-dev": "other",
+    "black-forest-labs/flux.1-schnell": "apache-2.0",
+}
+# The shipped toy teachers are this project's own (Apache-2.0, as the project).
+_TOY_LICENSE = "apache-2.0"
+
+CARD_FILE = "README.md"
+GRID_FILE = "samples.png"
+
+
+def base_license(base_model: str) -> str:
+    """The license id of ``base_model``: known table, shipped toy teachers, else the base card on the Hub
+    (when online), else "other" (the card then asks the uploader to check it)."""
+    key = base_model.lower()
+    if key in KNOWN_LICENSES:
+        return KNOWN_LICENSES[key]
+    if key in ("toy-sd", "toy-flow") or key.startswith("tiny:"):
+        return _TOY_LICENSE
+    if "/" in base_model and not Path(base_model).exists():
+        try:
+            from huggingface_hub import ModelCard
+
+            license_ = ModelCard.load(base_model).data.license
+            if license_:
+                return str(license_)
+        except Exception:  # offline, gated or missing card: fall through to "other"
+            pass
+    return "other"
+
+
+def _loadable(base: str) -> str:
+    """What ``DiffusionPipeline.from_pretrained`` accepts for ``base``: shipped toy teachers and tiny test
+    pipelines are stepdistill names, so the card names their folder."""
+    if base.startswith(("toy-", "tiny:")):
+        from stepdistill.models.loading import resolve_pretrained
+
+        return resolve_pretrained(base)
+    return base
+
+
+def _find_grid(run_dir: Path | None) -> Path | None:
+    """The run's comparison grid (evaluation) or, failing that, its newest training sample grid."""
+    if run_dir is None:
+        return None
+    if (run_dir / "comparison.png").is_file():
+        return run_dir / "comparison.png"
+    samples = sorted((run_dir / "samples").glob("step_*.png"))
+    return samples[-1] if samples else None
+
+
+def _metrics_table(metrics: dict) -> str:
+    from stepdistill.toy.evaluate import summary_table
+
+    try:  # the toy evaluation's rows (all / held_out splits)
+        return summary_table(metrics["results"])
+    except (KeyError, TypeError):
+        return "```json\n" + json.dumps(metrics["results"], indent=2) + "\n```"
+
+
+def _usage(info: dict, where: str) -> str:
+    steps, guidance = info["num_inference_steps"], info["guidance_scale"]
+    call = f"num_inference_steps={steps}, guidance_scale={guidance}"
+    if info.get("timesteps"):
+        call += f", timesteps={[int(t) for t in info['timesteps']]}"
+    if info.get("lora_only"):
+        scheduler = info["scheduler"]
+        return (
+            f"from diffusers import DiffusionPipeline, {scheduler}\n\n"
+            f"pipe = DiffusionPipeline.from_pretrained({info['base_model']!r})\n"
+            f"pipe.scheduler = {scheduler}.from_pretrained({where!r}, subfolder=\"scheduler\")\n"
+            f"pipe.load_lora_weights({where!r})\n"
+            f'image = pipe("a photo of a cat", {call}).images[0]'
+        )
+    return (
+        "from diffusers import DiffusionPipeline\n\n"
+        f"pipe = DiffusionPipeline.from_pretrained({where!r})\n"
+        f'image = pipe("a photo of a cat", {call}).images[0]'
+    )
+
+
+def model_card_text(info: dict, repo_id: str | None = None, license_: str | None = None,
+                    metrics: dict | None = None, grid: str | None = None) -> str:
+    """The card (YAML metadata + markdown) for an export described by ``info`` (its stepdistill.json)."""
+    config = info.get("config") or {}
+    base = str(config.get("model", {}).get("pretrained", info.get("base_model", "unknown")))
+    license_ = license_ or base_license(base)
+    method = info["method"]
+    where = repo_id or "path/to/this/folder"
+    meta = {
+        "library_name": "diffusers",
+        "pipeline_tag": "text-to-image",
+        "license": license_,
+        "tags": ["stepdistill", "text-to-image", "diffusers", "distillation", method]
+        + (["lora"] if info.get("lora_only") else []),
+    }
+    if "/" in base and not Path(base).exists():
+        meta["base_model"] = base  # a Hub id (local folders and toy teachers are not Hub models)
+    steps = info["num_inference_steps"]
+    kind = "LoRA weights for" if info.get("lora_only") else "a distilled version of"
+    lines = [
+        f"# {repo_id.split('/')[-1] if repo_id else method + ' student'}",
+        "",
+        f"{kind} **{base}**, trained with **{method}** ({info.get('paper', '')}) by "
+        "[stepdistill](https://github.com/stepdistill/stepdistill) to generate in "
+        f"**{steps} step{'s' if steps != 1 else ''}** (`{info['scheduler']}`, guidance scale "
+        f"{info['guidance_scale']}: guidance is distilled into the weights).",
+        "",
+    ]
+    if license_ == "other":
+        lines += ["License: the base model's own license applies; check it on the base model's page.", ""]
+    if grid:
+        lines += ["## Samples", "", f"![samples]({grid})", ""]
+    lines += ["## Usage", "", "```python", _usage({**info, "base_model": _loadable(base)}, where), "```", ""]
+    if metrics and metrics.get("results"):
+        lines += [
+            "## Evaluation",
+            "",
+            f"Prompts `{metrics.get('prompts', '?')}`, {metrics.get('seeds_per_prompt', '?')} seeds each, "
+            f"against the teacher `{metrics.get('teacher', base)}` (same prompts and seeds):",
+            "",
+            _metrics_table(metrics),
+            "",
+        ]
+    if config:
+        lines += [
+            "## Training",
+            "",
+            f"Reproduce with `accelerate launch train.py --config config.yaml` (the resolved config below; "
+            f"{config.get('train', {}).get('max_steps', '?')} iterations).",
+            "",
+            "<details><summary>config.yaml</summary>",
+            "",
+            "```yaml",
+            yaml.safe_dump(config, sort_keys=False).rstrip(),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n" + "\n".join(lines)
+
+
+def write_model_card(folder: str | Path, run_dir: str | Path | None = None, repo_id: str | None = None,
+                     license_: str | None = None) -> Path:
+    """Write ``folder/README.md`` (and ``samples.png`` when the run has a grid); returns the card's path."""
+    from huggingface_hub import ModelCard
+
+    folder = Path(folder)
+    info_path = folder / "stepdistill.json"
+    if not info_path.is_file():
+        raise ValueError(f"{folder} is not a stepdistill export (no stepdistill.json); export a run first")
+    info = json.loads(info_path.read_text())
+    run_dir = Path(run_dir) if run_dir is not None else None
+    metrics = None
+    if run_dir is not None and (run_dir / "metrics.json").is_file():
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    grid = _find_grid(run_dir)
+    if grid is not None:
+        shutil.copyfile(grid, folder / GRID_FILE)
+    elif (folder / GRID_FILE).is_file():
+        grid = folder / GRID_FILE
+    text = model_card_text(info, repo_id, license_, metrics, GRID_FILE if grid is not None else None)
+    card = ModelCard(text)  # parses the metadata block: fails here, not on the Hub, if it is malformed
+    card.save(folder / CARD_FILE)
+    return folder / CARD_FILE
+
+
+def upload_plan(folder: str | Path) -> list[tuple[str, int]]:
+    """Every file ``push_to_hub`` would upload: (path relative to the folder, bytes), sorted."""
+    folder = Path(folder)
+    return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool = False,
+                api=None, commit_message: str | None = None) -> str | None:
+    """Upload an export folder to the model repo ``repo_id`` (created if needed); returns its URL.
+
+    ``dry_run`` prints what would be uploaded and contacts nobody. ``api`` defaults to
+    ``huggingface_hub.HfApi()``, which finds the token itself (``HF_TOKEN`` or ``hf auth login``).
+    """
+    folder = Path(folder)
+    if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"--push-to-hub {repo_id!r}: give a repo id of the form USER_OR_ORG/NAME")
+    if not (folder / CARD_FILE).is_file():
+        raise ValueError(f"{folder} has no {CARD_FILE}: write the model card first (stepdistill export does)")
+    plan = upload_plan(folder)
+    if dry_run:
+        total = sum(size for _, size in plan)
+        print(f"dry run: would upload {len(plan)} files ({total / 2**20:.1f} MiB) to "
+              f"{'private' if private else 'public'} model repo {repo_id}:")
+        for path, size in plan:
+            print(f"  {path}  ({size:,} bytes)")
+        return None
+    if api is None:
+        from huggingface_hub import HfApi, get_token
+
+        if get_token() is None:
+            raise ValueError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN, then push again")
+        api = HfApi()
+    url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
+                      commit_message=commit_message or "Upload distilled pipeline (stepdistill)")
+    return str(url)
