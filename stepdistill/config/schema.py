@@ -88,6 +88,9 @@ class RoleConfig:
     # LoRA only: put the adapter on the teacher's frozen base instead of a second copy (saves memory).
     share_teacher_base: bool = False
     gradient_checkpointing: bool = False
+    # > 0: the role's UNet takes the guidance scale as an input of this width (diffusers'
+    # time_cond_proj_dim, zero-initialised; models/guidance.py): guidance distillation, LCM.
+    guidance_embedding_dim: int = 0
     lr: float = 1e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
@@ -100,6 +103,12 @@ class RoleConfig:
     def __post_init__(self) -> None:
         if self.lora_rank < 0:
             raise ValueError(f"roles.*.lora_rank={self.lora_rank} must be >= 0")
+        if self.guidance_embedding_dim < 0:
+            raise ValueError(f"roles.*.guidance_embedding_dim={self.guidance_embedding_dim} must be >= 0")
+        if self.guidance_embedding_dim and self.lora_rank:
+            raise ValueError("roles.*.guidance_embedding_dim > 0 adds a full-weight input layer, which a LoRA "
+                             "role neither trains nor exports: use lora_rank=0, or guidance_embedding_dim=0 "
+                             "(a LoRA distilled at one fixed guidance scale)")
         if self.share_teacher_base and self.lora_rank == 0:
             raise ValueError("roles.*.share_teacher_base=true needs lora_rank > 0 (only a LoRA can share the base)")
         if not 0.0 <= self.ema_decay < 1.0:

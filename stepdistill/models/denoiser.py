@@ -211,8 +211,10 @@ class Denoiser:
 
     @property
     def guidance_embedded(self) -> bool:
-        """True for guidance-distilled transformers (FLUX.1-dev) that take the guidance scale as input."""
-        return bool(getattr(self.module.config, "guidance_embeds", False))
+        """True for backbones that take the guidance scale as an input: guidance-distilled transformers
+        (FLUX.1-dev) and w-conditioned UNets (``time_cond_proj_dim``, see ``models/guidance.py``)."""
+        config = self.module.config
+        return bool(getattr(config, "guidance_embeds", False) or getattr(config, "time_cond_proj_dim", None))
 
     def feature_module(self) -> nn.Module:
         """The module whose output is the bottleneck feature map (see ``__call__(return_features=True)``)."""
@@ -247,9 +249,9 @@ class Denoiser:
                 guidance. With ``guidance_scale != 1`` the backbone runs once on the batch
                 [uncond; cond] and the two halves are combined in its native prediction space,
                 ``u + w * (c - u)``, before converting to ``output``.
-            guidance_scale: the CFG weight ``w``; for guidance-embedded models (FLUX.1-dev) the value
-                given to the guidance embedding instead (no batch doubling, ``uncond`` ignored)
-                unless ``true_cfg=True``.
+            guidance_scale: the CFG weight ``w`` (a float, or a [B] tensor of one weight per sample);
+                for guidance-embedded models (FLUX.1-dev, w-conditioned UNets) the value given to the
+                guidance embedding instead (no batch doubling, ``uncond`` ignored) unless ``true_cfg=True``.
             output: the prediction type returned (float32).
             return_features: also return the bottleneck features: the UNet ``mid_block`` output
                 [B, C, h, w], or the image hidden states after transformer block ``len // 2``
@@ -274,14 +276,20 @@ class Denoiser:
 
         if true_cfg is None:
             true_cfg = not self.guidance_embedded
-        use_cfg = bool(true_cfg) and uncond is not None and guidance_scale != 1.0
+        per_sample = torch.is_tensor(guidance_scale) and guidance_scale.numel() > 1
+        if per_sample:
+            guidance_scale = guidance_scale.to(x_t.device, torch.float32).reshape(-1)
+            if guidance_scale.shape[0] != batch:
+                raise ValueError(f"got {guidance_scale.shape[0]} guidance scales for a batch of {batch}")
+        elif torch.is_tensor(guidance_scale):
+            guidance_scale = float(guidance_scale)
+        use_cfg = bool(true_cfg) and uncond is not None and (per_sample or guidance_scale != 1.0)
         guidance = None
         if self.guidance_embedded:
             if embedded_guidance is None:
                 embedded_guidance = 1.0 if use_cfg else guidance_scale
-            guidance = torch.full(
-                (batch * (2 if use_cfg else 1),), float(embedded_guidance), device=x_t.device
-            )
+            guidance = torch.as_tensor(embedded_guidance, dtype=torch.float32, device=x_t.device)
+            guidance = guidance.reshape(-1).expand(batch).repeat(2 if use_cfg else 1)
 
         if use_cfg:
             x_in, t_in = torch.cat([x_t, x_t]), torch.cat([t, t])
@@ -302,7 +310,8 @@ class Denoiser:
 
         if use_cfg:
             pred_uncond, pred_cond = native.chunk(2)
-            native = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+            w = guidance_scale.view(-1, *[1] * (native.dim() - 1)) if per_sample else guidance_scale
+            native = pred_uncond + w * (pred_cond - pred_uncond)
         pred = self.schedule.convert(native, x_t, t, self.prediction_type, output)
         if not return_features:
             return pred
@@ -328,6 +337,12 @@ class Denoiser:
             kwargs = {"encoder_hidden_states": c["encoder_hidden_states"]}
             if self.family == "sdxl":
                 kwargs["added_cond_kwargs"] = {k: c[k] for k in _SDXL_ADDED}
+            dim = getattr(self.module.config, "time_cond_proj_dim", None)
+            if dim:  # a w-conditioned UNet: the guidance scale enters as the pipelines feed it
+                from stepdistill.models.guidance import guidance_scale_embedding
+
+                w = guidance if guidance is not None else torch.ones(x.shape[0], device=x.device)
+                kwargs["timestep_cond"] = guidance_scale_embedding(w, dim, device=x.device, dtype=dtype)
             out = self.backbone(x, t, return_dict=False, **kwargs)[0]
         elif self.family == "sd3":
             out = self.backbone(
