@@ -122,15 +122,18 @@ class GuidanceDistillation(DistillMethod):
         lo, hi = self.cfg.guidance_min, self.cfg.guidance_max
         return lo + (hi - lo) * torch.rand(n, device=self.ctx.device)
 
+    def _ddim_update(self, native: torch.Tensor, x: torch.Tensor, t: torch.Tensor, t_next: float) -> torch.Tensor:
+        """Deterministic DDIM (flow: Euler) from ``x`` at ``t`` to ``t_next`` given a native prediction."""
+        x0 = self.schedule.convert(native, x, t, self.native, "x0")
+        eps = self.schedule.convert(native, x, t, self.native, "epsilon")
+        return self.schedule.add_noise(x0, eps, torch.full_like(t, float(t_next)))
+
     @torch.no_grad()
     def _ddim_step(self, x: torch.Tensor, t: float, t_next: float, cond, uncond, w) -> torch.Tensor:
-        """One deterministic DDIM (flow: Euler) step of the CFG teacher from t to t_next."""
-        n = len(x)
-        tt = torch.full((n,), float(t), device=x.device)
+        """One DDIM step of the CFG teacher from t to t_next."""
+        tt = torch.full((len(x),), float(t), device=x.device)
         native = self.roles["teacher"].denoiser(x, tt, cond, uncond=uncond, guidance_scale=w, output=self.native)
-        x0 = self.schedule.convert(native, x, tt, self.native, "x0")
-        eps = self.schedule.convert(native, x, tt, self.native, "epsilon")
-        return self.schedule.add_noise(x0, eps, torch.full((n,), float(t_next), device=x.device))
+        return self._ddim_update(native, x, tt, t_next)
 
     def training_point(self, batch: dict, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x_t, t)``: a state of the CFG-guided teacher trajectory at a uniformly drawn ``t`` (AGD), or
@@ -183,11 +186,9 @@ class GuidanceDistillation(DistillMethod):
         for i, t in enumerate(timesteps):
             tt = torch.full((n,), float(t), device=x.device)
             native = student(x, tt, cond, guidance_scale=w, output=self.native)
-            x0 = self.schedule.convert(native, x, tt, self.native, "x0")
             if i + 1 == len(timesteps):
-                return x0
-            eps = self.schedule.convert(native, x, tt, self.native, "epsilon")
-            x = self.schedule.add_noise(x0, eps, torch.full((n,), float(timesteps[i + 1]), device=x.device))
+                return self.schedule.convert(native, x, tt, self.native, "x0")
+            x = self._ddim_update(native, x, tt, timesteps[i + 1])
         return x
 
     def export_scheduler(self, num_steps=None):
