@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,15 +268,15 @@ def fid_from_stats(fake: FeatureStats, real: FeatureStats) -> float:
         setattr(metric, f"{side}_features_cov_sum", sigma * (n - 1) + n * torch.outer(mu, mu))
         setattr(metric, f"{side}_features_num_samples", torch.tensor(n))
     metric.orig_dtype = torch.float64  # what update() would record for float64 features
-    return float(metric.compute())
+    with warnings.catch_warnings():  # "compute before update": the state was set directly, on purpose
+        warnings.filterwarnings("ignore", message=".*before the ``update`` method.*")
+        return float(metric.compute())
 
 
 def kid_from_features(fake: torch.Tensor | np.ndarray, real: torch.Tensor | np.ndarray, subsets: int = 100,
                       subset_size: int | None = None, seed: int = 0) -> tuple[float, float]:
     """torchmetrics' KID (mean, std over ``subsets`` random subsets; polynomial kernel, unbiased MMD^2).
     ``subset_size`` defaults to min(1000, both set sizes); the subsets are drawn with ``seed``."""
-    import warnings
-
     from torchmetrics.image.kid import KernelInceptionDistance
 
     fake, real = torch.as_tensor(fake).double(), torch.as_tensor(real).double()
