@@ -255,3 +255,44 @@ def test_toy_feature_space_matches_toy_fid():
     ours = fid_from_stats(FeatureStats.from_features(toy.features((fake + 1) / 2)),
                           FeatureStats.from_features(toy.features((real + 1) / 2)))
     assert ours == pytest.approx(fid(fake, real), rel=1e-4)
+
+
+# ---- the real Inception path, with random weights (the real ones cannot be downloaded here) ---------
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory):
+    """A state dict of torch-fidelity's FID Inception with random weights, saved as a local weights file."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    saved = fe.load_state_dict_from_url, fe.FeatureExtractorInceptionV3.load_state_dict
+    fe.load_state_dict_from_url = lambda *args, **kwargs: {}
+    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, *args, **kwargs: None
+    try:
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    finally:
+        fe.load_state_dict_from_url, fe.FeatureExtractorInceptionV3.load_state_dict = saved
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.mark.slow  # ~30 s: two random-weight Inception networks built and run on a CPU
+def test_inception_space_gives_torchmetrics_fid_features(random_inception_weights):
+    """Our Inception features are exactly those torchmetrics' FrechetInceptionDistance(feature=2048)
+    accumulates for the clean-resized images (so the FID, tested above on a small module, is its FID)."""
+    from stepdistill.eval.fid import inception_space
+
+    space = inception_space(str(random_inception_weights))
+    real = _images(2, 12, size=40)
+    features = space.features(real)
+    assert features.shape == (2, 2048) and features.std() > 0
+    metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(random_inception_weights))
+    metric.update(clean_resize(real), real=True)  # 299x299 uint8: torchmetrics' own resize is the identity
+    torch.testing.assert_close(metric.real_features_sum, features.sum(0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(metric.real_features_cov_sum, features.T @ features, rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match="--inception-weights"):
+        bad = random_inception_weights.with_name("bad.pth")
+        torch.save({"x": torch.zeros(1)}, bad)
+        inception_space(str(bad))

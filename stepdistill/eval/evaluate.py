@@ -360,7 +360,8 @@ def evaluate(s: EvalSettings) -> dict | None:
     from stepdistill.models.loading import resolve_pretrained
 
     _check_settings(s)
-    state = PartialState()
+    # On a CPU-only machine `accelerate launch --multi_gpu` gives a gloo group only when told it runs on CPU.
+    state = PartialState(cpu=not torch.cuda.is_available())
     device = state.device
 
     # 1. What is evaluated, on which prompts (cheap checks first).
@@ -520,7 +521,7 @@ def evaluate(s: EvalSettings) -> dict | None:
         "feature_space": space.name if space is not None else None,
         "reference": ref_info or None,
         "metrics": metrics,
-        "seconds_per_image": total_seconds / max(1, len(records)) * state.num_processes,
+        "seconds_per_image": total_seconds / max(1, len(records)),  # generation time of one image on one process
         "num_processes": state.num_processes,
         "noise_seed": "seed * 1000000 + prompt_index",
         "command": s.command,

@@ -259,7 +259,8 @@ def fid_from_stats(fake: FeatureStats, real: FeatureStats) -> float:
 
     if fake.mu.shape != real.mu.shape:
         raise ValueError(f"FID: generated features are {fake.mu.shape[0]}-d, reference {real.mu.shape[0]}-d")
-    metric = FrechetInceptionDistance(feature=_Precomputed(fake.mu.shape[0]))
+    # sync_on_compute=False: the features were gathered already; only the main process computes.
+    metric = FrechetInceptionDistance(feature=_Precomputed(fake.mu.shape[0]), sync_on_compute=False)
     for stats, side in ((real, "real"), (fake, "fake")):
         n = stats.n if stats.n and stats.n > 1 else 2
         mu = torch.from_numpy(np.asarray(stats.mu, dtype=np.float64))
@@ -286,7 +287,8 @@ def kid_from_features(fake: torch.Tensor | np.ndarray, real: torch.Tensor | np.n
                          f"(got {fake.shape[0]} and {real.shape[0]})")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*save all extracted features.*")
-        metric = KernelInceptionDistance(feature=_Precomputed(fake.shape[1]), subsets=subsets, subset_size=size)
+        metric = KernelInceptionDistance(feature=_Precomputed(fake.shape[1]), subsets=subsets, subset_size=size,
+                                         sync_on_compute=False)
     metric.update(real, real=True)
     metric.update(fake, real=False)
     with torch.random.fork_rng(devices=[]):
