@@ -135,6 +135,8 @@ def test_real_pipeline_missing_weights(tmp_path, capsys, monkeypatch, forbid_gen
                                str(tmp_path / "clip.bin"), "--out", str(tmp_path)])
     assert "--clip-pretrained" in err and "no such checkpoint file" in err
     assert "--prompts is required" in _eval_error(capsys, ["tiny:sd15", "--no-clip", "--out", str(tmp_path)])
+    assert "nothing to measure" in _eval_error(capsys, ["tiny:sd15", "--prompts", "builtin:tiny", "--no-clip",
+                                                        "--out", str(tmp_path)])
 
 
 def test_real_pipeline_with_tiny_open_clip_checkpoint(tmp_path):

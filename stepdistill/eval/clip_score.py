@@ -62,7 +62,7 @@ class CLIPScorer:
             try:
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     model_name, pretrained=str(Path(pretrained).expanduser()) if looks_like_file else pretrained,
-                    device=device)
+                    device=device, require_pretrained=True)  # never a silently random CLIP
                 tokenizer = open_clip.get_tokenizer(model_name)
             except Exception as e:  # open_clip raises RuntimeError for a failed download, others for bad names
                 raise ValueError(

@@ -388,6 +388,8 @@ def evaluate(s: EvalSettings) -> dict | None:
     if s.reference and Path(s.reference).suffix != ".npz" and not Path(s.reference).expanduser().is_dir():
         raise ValueError(f"--reference {s.reference!r} is neither a folder of images nor an .npz of statistics")
     need_space = toy or s.reference is not None  # FID and KID need a reference (toy: procedural by default)
+    if not need_space and s.no_clip:
+        raise ValueError("nothing to measure: give --reference (real images or an .npz) for FID/KID, or drop --no-clip")
     want_fid = need_space and not s.no_fid
 
     # 2. Metric networks (before the pipeline, so that missing weights stop us early).
