@@ -96,10 +96,11 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def labelled_grid(rows: list[tuple[str, torch.Tensor]], scale: int = 3, max_size: int = 256) -> Image.Image:
+def labelled_grid(rows: list[tuple[str, torch.Tensor]], scale: int = 3, max_size: int = 256,
+                  label_width: int = 150) -> Image.Image:
     """One row of images ([N, 3, H, W] in [-1, 1]) per entry, its name written on the left. Small images
     are enlarged ``scale`` times (nearest), large ones shrunk to ``max_size``."""
-    label_w = 150
+    label_w = label_width
     grids = [image_grid(images, rows=1) for _, images in rows]
     side = rows[0][1].shape[-1]
     factor = scale if side * scale <= max_size else max_size / side
@@ -539,7 +540,8 @@ def evaluate(s: EvalSettings) -> dict | None:
             grid_rows.append((_short(plan[[r["index"] for r in records if plan[r["index"]][0] == p][0]][1]),
                               torch.from_numpy(np.stack(imgs)).float() / 127.5 - 1))
     if grid_rows:
-        labelled_grid(grid_rows).save(out / "grid.png")
+        width = min(420, 12 + 6 * max(len(name) for name, _ in grid_rows))  # PIL's default font: ~6 px a character
+        labelled_grid(grid_rows, label_width=width).save(out / "grid.png")
     return result
 
 
@@ -549,7 +551,7 @@ def _diversity(features: np.ndarray, groups: list[int], metric: str) -> float:
     return mean_pairwise_distance(torch.from_numpy(np.asarray(features)), groups, metric)
 
 
-def _short(text: str, n: int = 24) -> str:
+def _short(text: str, n: int = 64) -> str:
     return text if len(text) <= n else text[:n - 1] + "…"
 
 
