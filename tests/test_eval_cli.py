@@ -40,7 +40,8 @@ def _write_images(folder, sizes, seed=0):
 def test_toy_eval_end_to_end(tmp_path):
     out = tmp_path / "out"
     assert cli_main(["eval", "toy-sd", "--steps", "2", "--guidance", "3", "--seeds", "0", "1", "--num-images",
-                     "12", "--no-fid", "--num-reference", "64", "--batch-size", "6", "--out", str(out)]) == 0
+                     "12", "--no-fid", "--num-reference", "64", "--batch-size", "6", "--shuffle-prompts", "3",
+                     "--out", str(out)]) == 0
     result = json.loads((out / "metrics.json").read_text())
     assert result["domain"] == "toy" and result["feature_space"] == "toy"
     assert result["num_images"] == 12 and result["num_prompts"] == 6 and result["steps"] == 2
@@ -49,6 +50,7 @@ def test_toy_eval_end_to_end(tmp_path):
     assert 0.0 <= m["alignment"] <= 1.0 and m["diversity"] > 0
     assert {"color_accuracy", "kind_accuracy", "position_accuracy"} <= set(m)
     assert "alignment" in (out / "summary.md").read_text()
+    assert result["shuffle_prompts"] == 3
     grid = Image.open(out / "grid.png")
     assert grid.height == 6 * 32 * 3  # one row per prompt, 3x enlarged
 

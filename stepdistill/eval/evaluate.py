@@ -128,6 +128,7 @@ class EvalSettings:
     prompts: str | None = None
     caption_column: str = "caption"
     num_images: int | None = None
+    shuffle_prompts: int | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
     steps: int | None = None
     guidance: float | None = None
@@ -375,6 +376,9 @@ def evaluate(s: EvalSettings) -> dict | None:
         raise ValueError("--prompts is required (a .txt file, a CSV/JSONL/parquet with a caption column, or a COCO "
                          "captions JSON)")
     prompts = load_prompts(source, s.caption_column)
+    if s.shuffle_prompts is not None:  # a fixed random subset, as COCO-10k/30k evaluations draw their captions
+        order = np.random.default_rng(s.shuffle_prompts).permutation(len(prompts))
+        prompts = [prompts[i] for i in order]
     plan = plan_images(prompts, list(s.seeds), s.num_images, source)
     if toy:
         from stepdistill.toy.data import RESOLUTION, parse_caption
@@ -514,6 +518,7 @@ def evaluate(s: EvalSettings) -> dict | None:
         "pipeline": s.pipeline,
         "domain": "toy" if toy else "real",
         "prompts": source,
+        "shuffle_prompts": s.shuffle_prompts,
         "num_images": len(records),
         "num_prompts": len(set(group)),
         "seeds": list(s.seeds),
@@ -608,6 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--caption-column", default="caption", help="column of the prompts (default: caption)")
     p.add_argument("--num-images", type=int, default=None, metavar="N",
                    help="images in total (default: every prompt x every seed)")
+    p.add_argument("--shuffle-prompts", type=int, default=None, metavar="SEED",
+                   help="take the prompts in a random order drawn with SEED (e.g. a random COCO-10k subset) "
+                        "instead of file order")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S",
                    help="seeds per prompt (default: 0); two or more give diversity")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the export's, else the pipeline's)")
