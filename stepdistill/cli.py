@@ -1,4 +1,4 @@
-"""The ``stepdistill`` command line: ``stepdistill {train,export,cache-pairs,bench-train} ...``.
+"""The ``stepdistill`` command line: ``stepdistill {train,export,cache-pairs,bench-train,eval} ...``.
 
 Each subcommand imports its implementation lazily, so ``stepdistill --help`` is instant and a
 subcommand only needs the modules it uses.
@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_cmd_demo, parser=p)
 
+    p = sub.add_parser("eval", help="FID / KID, CLIP score and diversity of a pipeline (see `stepdistill eval --help`)",
+                       add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
     p = sub.add_parser("toy", help="toy-domain tools: train-teacher, train-classifier, eval", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -207,6 +211,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Everything after the subcommand belongs to the benchmark's own parser, verbatim (argparse's
         # REMAINDER would reorder leading options).
         status = _cmd_bench_train(argparse.Namespace(args=argv[1:]))
+        if status:
+            sys.exit(status)
+        return status
+    if argv[:1] == ["eval"]:
+        # Arguments go verbatim to the evaluation's own parser (stepdistill/eval/evaluate.py).
+        from stepdistill.eval.evaluate import main as eval_main
+
+        status = eval_main(argv[1:])
         if status:
             sys.exit(status)
         return status

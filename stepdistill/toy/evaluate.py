@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
 
-from stepdistill.harness.logging import image_grid
+from stepdistill.eval.evaluate import generate_images, labelled_grid  # noqa: F401  (labelled_grid: re-export)
 
 
 @contextlib.contextmanager
@@ -46,37 +43,15 @@ class Entry:
     timesteps: list | None = None
 
 
-@torch.no_grad()
 def generate(entry: Entry, prompts: list[str], seeds: list[int], resolution: int, batch_size: int = 64,
              progress: bool = True) -> tuple[torch.Tensor, float]:
-    """Images in [-1, 1] for every (prompt, seed) pair, prompt-major; and seconds per image."""
+    """Images in [-1, 1] for every (prompt, seed) pair, prompt-major (seed ``s`` for every prompt); and
+    seconds per image."""
     pairs = [(p, s) for p in prompts for s in seeds]
-    images, elapsed = [], 0.0
-    kwargs = {"timesteps": entry.timesteps} if entry.timesteps else {}
-    for start in tqdm(range(0, len(pairs), batch_size), desc=f"eval: {entry.name}", unit="batch",
-                      leave=False, disable=not progress):
-        chunk = pairs[start:start + batch_size]
-        generators = [torch.Generator().manual_seed(s) for _, s in chunk]
-        t0 = time.perf_counter()
-        out = entry.pipe([p for p, _ in chunk], num_inference_steps=entry.steps, guidance_scale=entry.guidance,
-                         height=resolution, width=resolution, generator=generators, output_type="pt", **kwargs)
-        elapsed += time.perf_counter() - t0
-        images.append(out.images.float() * 2 - 1)
-    return torch.cat(images), elapsed / len(pairs)
-
-
-def labelled_grid(rows: list[tuple[str, torch.Tensor]], scale: int = 3) -> Image.Image:
-    """One row of images per entry, its name written on the left."""
-    label_w = 150
-    grids = [image_grid(images, rows=1) for _, images in rows]
-    w = max(g.width for g in grids) * scale
-    h = grids[0].height * scale
-    canvas = Image.new("RGB", (label_w + w, h * len(rows)), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for i, ((name, _), grid) in enumerate(zip(rows, grids)):
-        canvas.paste(grid.resize((grid.width * scale, h), Image.NEAREST), (label_w, i * h))
-        draw.text((6, i * h + h // 2 - 6), name, fill=(0, 0, 0))
-    return canvas
+    images, seconds = generate_images(entry.pipe, [p for p, _ in pairs], [s for _, s in pairs], entry.steps,
+                                      entry.guidance, resolution, batch_size, entry.timesteps, progress=progress,
+                                      desc=f"eval: {entry.name}", leave=False)
+    return images * 2 - 1, seconds
 
 
 def evaluate_entries(entries: list[Entry], prompts: list[str], seeds: list[int], resolution: int,

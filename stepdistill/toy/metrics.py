@@ -227,18 +227,13 @@ def alignment(images: Images, prompts: Sequence[str]) -> dict[str, float]:
 def diversity(images: Images, group_ids: Sequence[Hashable]) -> float:
     """Mean pairwise L2 distance of toy features within each group (one prompt, several seeds),
     averaged over the groups with at least two images. Raises ValueError if there is none."""
+    from stepdistill.eval.diversity import mean_pairwise_distance
+
     images = _as_images(images)
     group_ids = list(group_ids)
     if len(group_ids) != images.shape[0]:
         raise ValueError(f"diversity: {images.shape[0]} images but {len(group_ids)} group ids")
-    members: dict[Hashable, list[int]] = defaultdict(list)
-    for index, group in enumerate(group_ids):
-        members[group].append(index)
-    groups = [idx for idx in members.values() if len(idx) >= 2]
-    if not groups:
-        raise ValueError("diversity needs at least one group (prompt) with two or more images")
-    features = toy_features(images).double()
-    return float(torch.stack([torch.pdist(features[idx]).mean() for idx in groups]).mean())
+    return mean_pairwise_distance(toy_features(images), group_ids, "l2")
 
 
 # ----------------------------------------------------------------------------------------------------
