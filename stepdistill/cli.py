@@ -80,6 +80,12 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     return result if isinstance(result, int) else 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from stepdistill.bench.sampler import main as bench_main
+
+    return bench_main(list(args.args))
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from stepdistill.train import main as train_main
 
@@ -147,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     p.set_defaults(func=_cmd_bench_train, parser=p)
 
+    p = sub.add_parser("bench", help="benchmark samplers: latency, throughput, memory and quality per entry",
+                       description="Compare one-step / few-step students, teachers and hybrids; arguments are "
+                                   "passed to stepdistill.bench.sampler (see `stepdistill bench --help`).",
+                       add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
+    p.set_defaults(func=_cmd_bench, parser=p)
+
     p = sub.add_parser("demo", help="the offline main job: DMD2 on the shipped toy teacher, then evaluation",
                        description="Distil the shipped toy-sd teacher with DMD2 into a one-step generator "
                                    "(configs/toy/dmd2.yaml), export it and compare it with the teacher.")
@@ -169,6 +182,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Everything after the subcommand belongs to the benchmark's own parser, verbatim (argparse's
         # REMAINDER would reorder leading options).
         status = _cmd_bench_train(argparse.Namespace(args=argv[1:]))
+        if status:
+            sys.exit(status)
+        return status
+    if argv[:1] == ["bench"]:
+        # Like bench-train: everything after the subcommand goes verbatim to the benchmark's parser.
+        status = _cmd_bench(argparse.Namespace(args=argv[1:]))
         if status:
             sys.exit(status)
         return status
