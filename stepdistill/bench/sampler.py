@@ -75,7 +75,7 @@ ENTRY_KEYS = ("pipeline", "steps", "sampler", "guidance", "name", "teacher", "st
               "quality", *OPTION_KEYS)
 SETTING_KEYS = ("batch_sizes", "runs", "warmup", "device", "dtype", "resolution", "prompt", "quality",
                 "quality_prompts", "quality_seeds", "quality_num_prompts", "quality_num_reference",
-                "quality_batch_size", "plot_metric", "compile_mode", "out", *OPTION_KEYS)
+                "quality_batch_size", "plot_metric", "compile_mode", "threads", "out", *OPTION_KEYS)
 QUALITY_KEYS = ("fid", "clip_score", "alignment", "diversity")  # table order; higher-is-better marked below
 HIGHER_IS_BETTER = {"fid": False, "kid": False, "clip_score": True, "alignment": True, "diversity": True}
 
@@ -135,6 +135,7 @@ class BenchSettings:
     quality_batch_size: int = 64
     plot_metric: str | None = None
     compile_mode: str | None = None
+    threads: int | None = None
     out: str = "bench"
     compile: bool = False
     channels_last: bool = False
@@ -287,7 +288,7 @@ def make_settings(values: dict) -> BenchSettings:
     """BenchSettings from a mapping, each value checked (ValueError naming the key)."""
     s = BenchSettings()
     for key, value in values.items():
-        if value is None and key not in ("resolution", "tiny_vae", "quality_num_prompts", "plot_metric"):
+        if value is None and key not in ("resolution", "tiny_vae", "quality_num_prompts", "plot_metric", "threads"):
             continue
         if key == "batch_sizes":
             value = [_int("batch_sizes", v) for v in (value if isinstance(value, list | tuple) else str(value).split(","))]
@@ -297,7 +298,7 @@ def make_settings(values: dict) -> BenchSettings:
             value = _int(key, value)
         elif key == "warmup":
             value = _int(key, value, 0)
-        elif key in ("resolution", "quality_num_prompts") and value is not None:
+        elif key in ("resolution", "quality_num_prompts", "threads") and value is not None:
             value = _int(key, value)
         elif key in OPTION_KEYS:
             value = _check_option(key, value)
@@ -773,6 +774,8 @@ def run_bench(entries: list[BenchEntry], settings: BenchSettings, progress: bool
     from tqdm.auto import tqdm
 
     validate(entries, settings)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     device = _device(settings)
     dtype = _dtype(settings, device)
     cache = PipelineCache(device, dtype)
@@ -958,7 +961,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sdpa", default=None, choices=SDPA_BACKENDS, help="scaled_dot_product_attention backend")
     p.add_argument("--xformers", action="store_true", default=None, help="xformers attention (must be installed)")
     p.add_argument("--tiny-vae", default=None, metavar="DIR", help="AutoencoderTiny folder for decoding (or random)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (toy models on a shared CPU: 1 is much faster than 2)")
     p.add_argument("--out", default=None, help="output folder (default bench/)")
     return p
 
@@ -974,8 +978,6 @@ def random_init_entries(arch: str) -> list[BenchEntry]:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         entries, values = load_bench_file(args.config) if args.config else ([], {})
         for text in args.entry:
