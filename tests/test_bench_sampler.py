@@ -20,6 +20,15 @@ from stepdistill.sampling.hybrid import HybridSampler
 PROMPTS = ["a red circle at the top left", "a blue square in the center"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The toy networks are tiny ops: one thread is several times faster than two on a shared CPU.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def teacher():
     from diffusers import DiffusionPipeline
@@ -48,7 +57,7 @@ def student(teacher):
 
 @pytest.fixture(scope="module")
 def student_dir(student, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("student") / "export"
+    folder = tmp_path_factory.mktemp("student", numbered=False) / "export"
     student.save_pretrained(str(folder))
     (folder / "stepdistill.json").write_text(json.dumps(
         {"num_inference_steps": 4, "timesteps": None, "guidance_scale": 0.0, "config": {"model": {"pretrained": "toy-sd"}}}))
@@ -119,7 +128,7 @@ def test_hybrid_bad_inputs(teacher, student):
 
 # ---- the benchmark -----------------------------------------------------------------------------------
 def _settings(tmp_path, **kw):
-    values = {"batch_sizes": [1, 2], "runs": 2, "warmup": 1, "quality_num_prompts": 6, "quality_seeds": 2,
+    values = {"batch_sizes": [1, 2], "runs": 2, "warmup": 0, "quality_num_prompts": 6, "quality_seeds": 2,
               "quality_num_reference": 200, "out": str(tmp_path / "out"), **kw}
     return bench.make_settings(values)
 
