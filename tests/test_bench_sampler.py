@@ -119,6 +119,23 @@ def test_hybrid_is_k_teacher_steps_then_student_steps(teacher, student):
     assert (out - _call(HybridSampler(teacher, student, teacher_steps=4))).abs().max() > 0.05
 
 
+@pytest.mark.parametrize("family, guidance", [("sdxl", 3.0), ("sd3", 3.0), ("flux", 3.5)])
+def test_hybrid_reproduces_each_family_pipeline(family, guidance):
+    """The hybrid's loop (conditioning, timesteps, scheduler steps, decode) is the family's own pipeline:
+    with one pipeline as both teacher and student it gives that pipeline's images, whatever k."""
+    from diffusers import DiffusionPipeline
+
+    from stepdistill.models.loading import resolve_pretrained
+
+    pipe = DiffusionPipeline.from_pretrained(resolve_pretrained(f"tiny:{family}"))
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": 3, "guidance_scale": guidance, "height": 64, "width": 64, "output_type": "pt"}
+    expected = pipe(PROMPTS, generator=_gens(), **kwargs).images
+    for k in (0, 2):
+        hybrid = HybridSampler(pipe, pipe, teacher_steps=k, student_guidance_scale=guidance)
+        torch.testing.assert_close(hybrid(PROMPTS, generator=_gens(), **kwargs).images, expected, atol=1e-4, rtol=0)
+
+
 def test_hybrid_bad_inputs(teacher, student):
     with pytest.raises(ValueError, match="teacher_steps=-1"):
         HybridSampler(teacher, student, teacher_steps=-1)

@@ -483,6 +483,9 @@ def _with_components(pipe, overrides: dict):
 
     components = {**pipe.components, **overrides}
     params = inspect.signature(type(pipe).__init__).parameters
+    for key in params:  # constructor flags kept in the config (force_zeros_for_empty_prompt, ...)
+        if key not in components and key in pipe.config:
+            components[key] = pipe.config[key]
     if "requires_safety_checker" in params:
         components["requires_safety_checker"] = False
     verbosity = dlogging.get_verbosity()
@@ -785,7 +788,7 @@ def run_bench(entries: list[BenchEntry], settings: BenchSettings, progress: bool
     for entry in tqdm(entries, desc="bench", disable=not progress):
         runner = build_runner(entry, settings, cache)
         row = {"name": entry.label(), "pipeline": entry.pipeline or f"{entry.teacher} + {entry.student}",
-               "sampler": entry.sampler or type(getattr(runner.pipe, "scheduler", None)).__name__,
+               "sampler": type(runner.pipe.scheduler).__name__,
                "steps": entry.steps, "teacher_steps": entry.teacher_steps, "guidance": runner.guidance,
                "resolution": runner.resolution,
                "options": {k: v for k, v in {**settings.options(), **entry.options}.items()

@@ -169,7 +169,7 @@ class HybridSampler:
         shape = (batch, *self._student.latent_shape(resolution))
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-            latents = latents * scheduler.init_noise_sigma
+            latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow schedulers have none
         else:
             latents = latents.to(device=device, dtype=torch.float32)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
@@ -181,7 +181,8 @@ class HybridSampler:
                 denoiser, cond, uncond, scale = teacher_denoiser, teacher_cond, teacher_uncond, guidance_scale
             else:
                 denoiser, cond, uncond, scale = student_denoiser, student_cond, student_uncond, s_guidance
-            model_input = scheduler.scale_model_input(latents, t)
+            scale_input = getattr(scheduler, "scale_model_input", None)  # flow schedulers have none
+            model_input = scale_input(latents, t) if scale_input is not None else latents
             # CFG only above 1, as the pipelines do (``do_classifier_free_guidance``).
             pred = denoiser(model_input, t, cond, uncond=uncond if scale > 1 else None,
                             guidance_scale=float(scale), output=denoiser.prediction_type)
