@@ -297,6 +297,9 @@ def test_bad_inputs_fail_before_loading(tmp_path, capsys):
         bench.validate(bench.parse_entry("toy-sd steps=2,2"), settings)
     with pytest.raises(ValueError, match="quality='clip'"):
         bench.make_settings({"quality": "clip"})
+    with pytest.raises(ValueError, match="cannot import nothing from stepdistill.bench.sampler"):
+        bench.make_settings({"quality": "stepdistill.bench.sampler:nothing"})
+    assert bench.quality_fn("stepdistill.bench.sampler:toy_quality") is bench.QUALITY["toy"]
     with pytest.raises(ValueError, match="batch_sizes=0 must be >= 1"):
         bench.make_settings({"batch_sizes": "1,0"})
     bad = tmp_path / "bad.yaml"
