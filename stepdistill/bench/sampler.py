@@ -409,8 +409,10 @@ class PipelineCache:
         if key not in self._pipes:
             _say(f"loading {spec}")
             kwargs = {_dtype_kwarg(): self.dtype}
-            index = json.loads((Path(key[0]) / "model_index.json").read_text()) if os.path.isdir(key[0]) else {}
-            if "safety_checker" in index:
+            from stepdistill.models.loading import read_model_index
+
+            index = read_model_index(key[0])  # a folder, or a Hub id in the cache (checked by validate)
+            if "safety_checker" in index:  # never load (or time) the NSFW checker
                 kwargs.update(safety_checker=None, requires_safety_checker=False)
             pipe = DiffusionPipeline.from_pretrained(key[0], **kwargs).to(self.device)
             pipe.set_progress_bar_config(disable=True)
