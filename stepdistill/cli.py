@@ -106,6 +106,18 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     return result if isinstance(result, int) else 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from stepdistill.bench.sampler import main as bench_main
+
+    return bench_main(list(args.args))
+
+
+def _cmd_eval(argv: list[str]) -> int:
+    from stepdistill.eval.evaluate import main as eval_main
+
+    return eval_main(argv)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from stepdistill.train import main as train_main
 
@@ -185,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
     p.set_defaults(func=_cmd_bench_train, parser=p)
 
+    p = sub.add_parser("bench", help="benchmark samplers: latency, throughput, memory and quality per entry",
+                       description="Compare one-step / few-step students, teachers and hybrids; arguments are "
+                                   "passed to stepdistill.bench.sampler (see `stepdistill bench --help`).",
+                       add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
+    p.set_defaults(func=_cmd_bench, parser=p)
+
     p = sub.add_parser("demo", help="the offline main job: DMD2 on the shipped toy teacher, then evaluation",
                        description="Distil the shipped toy-sd teacher with DMD2 into a one-step generator "
                                    "(configs/toy/dmd2.yaml), export it and compare it with the teacher.")
@@ -202,23 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["toy"]:
-        status = _cmd_toy(argv[1:])
-        if status:
-            sys.exit(status)
-        return status
-    if argv[:1] == ["bench-train"]:
-        # Everything after the subcommand belongs to the benchmark's own parser, verbatim (argparse's
-        # REMAINDER would reorder leading options).
-        status = _cmd_bench_train(argparse.Namespace(args=argv[1:]))
-        if status:
-            sys.exit(status)
-        return status
-    if argv[:1] == ["eval"]:
-        # Arguments go verbatim to the evaluation's own parser (stepdistill/eval/evaluate.py).
-        from stepdistill.eval.evaluate import main as eval_main
-
-        status = eval_main(argv[1:])
+    # Subcommands with their own parsers get everything after their name verbatim (argparse's
+    # REMAINDER would reorder leading options).
+    verbatim = {
+        "toy": _cmd_toy,
+        "bench-train": lambda rest: _cmd_bench_train(argparse.Namespace(args=rest)),
+        "bench": lambda rest: _cmd_bench(argparse.Namespace(args=rest)),
+        "eval": _cmd_eval,
+    }
+    if argv[:1] and argv[0] in verbatim:
+        status = verbatim[argv[0]](argv[1:])
         if status:
             sys.exit(status)
         return status
