@@ -172,3 +172,21 @@ def test_sid_two_step_export_reproduces_the_sampler_and_vsd_export_loads_in_plai
     )
     proc = run([PYTHON, "-c", code], cwd=REPO)
     assert "StableDiffusionPipeline (64, 64, 3)" in proc.stdout
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("vsd", ["method.real_guidance_scale=3"]),
+    # Zero-CFG: the text-free fake score differs from the teacher at once, so the first gradient is non-zero.
+    ("sid", ["method.guidance=zero_cfg", "method.real_guidance_scale=1", "method.fake_guidance_scale=1",
+             "method.critic_guidance_scale=1"]),
+])
+def test_flow_teacher_phases_run(tmp_path, method, extra):
+    # Flow-matching teachers (SD3 family): the VSD gradient in noise space and SiD's x0-space loss both
+    # come from the teacher's velocity through the schedule's conversions.
+    from stepdistill.harness.trainer import Trainer
+
+    trainer = Trainer(tiny_config(tmp_path, method, "model.pretrained=tiny:sd3", "model.family=sd3",
+                                  "method.num_steps=1", "train.sample_every=0", "export.enabled=false", *extra))
+    for phase in trainer.method.phases(0):
+        logs = trainer.run_phase(phase, 0)
+        assert torch.isfinite(logs[f"{phase}/loss"]) and logs[f"grad_norm/{phase}"] > 0
