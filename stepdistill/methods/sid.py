@@ -124,10 +124,11 @@ class SiD(DMD):
     @classmethod
     def default_roles(cls, cfg: SiDConfig) -> dict[str, RoleConfig]:
         return {
-            # SiD trains the generator and the fake score, both full copies of the teacher, with one learning
-            # rate (SiD-LSG on SD1.5: 1e-6 for both; the harness default of 1e-5 is overridden in configs).
-            "generator": RoleConfig(init_from="teacher", trainable=True, lr=1e-6),
-            "critic": RoleConfig(init_from="teacher", trainable=True, lr=1e-6),
+            # Generator and fake score: full copies of the teacher, Adam with betas (0, 0.999), no weight decay,
+            # one learning rate for both (SiD-LSG repo, run_sid.sh / sid_train.py: lr = glr = 1e-6).
+            "generator": RoleConfig(init_from="teacher", trainable=True, lr=1e-6, betas=[0.0, 0.999],
+                                    weight_decay=0.0),
+            "critic": RoleConfig(init_from="teacher", trainable=True, lr=1e-6, betas=[0.0, 0.999], weight_decay=0.0),
             "teacher": RoleConfig(init_from="teacher", trainable=False),
         }
 
