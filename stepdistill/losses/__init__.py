@@ -9,6 +9,7 @@ from stepdistill.losses.core import (
     pseudo_huber,
     regression_loss,
 )
+from stepdistill.losses.score import sid_generator_loss, vsd_gradient, vsd_loss
 
 __all__ = [
     "denoising_loss",
@@ -18,4 +19,7 @@ __all__ = [
     "gan_generator_loss",
     "pseudo_huber",
     "regression_loss",
+    "sid_generator_loss",
+    "vsd_gradient",
+    "vsd_loss",
 ]

@@ -286,7 +286,7 @@ class DMD(DistillMethod):
         t = self.schedule.sample_timesteps(n, min_frac=0.0, max_frac=1.0, device=x0.device)
         noise = torch.randn_like(x0)
         x_t = self.schedule.add_noise(x0, noise, t)
-        pred = self.roles["critic"].denoiser(x_t, t, cond, output=self.native)
+        pred = self._critic_prediction(x_t, t, batch)
         out = {"denoising": denoising_loss(pred, self._native_target(x0, noise, t))}
         loss = out["denoising"]
         if cfg.gan_critic_weight > 0:
@@ -303,6 +303,11 @@ class DMD(DistillMethod):
             loss = loss + cfg.gan_critic_weight * out["gan"]
         out["loss"] = loss
         return out
+
+    def _critic_prediction(self, x_t: torch.Tensor, t: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The fake score's prediction (teacher's parameterization) in its denoising loss; subclasses
+        change its conditioning or guidance (SiD's LSG and Zero-CFG)."""
+        return self.roles["critic"].denoiser(x_t, t, batch["cond"], output=self.native)
 
     # ---- sampling and export ------------------------------------------------------------------
     @torch.no_grad()
