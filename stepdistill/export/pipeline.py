@@ -88,6 +88,9 @@ def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32",
     # over-saturate; diffusers pipelines skip CFG at guidance_scale <= 1. Guidance-embedded FLUX
     # students were called with the embedding at 1.0 during training, so they are sampled with it.
     guidance = 1.0 if teacher.family == "flux" else 0.0
+    if hasattr(method, "export_guidance_scale"):
+        # w-conditioned students (LCM) read guidance_scale - 1 through their time_cond_proj embedding.
+        guidance = method.export_guidance_scale()
     lora_dir = None
     if role.is_lora:
         # LoRA students are also written as LoRA weights for the teacher's own pipeline (LCM-LoRA style).
