@@ -24,6 +24,7 @@ CASES["dmd2_gan_toy"] = "dmd2"  # GAN against procedural toy images drawn on the
 CASES["dmd2_lora_shared"] = "dmd2"  # LoRA generator and critic on the teacher's own frozen base
 CASES["lcm_lora"] = "lcm"  # LCM-LoRA: LoRA student, no w-embedding, the online student as target
 CASES["pcm_sd3"] = "pcm"  # PCM on a flow-matching (SD3) teacher
+CASES["scm_flux"] = "scm"  # sCM's JVP through a FLUX transformer (packed tokens, guidance embedding)
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +49,7 @@ def _case(case, pairs) -> tuple[str, list[str]]:
                              "roles.critic.gradient_checkpointing=true"],
         "lcm_lora": ["roles.generator.lora_rank=4", "method.w_embedding=false", "method.target_ema_decay=0"],
         "pcm_sd3": ["model.pretrained=tiny:sd3", "model.family=sd3"],
+        "scm_flux": ["model.pretrained=tiny:flux", "model.family=flux"],
     }
     return CASES[case], extra.get(case, [])
 
