@@ -22,7 +22,10 @@ teacher samples from ``stepdistill cache-pairs``, or ``builtin:toy``) noised to 
 
 Not implemented: PCM's optional adversarial term and sCM's "+ LADD" combination (SANA-Sprint) — the
 GAN heads of the harness would carry them (``role_heads``) once an adversarial-loss method lands; sCM's
-adaptive weighting w_phi(t) (sCM Sec. 4.3) is left out (the paper's ablation shows it optional).
+adaptive weighting w_phi(t) (sCM Sec. 4.3) is left out: the sCM loss here is unweighted.
+
+Equation and section numbers refer to the arXiv versions named above; they were written from the
+papers as read before this work and could not be re-checked offline.
 """
 
 from __future__ import annotations
@@ -93,11 +96,11 @@ class PCMConfig:
     # student samples in num_phases steps, one per phase (deterministic DDIM/Euler over the phase edges).
     num_phases: int = 4
     num_ddim_timesteps: int = 50  # skipping-step solver grid, as LCM (PCM builds on LCM's solver)
-    # Teacher CFG scale of the solver (PCM Sec. 4: moderate fixed guidance; no w-embedding).
+    # Teacher CFG scale of the solver: one fixed scale (no w-embedding in PCM's students).
     guidance_scale: float = 3.0
     loss: str = "pseudo_huber"
     huber_c: float | None = None
-    target_ema_decay: float = 0.0  # PCM's released scripts train a LoRA against the online student
+    target_ema_decay: float = 0.0  # the online student as target (as LCM-LoRA); > 0: an EMA target role
 
     def __post_init__(self) -> None:
         _check_common(self)
