@@ -199,9 +199,13 @@ class Trainer:
                                  "role (an EMA target of a LoRA role is not supported)")
             if not 0.0 <= decay < 1.0:
                 raise ValueError(f"EMA decay {decay} of target role {target!r} must be in [0, 1)")
+            tgt.module.to(torch.float32)  # the average accumulates small updates: float32 like the source
             tp, sp = list(tgt.module.parameters()), list(src.module.parameters())
             if [p.shape for p in tp] != [p.shape for p in sp]:
                 raise ValueError(f"roles.{target} and roles.{source} have different architectures")
+            with torch.no_grad():  # theta^- starts as theta (a resumed run then loads its checkpointed target)
+                for q, p in zip(tp, sp):
+                    q.copy_(p.detach())
             self.accelerator.register_for_checkpointing(tgt.module)
             self.ema_targets[target] = (source, float(decay), tp, sp)
 
