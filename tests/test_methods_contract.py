@@ -24,6 +24,9 @@ CASES["dmd2_gan_toy"] = "dmd2"  # GAN against procedural toy images drawn on the
 CASES["dmd2_lora_shared"] = "dmd2"  # LoRA generator and critic on the teacher's own frozen base
 CASES["sid_gan_toy"] = "sid"  # SiD's optional Diffusion-GAN term against procedural toy images
 CASES["sid_zero_cfg"] = "sid"  # Zero-CFG: unguided teacher, text-free fake score
+CASES["lcm_lora"] = "lcm"  # LCM-LoRA: LoRA student, no w-embedding, the online student as target
+CASES["pcm_sd3"] = "pcm"  # PCM on a flow-matching (SD3) teacher
+CASES["scm_flux"] = "scm"  # sCM's JVP through a FLUX transformer (packed tokens, guidance embedding)
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +53,9 @@ def _case(case, pairs) -> tuple[str, list[str]]:
                         "method.gan_generator_weight=0.001"],
         "sid_zero_cfg": ["method.guidance=zero_cfg", "method.real_guidance_scale=1", "method.fake_guidance_scale=1",
                          "method.critic_guidance_scale=1"],
+        "lcm_lora": ["roles.generator.lora_rank=4", "method.w_embedding=false", "method.target_ema_decay=0"],
+        "pcm_sd3": ["model.pretrained=tiny:sd3", "model.family=sd3"],
+        "scm_flux": ["model.pretrained=tiny:flux", "model.family=flux"],
     }
     return CASES[case], extra.get(case, [])
 
@@ -79,7 +85,20 @@ def test_phases_train_the_right_roles(case, tmp_path, teacher_pairs):
         for name, role in roles.items():
             if role.trainable:
                 trainer.optimizers[name].optimizer.register_step_pre_hook(watch(name, role))
+        # EMA target roles (DistillMethod.ema_targets): frozen copies the harness moves after their source.
+        target_before = {t: _module_params(roles[t]) for t in trainer.ema_targets}
         logs = trainer.run_phase(phase, 0)
+        for target, (source, decay, *_) in trainer.ema_targets.items():
+            after, src = _module_params(roles[target]), _module_params(roles[source])
+            assert all(p.grad is None for p in roles[target].module.parameters()), f"{method}: {target} got gradients"
+            if source in trained:
+                expect = [decay * b + (1 - decay) * s for b, s in zip(target_before[target], src)]
+                assert all(torch.allclose(a, e, atol=1e-6) for a, e in zip(after, expect)), (
+                    f"{method}/{phase}: {target} is not the EMA ({decay}) of {source}")
+                assert any(not torch.equal(a, b) for a, b in zip(after, target_before[target])), (
+                    f"{method}/{phase}: EMA target {target} did not move")
+            else:
+                assert all(torch.equal(a, b) for a, b in zip(after, target_before[target]))
         assert torch.isfinite(logs[f"{phase}/loss"]), f"{method}/{phase}: loss {logs[f'{phase}/loss']}"
         for name, role in roles.items():
             if not role.trainable:
@@ -98,6 +117,10 @@ def test_phases_train_the_right_roles(case, tmp_path, teacher_pairs):
         if "_gan" in case:
             assert f"{phase}/gan" in logs, f"{phase} has no GAN term"
     assert not changed(teacher_before, trainer.teacher.backbone), f"{method}: the teacher changed"
+
+
+def _module_params(role) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in role.module.parameters()]
 
 
 def _params(role) -> list[torch.Tensor]:
@@ -140,6 +163,10 @@ def test_resume_continues_exactly(case, tmp_path, teacher_pairs):
     wa, wb = _role_weights(straight), _role_weights(resumed)
     for name in wa:
         assert not _changed_params(wa[name], resumed.roles[name]), f"{method}: {name} weights differ after resume"
+    for target in straight.ema_targets:  # EMA target roles are checkpointed with the run
+        assert all(torch.equal(x, y) for x, y in zip(_module_params(straight.roles[target]),
+                                                     _module_params(resumed.roles[target]))), (
+            f"{method}: EMA target {target} differs after resume")
     ema_a = straight.emas["generator"].shadow_params
     ema_b = resumed.emas["generator"].shadow_params
     assert all(torch.equal(x, y) for x, y in zip(ema_a, ema_b)), f"{method}: EMA differs after resume"

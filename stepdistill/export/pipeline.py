@@ -127,7 +127,9 @@ def _write_info(out: Path, teacher, method, scheduler: str, lora: str | None, co
     # over-saturate; diffusers pipelines skip CFG at guidance_scale <= 1. Guidance-embedded FLUX
     # students were called with the embedding at 1.0 during training, so they are sampled with it.
     guidance = 1.0 if teacher.family == "flux" else 0.0
-    guidance = getattr(method, "export_guidance_scale", guidance)  # e.g. a w-input student's scale
+    if hasattr(method, "export_guidance_scale"):
+        # w-input students (LCM, guidance distillation) are sampled at their scale, in one pass each step.
+        guidance = method.export_guidance_scale()
     info = {
         "lora": lora,
         "lora_only": lora_only,

@@ -143,6 +143,7 @@ class Trainer:
         )
         self._batch_cache: tuple[int, dict] | None = None
         self._prepare_optimizers()
+        self._prepare_ema_targets()
         set_seed(cfg.run.seed, device_specific=True)  # different noise on every rank from here on
 
     # ---- setup --------------------------------------------------------------------------------
@@ -181,6 +182,39 @@ class Trainer:
                 ema.to(self.device)
                 acc.register_for_checkpointing(ema)
                 self.emas[name] = ema
+
+    def _prepare_ema_targets(self) -> None:
+        """Check the method's EMA target roles (``DistillMethod.ema_targets``) and checkpoint them."""
+        self.ema_targets: dict[str, tuple[str, float, list, list]] = {}
+        for target, (source, decay) in self.method.ema_targets().items():
+            if target not in self.roles or source not in self.roles:
+                raise ValueError(f"{self.method_cls.__name__}.ema_targets: {target!r} <- {source!r} names a role "
+                                 f"that does not exist; roles: {', '.join(self.roles)}")
+            tgt, src = self.roles[target], self.roles[source]
+            if tgt.trainable or tgt.is_lora or target == "teacher":
+                raise ValueError(f"roles.{target} is the EMA target of {source}: it must be a frozen full-weight "
+                                 "copy (trainable=false, lora_rank=0)")
+            if not src.trainable or src.is_lora:
+                raise ValueError(f"roles.{source} is the EMA source of {target}: it must be a trainable full-weight "
+                                 "role (an EMA target of a LoRA role is not supported)")
+            if not 0.0 <= decay < 1.0:
+                raise ValueError(f"EMA decay {decay} of target role {target!r} must be in [0, 1)")
+            tgt.module.to(torch.float32)  # the average accumulates small updates: float32 like the source
+            tp, sp = list(tgt.module.parameters()), list(src.module.parameters())
+            if [p.shape for p in tp] != [p.shape for p in sp]:
+                raise ValueError(f"roles.{target} and roles.{source} have different architectures")
+            with torch.no_grad():  # theta^- starts as theta (a resumed run then loads its checkpointed target)
+                for q, p in zip(tp, sp):
+                    q.copy_(p.detach())
+            self.accelerator.register_for_checkpointing(tgt.module)
+            self.ema_targets[target] = (source, float(decay), tp, sp)
+
+    @torch.no_grad()
+    def update_ema_targets(self, source: str) -> None:
+        """``target <- decay * target + (1 - decay) * source`` for every target of ``source``."""
+        for _, (src, decay, tp, sp) in self.ema_targets.items():
+            if src == source:
+                torch._foreach_lerp_(tp, [p.detach().to(q.dtype) for p, q in zip(sp, tp)], 1.0 - decay)
 
     # ---- one step -----------------------------------------------------------------------------
     def make_batch(self, index: int) -> dict:
@@ -242,6 +276,7 @@ class Trainer:
             self.optimizers[name].zero_grad(set_to_none=True)
             if name in self.emas:
                 self.emas[name].step(params)
+            self.update_ema_targets(name)
             logs[f"lr/{name}"] = torch.tensor(self.schedulers[name].get_last_lr()[0])
         self._activate(())
         return logs

@@ -71,6 +71,18 @@ class DistillMethod:
         """Roles whose optimizers step in ``phase`` (default: the role named like the phase)."""
         return (phase,)
 
+    def ema_targets(self) -> dict[str, tuple[str, float]]:
+        """Frozen roles the harness keeps as an exponential moving average of a trained role.
+
+        ``{target: (source, decay)}``: after every optimizer step of ``source`` the harness sets
+        ``target <- decay * target + (1 - decay) * source`` (all parameters, same architecture) and
+        checkpoints ``target`` with the run. This is the EMA *target network* of consistency
+        distillation (LCM's theta^-), which the method calls like any role; it is separate from the
+        export EMA (``RoleConfig.ema_decay``), which is a set of shadow tensors for export only.
+        A target must be a non-trainable, full-weight role; the source a full-weight trainable role.
+        """
+        return {}
+
     # ---- training -----------------------------------------------------------------------------
     def losses(self, phase: str, batch: dict, step: int) -> dict[str, torch.Tensor]:
         """Loss terms for one phase; must contain "loss" (the one the harness back-propagates).

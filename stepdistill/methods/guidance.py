@@ -111,7 +111,6 @@ class GuidanceDistillation(DistillMethod):
     def num_inference_steps(self) -> int:
         return self.cfg.sample_steps
 
-    @property
     def export_guidance_scale(self) -> float:
         """What the exported pipeline is called with: the scale itself for a w-input student (the
         pipeline feeds it to the UNet and runs one pass); 0 (no CFG) for a one-scale student."""

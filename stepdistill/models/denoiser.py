@@ -238,6 +238,7 @@ class Denoiser:
         features_only: bool = False,
         true_cfg: bool | None = None,
         embedded_guidance: float | None = None,
+        timestep_cond: Tensor | None = None,
     ):
         """Predict ``output`` ("x0" | "epsilon" | "v_prediction" | "flow") for noisy latents ``x_t`` at ``t``.
 
@@ -264,6 +265,9 @@ class Denoiser:
                 every model except guidance-embedded ones.
             embedded_guidance: guidance-embedded models only: the value given to the guidance
                 embedding. Default: ``guidance_scale`` without true CFG, 1.0 with true CFG.
+            timestep_cond: UNet families only: the ``[B, time_cond_proj_dim]`` condition added to the
+                timestep embedding (a w-conditioned student's guidance-scale embedding, as LCM's
+                ``time_cond_proj_dim`` UNets take it); tiled for the CFG batch.
 
         Returns:
             the prediction, or ``(prediction, features)`` when ``return_features``.
@@ -294,19 +298,22 @@ class Denoiser:
         if use_cfg:
             x_in, t_in = torch.cat([x_t, x_t]), torch.cat([t, t])
             cond_in = Conditioning.cat([uncond.expand_to(batch).to(cond.device), cond])
+            if timestep_cond is not None:
+                timestep_cond = torch.cat([timestep_cond, timestep_cond])
         else:
             x_in, t_in, cond_in = x_t, t, cond
+        extra = {} if timestep_cond is None else {"timestep_cond": timestep_cond}
 
         if features_only:
             with self._capture_features(True, stop=True) as captured:
                 try:
-                    self.forward_native(x_in, t_in, cond_in, guidance=guidance)
+                    self.forward_native(x_in, t_in, cond_in, guidance=guidance, **extra)
                 except _FeaturesReady:
                     pass
             return captured[0][batch:] if use_cfg else captured[0]
 
         with self._capture_features(return_features) as captured:
-            native = self.forward_native(x_in, t_in, cond_in, guidance=guidance)
+            native = self.forward_native(x_in, t_in, cond_in, guidance=guidance, **extra)
 
         if use_cfg:
             pred_uncond, pred_cond = native.chunk(2)
@@ -319,7 +326,8 @@ class Denoiser:
         return pred, (features[batch:] if use_cfg else features)
 
     def forward_native(
-        self, x_t: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor | None = None
+        self, x_t: Tensor, t: Tensor, cond: Conditioning, guidance: Tensor | None = None,
+        timestep_cond: Tensor | None = None,
     ) -> Tensor:
         """One backbone call; returns its raw prediction (``self.prediction_type``) in float32, unpacked.
 
@@ -329,6 +337,8 @@ class Denoiser:
         dtype = self.dtype
         x = x_t.to(dtype)
         c = cond.to(x_t.device, dtype).tensors
+        if timestep_cond is not None and self.family not in UNET_FAMILIES:
+            raise ValueError(f"timestep_cond is a UNet input (time_cond_proj_dim); {self.family} has none")
         missing = [k for k in CONDITIONING_KEYS[self.family] if k not in c]
         if missing:
             raise ValueError(f"{self.family} conditioning lacks {missing}; got {sorted(c)}")
@@ -338,7 +348,9 @@ class Denoiser:
             if self.family == "sdxl":
                 kwargs["added_cond_kwargs"] = {k: c[k] for k in _SDXL_ADDED}
             dim = getattr(self.module.config, "time_cond_proj_dim", None)
-            if dim:  # a w-conditioned UNet: the guidance scale enters as the pipelines feed it
+            if timestep_cond is not None:
+                kwargs["timestep_cond"] = timestep_cond.to(x_t.device, dtype)
+            elif dim:  # a w-conditioned UNet: the guidance scale enters as the pipelines feed it
                 from stepdistill.models.guidance import guidance_scale_embedding
 
                 w = guidance if guidance is not None else torch.ones(x.shape[0], device=x.device)

@@ -1,0 +1,586 @@
+"""Consistency distillation: LCM (and LCM-LoRA), PCM (phased, TSCD-style), sCM (continuous time).
+
+- LCM: Simian Luo, Yiqin Tan, Longbo Huang, Jian Li, Hang Zhao. "Latent Consistency Models: Synthesizing
+  High-Resolution Images with Few-Step Inference." arXiv 2310.04378 (2023).
+- LCM-LoRA: Simian Luo et al. "LCM-LoRA: A Universal Stable-Diffusion Acceleration Module." arXiv 2311.05556.
+- CM: Yang Song, Prafulla Dhariwal, Mark Chen, Ilya Sutskever. "Consistency Models." ICML 2023, arXiv 2303.01469.
+- PCM: Fu-Yun Wang, Zhaoyang Huang, Alexander Bergman, Dazhong Shen, Peng Gao, Michael Lingelbach, Keqiang
+  Sun, Weikang Bian, Guanglu Song, Yu Liu, Xiaoshuai Chen, Hongsheng Li. "Phased Consistency Models."
+  NeurIPS 2024, arXiv 2405.18407. (Hyper-SD's TSCD, arXiv 2404.13686, is the same phased objective with
+  the number of phases decreased 8 -> 4 -> 2 -> 1 over successive runs: run this method once per stage.)
+- sCM: Cheng Lu, Yang Song. "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models."
+  ICLR 2025, arXiv 2410.11081. SANA-Sprint (Junsong Chen et al., arXiv 2503.09641): a flow-matching teacher
+  is used as a TrigFlow teacher through a change of variables, with no retraining.
+
+Roles: ``generator`` (the student, initialised from the teacher), ``teacher`` (frozen), and for an EMA
+target (``method.target_ema_decay > 0``) a frozen ``target`` role that the harness keeps as an EMA of
+the generator after every generator update (``DistillMethod.ema_targets``). With decay 0 the target
+network is the online student under stop-gradient (LCM-LoRA, as diffusers' LCM-LoRA scripts do).
+
+All three train on data: ``x0`` are real latents (``data.images``: an image folder with captions,
+teacher samples from ``stepdistill cache-pairs``, or ``builtin:toy``) noised to the sampled timestep.
+
+Not implemented: PCM's optional adversarial term and sCM's "+ LADD" combination (SANA-Sprint) — the
+GAN heads of the harness would carry them (``role_heads``) once an adversarial-loss method lands; sCM's
+adaptive weighting w_phi(t) (sCM Sec. 4.3) is left out: the sCM loss here is unweighted.
+
+Equation and section numbers refer to the arXiv versions named above; they were written from the
+papers as read before this work and could not be re-checked offline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from stepdistill.config.schema import RoleConfig
+from stepdistill.losses.consistency import (
+    consistency_distance,
+    ddim_step,
+    lcm_boundary_scalings,
+    scm_loss,
+    scm_tangent,
+    trigflow_time,
+    trigflow_to_flow,
+)
+from stepdistill.methods.base import DistillMethod, MethodContext
+from stepdistill.methods.registry import register
+from stepdistill.models.denoiser import UNET_FAMILIES, Conditioning
+from stepdistill.models.guidance import (
+    add_guidance_embedding,
+    guidance_embedding_dim,
+    guidance_scale_embedding,
+)
+
+
+# ---- configs --------------------------------------------------------------------------------------
+@dataclass
+class LCMConfig:
+    name: str = "lcm"
+    # Student sampling steps (LCMScheduler, num_inference_steps) used for samples, export and eval.
+    num_steps: int = 4
+    # Skipping-step teacher solver: a DDIM grid of N timesteps over the T training steps, skip k = T / N
+    # (LCM Sec. 4.3: k = 20 for N = 50 of T = 1000; LCMScheduler's original_inference_steps).
+    num_ddim_timesteps: int = 50
+    # CFG-augmented teacher (LCM Eq. 9 / Sec. 4.2): omega ~ U[w_min, w_max], teacher CFG scale omega + 1.
+    w_min: float = 3.0
+    w_max: float = 15.0
+    # Give omega to the student as an embedding (a new zero-initialised time_cond_proj layer of the UNet,
+    # read by StableDiffusion pipelines as guidance_scale - 1). LCM-LoRA drops it (LCM-LoRA Sec. 3).
+    w_embedding: bool = True
+    time_cond_proj_dim: int = 256
+    # Distance d: "pseudo_huber" (iCT; diffusers' LCM scripts use a Huber loss) or "l2" (LCM Eq. 9).
+    loss: str = "pseudo_huber"
+    huber_c: float | None = None  # None: iCT's 0.00054 * sqrt(d)
+    # EMA rate of the target network theta^- (LCM Eq. 9; 0.95 in LCM). 0 = the online student (LCM-LoRA).
+    target_ema_decay: float = 0.95
+    # Boundary-condition scalings (LCM / LCMScheduler: sigma_data 0.5, timestep_scaling 10).
+    sigma_data: float = 0.5
+    timestep_scaling: float = 10.0
+    # Guidance scale written into the export of a w-conditioned student (the pipeline's guidance_scale;
+    # the student sees omega = guidance_scale - 1, no CFG batch). Ignored without w_embedding.
+    export_guidance_scale: float = 8.0
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if not 0.0 <= self.w_min <= self.w_max:
+            raise ValueError(f"method.w_min={self.w_min}, w_max={self.w_max}: need 0 <= w_min <= w_max")
+        if self.time_cond_proj_dim < 2:
+            raise ValueError(f"method.time_cond_proj_dim={self.time_cond_proj_dim} must be >= 2")
+        if self.sigma_data <= 0 or self.timestep_scaling <= 0:
+            raise ValueError("method.sigma_data and method.timestep_scaling must be > 0")
+
+
+@dataclass
+class PCMConfig:
+    name: str = "pcm"
+    # Phases of the trajectory (PCM Sec. 3: M sub-trajectories, one consistency function each); the
+    # student samples in num_phases steps, one per phase (deterministic DDIM/Euler over the phase edges).
+    num_phases: int = 4
+    num_ddim_timesteps: int = 50  # skipping-step solver grid, as LCM (PCM builds on LCM's solver)
+    # Teacher CFG scale of the solver: one fixed scale (no w-embedding in PCM's students).
+    guidance_scale: float = 3.0
+    loss: str = "pseudo_huber"
+    huber_c: float | None = None
+    target_ema_decay: float = 0.0  # the online student as target (as LCM-LoRA); > 0: an EMA target role
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if self.num_phases < 1:
+            raise ValueError(f"method.num_phases={self.num_phases} must be >= 1")
+        if self.guidance_scale < 1.0:
+            raise ValueError(f"method.guidance_scale={self.guidance_scale} must be >= 1 (1 = no CFG)")
+
+
+@dataclass
+class SCMConfig:
+    name: str = "scm"
+    num_steps: int = 2  # sCM's headline sampler: 2 steps (sCM Sec. 5)
+    # TrigFlow data scale sigma_d (sCM Sec. 2: 0.5).
+    sigma_data: float = 0.5
+    # Log-normal proposal of tau, t = arctan(e^tau / sigma_d) (sCM Sec. 4.3).
+    p_mean: float = -1.0
+    p_std: float = 1.4
+    # Teacher CFG scale (sCD distils the guided teacher; SANA-Sprint Sec. 3).
+    guidance_scale: float = 3.0
+    # Tangent warm-up: r rises linearly 0 -> 1 over this many generator updates (sCM Sec. 4.2: 10k).
+    tangent_warmup_steps: int = 10000
+    # Tangent normalisation g / (||g|| + c) (sCM Sec. 4.2: c = 0.1).
+    tangent_norm_c: float = 0.1
+    # Largest TrigFlow time (pi/2 is pure noise; the proposal is clamped below it).
+    max_t: float = 1.5706
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"method.num_steps={self.num_steps} must be >= 1")
+        if self.sigma_data <= 0 or self.p_std <= 0:
+            raise ValueError("method.sigma_data and method.p_std must be > 0")
+        if self.guidance_scale < 1.0:
+            raise ValueError(f"method.guidance_scale={self.guidance_scale} must be >= 1 (1 = no CFG)")
+        if self.tangent_warmup_steps < 0 or self.tangent_norm_c <= 0:
+            raise ValueError("method.tangent_warmup_steps must be >= 0 and method.tangent_norm_c > 0")
+        if not 0.0 < self.max_t <= 1.5707963:
+            raise ValueError(f"method.max_t={self.max_t} must be in (0, pi/2]")
+
+
+def _check_common(cfg) -> None:
+    if getattr(cfg, "num_steps", 1) < 1:
+        raise ValueError(f"method.num_steps={cfg.num_steps} must be >= 1")
+    if cfg.num_ddim_timesteps < 1:
+        raise ValueError(f"method.num_ddim_timesteps={cfg.num_ddim_timesteps} must be >= 1")
+    if cfg.loss not in ("pseudo_huber", "l2"):
+        raise ValueError(f"method.loss={cfg.loss!r}; choose one of: pseudo_huber, l2")
+    if not 0.0 <= cfg.target_ema_decay < 1.0:
+        raise ValueError(f"method.target_ema_decay={cfg.target_ema_decay} must be in [0, 1)")
+
+
+def _check_run(cfg) -> None:
+    """Whole-run checks, before any model loads."""
+    m = cfg.method
+    if not cfg.data.images:
+        raise ValueError(
+            f"method.name={m.name} trains on data (x0 noised to t): set data.images to a folder of images with a "
+            "metadata.jsonl of captions, to teacher samples from `stepdistill cache-pairs`, or to builtin:toy")
+    gen = (cfg.get("roles") or {}).get("generator") or {}
+    lora = int(gen.get("lora_rank", 0) or 0) > 0
+    if lora and getattr(m, "target_ema_decay", 0.0) > 0:
+        raise ValueError(
+            f"roles.generator.lora_rank={gen.get('lora_rank')} with method.target_ema_decay={m.target_ema_decay}: "
+            "a LoRA student uses the online student as its target (LCM-LoRA); set method.target_ema_decay=0")
+    if lora and getattr(m, "w_embedding", False):
+        raise ValueError(
+            "roles.generator.lora_rank > 0 with method.w_embedding=true: the w-embedding layer is not part of a "
+            "LoRA (LCM-LoRA drops it); set method.w_embedding=false")
+
+
+# ---- shared machinery -----------------------------------------------------------------------------
+class _ConsistencyBase(DistillMethod):
+    """Data, teacher CFG, the solver grid and the target network shared by LCM and PCM."""
+
+    def __init__(self, cfg, ctx: MethodContext) -> None:
+        super().__init__(cfg, ctx)
+        if not ctx.has_real_data:
+            raise ValueError(f"method.name={cfg.name} needs data.images (real or teacher-sample latents)")
+        self.latent_shape = tuple(self.teacher.latent_shape(ctx.resolution))
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        _check_run(cfg)
+
+    @classmethod
+    def default_roles(cls, cfg) -> dict[str, RoleConfig]:
+        roles = {
+            "generator": RoleConfig(init_from="teacher", trainable=True),
+            "teacher": RoleConfig(init_from="teacher", trainable=False),
+        }
+        if getattr(cfg, "target_ema_decay", 0.0) > 0:
+            roles["target"] = RoleConfig(init_from="teacher", trainable=False)
+        return roles
+
+    def ema_targets(self) -> dict[str, tuple[str, float]]:
+        decay = getattr(self.cfg, "target_ema_decay", 0.0)
+        return {"target": ("generator", decay)} if decay > 0 else {}
+
+    def phases(self, step: int) -> list[str]:
+        return ["generator"]
+
+    def losses(self, phase: str, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        if phase != "generator":
+            raise ValueError(f"{self.name} has no phase {phase!r}")
+        return self._generator_losses(batch, step)
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _t(self, t: float, n: int) -> torch.Tensor:
+        return torch.full((n,), float(t), device=self.ctx.device)
+
+    def _alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The schedule's (alpha, sigma), with t < 0 meaning the clean end (alpha 1, sigma 0)."""
+        alpha, sigma = self.schedule.alpha_sigma(t.clamp_min(0))
+        clean = t < 0
+        return torch.where(clean, torch.ones_like(alpha), alpha), torch.where(clean, torch.zeros_like(sigma), sigma)
+
+    def _data(self, batch: dict) -> tuple[torch.Tensor, Conditioning, Conditioning]:
+        real = batch["real"]
+        x0 = real["latents"].to(self.ctx.device, torch.float32)
+        n = len(x0)
+        return x0, real["cond"], batch["uncond"].expand_to(n) if len(batch["uncond"]) in (1, n) else batch["uncond"][:n]
+
+    def _solver_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(start, prev) timesteps of the skipping-step solver: t_{n+k} and t_n (LCM Sec. 4.3).
+
+        VP: ``t_{n+k} = (i + 1) k - 1`` for i < N, ``t_n = max(t_{n+k} - k, 0)`` (LCMScheduler's
+        original timesteps); flow: ``sigma = shift(i / N)``, the teacher's Euler grid.
+        """
+        n, T = self.cfg.num_ddim_timesteps, self.schedule.num_train_timesteps
+        if self.schedule.kind == "flow":
+            u = torch.arange(1, n + 1, dtype=torch.float32) / n
+            start = self.schedule.shift_sigma(u) * T
+            prev = self.schedule.shift_sigma(u - 1.0 / n) * T
+        else:
+            k = T // n
+            start = torch.arange(1, n + 1, dtype=torch.float32) * k - 1
+            prev = (start - k).clamp_min(0)
+        return start.to(self.ctx.device), prev.to(self.ctx.device)
+
+    @torch.no_grad()
+    def _teacher_step(self, x_t, t, t_to, cond, uncond, guidance: torch.Tensor):
+        """One skipping step of the CFG teacher's DDIM solver from ``t`` to ``t_to`` (LCM Eq. 8-9).
+
+        ``guidance`` is the per-sample CFG scale; CFG is applied to epsilon (affine in the native
+        prediction at a fixed x_t, so the same as CFG in any parameterisation).
+        """
+        n = len(x_t)
+        eps = self.roles["teacher"].denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                             Conditioning.cat([uncond, cond]), output="epsilon")
+        eps_u, eps_c = eps.chunk(2)
+        g = guidance.view(n, *[1] * (x_t.dim() - 1))
+        eps = eps_u + g * (eps_c - eps_u)
+        x0 = self.schedule.convert(eps, x_t, t, "epsilon", "x0")
+        alpha, sigma = self._alpha_sigma(t_to)
+        return ddim_step(x0, eps, alpha, sigma)
+
+    def _target_denoiser(self):
+        return self.roles["target"].denoiser if "target" in self.roles else self.roles["generator"].denoiser
+
+    def _distance(self, pred, target):
+        return consistency_distance(pred, target, self.cfg.loss, self.cfg.huber_c)
+
+
+# ---- LCM ------------------------------------------------------------------------------------------
+@register
+class LCM(_ConsistencyBase):
+    name = "lcm"
+    Config = LCMConfig
+    paper = "Luo et al., Latent Consistency Models, arXiv 2310.04378 (LCM-LoRA: arXiv 2311.05556)"
+
+    def __init__(self, cfg: LCMConfig, ctx: MethodContext) -> None:
+        super().__init__(cfg, ctx)
+        if self.schedule.kind != "vp":
+            raise ValueError(f"method.name=lcm needs a DDPM/VP teacher (LCMScheduler); {self.teacher.family} is a "
+                             "flow teacher: use method.name=pcm or scm")
+        if cfg.w_embedding:
+            if self.teacher.family not in UNET_FAMILIES:
+                raise ValueError(f"method.w_embedding=true needs a UNet (time_cond_proj_dim); {self.teacher.family} "
+                                 "has none: set method.w_embedding=false")
+            for name in ("generator", "target"):
+                if name in self.roles:
+                    _add_w_embedding(self.roles[name].module, cfg.time_cond_proj_dim,
+                                     trainable=self.roles[name].trainable)
+        self.start_t, self.prev_t = self._solver_grid()
+
+    @property
+    def num_inference_steps(self) -> int:
+        return self.cfg.num_steps
+
+    def _scalings(self, t):
+        return lcm_boundary_scalings(t, self.cfg.sigma_data, self.cfg.timestep_scaling)
+
+    def _w_cond(self, omega: torch.Tensor) -> dict:
+        if not self.cfg.w_embedding:
+            return {}
+        # omega is LCM's w (= guidance scale - 1); the embedding is the pipelines' one of the scale.
+        return {"timestep_cond": guidance_scale_embedding(omega + 1, self.cfg.time_cond_proj_dim, device=omega.device)}
+
+    def _consistency_fn(self, denoiser, x_t, t, cond, w_cond) -> torch.Tensor:
+        """f(x, t) = c_skip(t) x + c_out(t) x0_theta(x, t) (CM Eq. 7 with LCM's scalings)."""
+        c_skip, c_out = self._scalings(t)
+        x0 = denoiser(x_t, t, cond, output="x0", **w_cond)
+        return c_skip.view(-1, 1, 1, 1) * x_t.float() + c_out.view(-1, 1, 1, 1) * x0
+
+    def _generator_losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        x0, cond, uncond = self._data(batch)
+        n, dev = len(x0), x0.device
+        idx = torch.randint(len(self.start_t), (n,), device=dev)
+        t_start, t_prev = self.start_t[idx], self.prev_t[idx]
+        x_t = self.schedule.add_noise(x0, torch.randn_like(x0), t_start)
+        omega = torch.rand(n, device=dev) * (cfg.w_max - cfg.w_min) + cfg.w_min
+        w_cond = self._w_cond(omega)
+        # Online consistency function at t_{n+k} (LCM Eq. 9, first argument).
+        pred = self._consistency_fn(self.roles["generator"].denoiser, x_t, t_start, cond, w_cond)
+        with torch.no_grad():
+            # CFG-augmented skipping-step solver x_{t_n} = Psi(x_{t_{n+k}}, t_{n+k}, t_n, c; omega) (LCM Eq. 8-9)
+            x_prev = self._teacher_step(x_t, t_start, t_prev, cond, uncond, omega + 1.0)
+            # Target f_{theta^-}(x_{t_n}, t_n, c, omega) (LCM Eq. 9, second argument; EMA target).
+            target = self._consistency_fn(self._target_denoiser(), x_prev, t_prev, cond, w_cond)
+        loss = self._distance(pred, target)  # d(., .) of LCM Eq. 9
+        return {"loss": loss, "consistency": loss.detach(), "stats/omega": omega.mean(),
+                "stats/pred_std": pred.detach().std(), "stats/target_std": target.std()}
+
+    # ---- sampling and export ------------------------------------------------------------------
+    def _sampler_timesteps(self, num_steps: int) -> list[float]:
+        scheduler = self.export_scheduler(num_steps)
+        scheduler.set_timesteps(num_steps)
+        return [float(t) for t in scheduler.timesteps]
+
+    @torch.no_grad()
+    def sample(self, noise, cond, uncond=None, num_steps=None, generator=None):
+        """LCM's multistep consistency sampler (LCM Algorithm 3 / LCMScheduler): f, then re-noise."""
+        steps = self._sampler_timesteps(num_steps or self.cfg.num_steps)
+        denoiser = self.roles[self.student_role].denoiser
+        n = len(noise)
+        w_cond = self._w_cond(torch.full((n,), self.cfg.export_guidance_scale - 1.0, device=noise.device))
+        x = noise
+        for i, t in enumerate(steps):
+            x0 = self._consistency_fn(denoiser, x, self._t(t, n), cond, w_cond)
+            if i + 1 < len(steps):
+                fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                x = self.schedule.add_noise(x0, fresh, self._t(steps[i + 1], n))
+        return x0
+
+    def export_scheduler(self, num_steps=None):
+        from diffusers import LCMScheduler
+
+        return LCMScheduler.from_config(self.teacher.pipeline.scheduler.config,
+                                        original_inference_steps=self.cfg.num_ddim_timesteps,
+                                        timestep_scaling=self.cfg.timestep_scaling)
+
+    def export_guidance_scale(self) -> float:
+        return float(self.cfg.export_guidance_scale) if self.cfg.w_embedding else 0.0
+
+
+def _add_w_embedding(unet: torch.nn.Module, dim: int, trainable: bool) -> None:
+    """Give a UNet its zero-initialised guidance-scale input (``models/guidance.py``) unless it has one
+    (e.g. an LCM teacher); the new layer trains with the role or stays frozen with it."""
+    if guidance_embedding_dim(unet) is None:
+        add_guidance_embedding(unet, dim)
+        unet.time_embedding.cond_proj.requires_grad_(trainable)
+
+
+# ---- PCM ------------------------------------------------------------------------------------------
+@register
+class PCM(_ConsistencyBase):
+    name = "pcm"
+    Config = PCMConfig
+    paper = "Wang et al., Phased Consistency Models, NeurIPS 2024 (arXiv 2405.18407)"
+
+    def __init__(self, cfg: PCMConfig, ctx: MethodContext) -> None:
+        super().__init__(cfg, ctx)
+        if self.teacher.family == "flux":
+            raise ValueError("method.name=pcm supports SD1.x/2.x, SDXL and SD3 teachers (FLUX's pipeline sets its "
+                             "own sigmas); use method.name=scm for FLUX")
+        self.start_t, self.prev_t = self._solver_grid()
+        self.edges = self._edges(cfg.num_phases)
+
+    @property
+    def num_inference_steps(self) -> int:
+        return self.cfg.num_phases
+
+    def _edges(self, num_phases: int) -> torch.Tensor:
+        """Phase edges, highest first: the exported scheduler's timesteps at num_phases steps, then the clean
+        end (-1). The sampler evaluates the student exactly at the upper edges (PCM Sec. 3.1)."""
+        scheduler = self.export_scheduler(num_phases)
+        scheduler.set_timesteps(num_phases)
+        return torch.tensor([float(t) for t in scheduler.timesteps] + [-1.0], device=self.ctx.device)
+
+    def _phase_map(self, denoiser, x_t, t, s, cond) -> torch.Tensor:
+        """PCM's phased consistency function: the DDIM jump from t to the phase's lower edge s (PCM Eq. 6),
+        the identity at t = s (its boundary condition)."""
+        x0 = denoiser(x_t, t, cond, output="x0")
+        eps = self.schedule.convert(x0, x_t, t, "x0", "epsilon")
+        alpha, sigma = self._alpha_sigma(s)
+        return ddim_step(x0, eps, alpha, sigma)
+
+    def _generator_losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        x0, cond, uncond = self._data(batch)
+        n, dev = len(x0), x0.device
+        idx = torch.randint(len(self.start_t), (n,), device=dev)
+        t_start = self.start_t[idx]
+        # Phase k of t: edges[k] >= t > edges[k + 1]; its lower edge s_k ends the sub-trajectory.
+        k = (self.edges[None, 1:] >= t_start[:, None]).sum(dim=1)
+        lower = self.edges[1:][k]
+        # The solver step never crosses the phase edge (PCM Sec. 3.2: consistency within a phase).
+        t_prev = torch.maximum(self.prev_t[idx], lower)
+        x_t = self.schedule.add_noise(x0, torch.randn_like(x0), t_start)
+        pred = self._phase_map(self.roles["generator"].denoiser, x_t, t_start, lower, cond)
+        with torch.no_grad():
+            g = torch.full((n,), self.cfg.guidance_scale, device=dev)
+            x_prev = self._teacher_step(x_t, t_start, t_prev, cond, uncond, g)
+            target = self._phase_map(self._target_denoiser(), x_prev, t_prev.clamp_min(0), lower, cond)
+            # t_prev on the clean edge: the phase map there is the identity.
+            at_edge = (t_prev <= lower).view(-1, 1, 1, 1)
+            target = torch.where(at_edge, x_prev, target)
+        loss = self._distance(pred, target)  # PCM Eq. 8 (phased consistency distillation loss)
+        return {"loss": loss, "consistency": loss.detach(), "stats/phase": k.float().mean(),
+                "stats/pred_std": pred.detach().std()}
+
+    @torch.no_grad()
+    def sample(self, noise, cond, uncond=None, num_steps=None, generator=None):
+        """Deterministic phased sampling: jump from each edge to the next (PCM Sec. 3.1, DDIM over edges)."""
+        edges = self.edges if num_steps in (None, self.cfg.num_phases) else self._edges(num_steps)
+        denoiser = self.roles[self.student_role].denoiser
+        x, n = noise, len(noise)
+        for i in range(len(edges) - 1):
+            x = self._phase_map(denoiser, x, self._t(float(edges[i]), n), self._t(float(edges[i + 1]), n), cond)
+        return x
+
+    def export_scheduler(self, num_steps=None):
+        """DDIM with trailing spacing (VP; alpha 1 at the end) or deterministic flow Euler (SD3): at
+        num_inference_steps = num_phases they step exactly over the phase edges; 1, 2 or 8 also work."""
+        from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+        from stepdistill.sampling.schedulers import renoising_scheduler
+
+        config = self.teacher.pipeline.scheduler.config
+        if self.schedule.kind == "flow":
+            ref = renoising_scheduler(self.teacher, num_steps or self.cfg.num_phases)
+            return FlowMatchEulerDiscreteScheduler.from_config(ref.config, stochastic_sampling=False)
+        return DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True,
+                                         steps_offset=0, clip_sample=False)
+
+
+# ---- sCM ------------------------------------------------------------------------------------------
+@register
+class SCM(DistillMethod):
+    name = "scm"
+    Config = SCMConfig
+    paper = "Lu & Song, Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models, ICLR 2025 " \
+            "(arXiv 2410.11081); SANA-Sprint (arXiv 2503.09641)"
+
+    def __init__(self, cfg: SCMConfig, ctx: MethodContext) -> None:
+        super().__init__(cfg, ctx)
+        if self.schedule.kind != "flow":
+            raise ValueError(f"method.name=scm needs a flow-matching teacher (SD3, FLUX, toy-flow); "
+                             f"{self.teacher.family} is a DDPM teacher: use method.name=lcm or pcm")
+        if not ctx.has_real_data:
+            raise ValueError("method.name=scm needs data.images (real or teacher-sample latents)")
+        self.timesteps = self._default_timesteps(cfg.num_steps)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        _check_run(cfg)
+
+    @classmethod
+    def default_roles(cls, cfg) -> dict[str, RoleConfig]:
+        return {"generator": RoleConfig(init_from="teacher", trainable=True),
+                "teacher": RoleConfig(init_from="teacher", trainable=False)}
+
+    def phases(self, step: int) -> list[str]:
+        return ["generator"]
+
+    @property
+    def num_inference_steps(self) -> int:
+        return self.cfg.num_steps
+
+    def _default_timesteps(self, num_steps: int) -> list[float]:
+        from stepdistill.sampling.schedulers import pipeline_timesteps
+
+        return pipeline_timesteps(self.teacher, num_steps, self.ctx.resolution)
+
+    # ---- TrigFlow view of a flow backbone (SANA-Sprint Sec. 3.1) ----------------------------------
+    def _trig_velocity(self, denoiser, x_t, t, cond, uncond=None, guidance_scale=1.0) -> torch.Tensor:
+        """``sigma_d * F(x_t / sigma_d, t)``, the TrigFlow PF-ODE velocity dx_t/dt of a flow backbone.
+
+        x_t (TrigFlow) is x_s * a in flow coordinates with s = sigma_d sin t / a, a = cos t + sigma_d sin t;
+        with the backbone's (x0, eps) at (x_s, s): dx_t/dt = -sin(t) x0 + sigma_d cos(t) eps (sCM Eq. 1-2).
+        Differentiable in (x_t, t), so that torch.func.jvp can push tangents through it.
+        """
+        sd = self.cfg.sigma_data
+        a, s = trigflow_to_flow(t, sd)
+        view = (-1, *[1] * (x_t.dim() - 1))
+        x_s = x_t / a.view(view)
+        u = denoiser(x_s, s * self.schedule.num_train_timesteps, cond, uncond=uncond,
+                     guidance_scale=guidance_scale, output="flow")
+        x0 = x_s - s.view(view) * u
+        eps = x_s + (1 - s).view(view) * u
+        return -torch.sin(t).view(view) * x0 + sd * torch.cos(t).view(view) * eps
+
+    def losses(self, phase: str, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        if phase != "generator":
+            raise ValueError(f"{self.name} has no phase {phase!r}")
+        cfg, sd = self.cfg, self.cfg.sigma_data
+        real = batch["real"]
+        x0 = real["latents"].to(self.ctx.device, torch.float32)
+        cond = real["cond"]
+        n = len(x0)
+        uncond = batch["uncond"].expand_to(n) if len(batch["uncond"]) in (1, n) else batch["uncond"][:n]
+        # t = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2) (sCM Sec. 4.3); x_t = cos t x0 + sin t z (Eq. 1).
+        tau = torch.randn(n, device=x0.device) * cfg.p_std + cfg.p_mean
+        t = trigflow_time(tau, sd).clamp(1e-4, cfg.max_t)
+        view = (-1, 1, 1, 1)
+        x_t = torch.cos(t).view(view) * x0 + torch.sin(t).view(view) * torch.randn_like(x0) * sd
+        student = self.roles["generator"]
+        with torch.no_grad():
+            # Teacher PF-ODE dx_t/dt = sigma_d F_pretrain(x_t / sigma_d, t) (continuous-time CD, sCM Sec. 4).
+            dxt_dt = self._trig_velocity(self.roles["teacher"].denoiser, x_t, t, cond, uncond, cfg.guidance_scale)
+            # F^- and cos(t) sin(t) dF^-/dt in one forward-mode pass (sCM Algorithm 1), through the bare module.
+            cs = torch.cos(t) * torch.sin(t)
+            bare = _bare_denoiser(student)
+
+            def f_theta(x_scaled, tt):
+                return self._trig_velocity(bare, x_scaled * sd, tt, cond) / sd
+
+            with _jvp_attention():
+                f_minus, df_dt = torch.func.jvp(f_theta, (x_t / sd, t), (cs.view(view) * dxt_dt / sd, cs))
+            # Tangent warm-up r: 0 -> 1 linearly over the first updates (sCM Sec. 4.2); a function of the step
+            # (one generator update per step), so a resumed run continues it exactly.
+            r = 1.0 if cfg.tangent_warmup_steps == 0 else min(1.0, step / cfg.tangent_warmup_steps)
+            g = scm_tangent(f_minus, df_dt, dxt_dt, x_t, t, sd, r, cfg.tangent_norm_c)  # sCM Eq. 8, Alg. 1
+        f = self._trig_velocity(student.denoiser, x_t, t, cond) / sd
+        loss = scm_loss(f, f_minus, g)  # sCM Algorithm 1 (no adaptive weighting)
+        return {"loss": loss, "scm": loss.detach(), "stats/tangent_warmup": torch.tensor(r),
+                "stats/g_norm": g.flatten(1).norm(dim=1).mean(), "stats/t_mean": t.mean()}
+
+    # ---- sampling and export ------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, noise, cond, uncond=None, num_steps=None, generator=None):
+        """sCM's multistep sampler (sCM Sec. 2, consistency sampling): f = x0 of the student at each
+        timestep, re-noised with fresh noise to the next (the exported stochastic flow scheduler)."""
+        timesteps = self.timesteps if num_steps in (None, len(self.timesteps)) else self._default_timesteps(num_steps)
+        denoiser = self.roles[self.student_role].denoiser
+        x, n = noise, len(noise)
+        for i, t in enumerate(timesteps):
+            x0 = denoiser(x, self._t(t, n), cond, output="x0")
+            if i + 1 < len(timesteps):
+                fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                x = self.schedule.add_noise(x0, fresh, self._t(timesteps[i + 1], n))
+        return x0
+
+    def _t(self, t: float, n: int) -> torch.Tensor:
+        return torch.full((n,), float(t), device=self.ctx.device)
+
+    def export_scheduler(self, num_steps=None):
+        from stepdistill.sampling.schedulers import renoising_scheduler
+
+        return renoising_scheduler(self.teacher, num_steps or self.cfg.num_steps)
+
+
+def _bare_denoiser(role):
+    """The role's denoiser on its unwrapped module (no DDP hooks: the JVP pass is gradient-free)."""
+    active = role.active
+    role.active = False
+    try:
+        return role.denoiser
+    finally:
+        role.active = active
+
+
+@contextlib.contextmanager
+def _jvp_attention():
+    """Forward-mode AD through attention: the math SDPA backend (CPU flash attention has no JVP rule)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
