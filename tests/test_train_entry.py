@@ -121,3 +121,22 @@ def test_trackers_tensorboard_and_offline_wandb(tmp_path):
     assert "samples" in acc.Tags()["images"]
     runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert runs and runs[0].stat().st_size > 0, "wandb did not write an offline run"
+
+
+def test_cpu_threads_use_the_available_cores(monkeypatch):
+    import os
+
+    from stepdistill.harness.trainer import cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cpu_threads(0, 1) == cores and cpu_threads(3, 1) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cpu_threads(0, 2) == max(1, cores // 2)
+    # What `accelerate launch` exports (OMP_NUM_THREADS=1) does not pin a training run to one core.
+    proc = run([PYTHON, "-c", "import torch\nfrom stepdistill.config.load import load_config\n"
+                "from stepdistill.harness.trainer import Trainer\n"
+                "Trainer(load_config('tests/tiny_dmd2', ['run.trackers=[none]']))\n"
+                "print('threads', torch.get_num_threads())"],
+               env={"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "1"})
+    assert f"threads {cores}" in proc.stdout

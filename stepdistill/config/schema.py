@@ -130,9 +130,14 @@ class TrainConfig:
     sample_every: int = 500  # 0 disables sample grids
     sample_prompts: list[str] = field(default_factory=list)  # default: the first prompts of the data
     progress_bar: bool = True
+    # CPU only: torch threads per process; 0 = the available cores / local processes. (`accelerate launch`
+    # exports OMP_NUM_THREADS=1 when it is unset, which would leave all but one core idle.)
+    cpu_threads: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("train", "mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        if self.cpu_threads < 0:
+            raise ValueError(f"train.cpu_threads={self.cpu_threads} must be >= 0 (0: all available cores)")
         for key in ("max_steps", "gradient_accumulation_steps", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")

@@ -60,6 +60,16 @@ class _ParamsState:
                 p.copy_(state[str(i)])
 
 
+def cpu_threads(requested: int, num_processes: int) -> int:
+    """Torch threads for one CPU process: ``requested``, or (0) the cores available to this process shared
+    among the processes on this machine (``LOCAL_WORLD_SIZE`` when a launcher sets it)."""
+    if requested > 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes) or 1)
+    return max(1, cores // max(local, 1))
+
+
 def _flat_config(tree: dict, prefix: str = "") -> dict:
     """``{"train": {"max_steps": 4}}`` → ``{"train.max_steps": 4}``; lists and None become strings
     (TensorBoard's hparams accept only scalars)."""
@@ -102,6 +112,8 @@ class Trainer:
             project_dir=str(self.run_dir),
         )
         self.device = self.accelerator.device
+        if self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads(cfg.train.cpu_threads, self.accelerator.num_processes))
         if torch.cuda.is_available():
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
             if cfg.train.allow_tf32:
