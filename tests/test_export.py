@@ -78,3 +78,16 @@ def test_lora_student_exports_merged_pipeline_and_loadable_lora(tmp_path):
     student = merged(["a red circle"], generator=torch.Generator().manual_seed(0), **kwargs).images
     assert not torch.allclose(plain, student, atol=1e-4), "the LoRA did not change the student"
     assert torch.allclose(with_lora, student, atol=1e-4)
+
+
+def test_one_step_export_runs_at_more_steps(tmp_path):
+    """The exported scheduler runs the trained step count exactly and any other step count too."""
+    cfg = tiny_config(tmp_path / "run", "dmd2", "method.num_steps=1", "train.max_steps=1", "train.sample_every=0")
+    Trainer(cfg).train()
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "run" / "export")
+    for steps, expected in [(1, [999]), (2, [999, 499]), (4, [999, 749, 499, 249])]:
+        pipe.scheduler.set_timesteps(steps)
+        assert pipe.scheduler.timesteps.tolist() == expected
+        image = pipe("a red circle", num_inference_steps=steps, guidance_scale=0, height=64, width=64,
+                     output_type="np").images[0]
+        assert image.shape == (64, 64, 3)

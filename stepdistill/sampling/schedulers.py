@@ -35,7 +35,10 @@ def renoising_scheduler(teacher, num_steps: int):
         if teacher.family != "flux" and num_steps > 1 and not config.get("use_dynamic_shifting", False):
             extra["shift_terminal"] = _shift(1.0 / num_steps, float(config.get("shift", 1.0)))
         return FlowMatchEulerDiscreteScheduler.from_config(config, **extra)
-    return LCMScheduler.from_config(config, original_inference_steps=num_steps)
+    # LCMScheduler picks N timesteps evenly from a grid of `original_inference_steps` and refuses N larger
+    # than that grid: the full training grid gives the evenly spaced N-step schedule (999 / 999, 499 /
+    # 999, 749, 499, 249 ...) for every N, so an export trained for 1 step can still be run at 2 or 4.
+    return LCMScheduler.from_config(config, original_inference_steps=int(config.get("num_train_timesteps", 1000)))
 
 
 def pipeline_timesteps(teacher, num_steps: int, resolution: int) -> list[float]:
