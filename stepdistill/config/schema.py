@@ -107,8 +107,9 @@ class RoleConfig:
             raise ValueError(f"roles.*.guidance_embedding_dim={self.guidance_embedding_dim} must be >= 0")
         if self.guidance_embedding_dim and self.lora_rank:
             raise ValueError("roles.*.guidance_embedding_dim > 0 adds a full-weight input layer, which a LoRA "
-                             "role neither trains nor exports: use lora_rank=0, or guidance_embedding_dim=0 "
-                             "(a LoRA distilled at one fixed guidance scale)")
+                             "role neither trains nor exports: use lora_rank=0, or drop the guidance input "
+                             "(guidance_embedding_dim=0; LCM-LoRA: method.w_embedding=false; guidance "
+                             "distillation: guidance_min = guidance_max)")
         if self.share_teacher_base and self.lora_rank == 0:
             raise ValueError("roles.*.share_teacher_base=true needs lora_rank > 0 (only a LoRA can share the base)")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -21,7 +21,7 @@ import torch
 
 from stepdistill.config.schema import RoleConfig
 from stepdistill.models import Denoiser, GANHead, Teacher
-from stepdistill.models.guidance import add_guidance_embedding
+from stepdistill.models.guidance import add_guidance_embedding, guidance_embedding_dim
 from stepdistill.models.lora import add_lora, enable_adapter_aware_checkpointing, lora_parameters, use_adapter
 
 
@@ -141,8 +141,8 @@ def build_roles(
             else:
                 module = _load_backbone(teacher, cfg.init_from)
             module.to(device)
-            if cfg.guidance_embedding_dim > 0:
-                add_guidance_embedding(module, cfg.guidance_embedding_dim)
+            if cfg.guidance_embedding_dim > 0 and guidance_embedding_dim(module) is None:
+                add_guidance_embedding(module, cfg.guidance_embedding_dim)  # (an LCM teacher already has one)
             if cfg.lora_rank > 0:
                 module.requires_grad_(False)
                 adapter = name

@@ -48,11 +48,7 @@ from stepdistill.losses.consistency import (
 from stepdistill.methods.base import DistillMethod, MethodContext
 from stepdistill.methods.registry import register
 from stepdistill.models.denoiser import UNET_FAMILIES, Conditioning
-from stepdistill.models.guidance import (
-    add_guidance_embedding,
-    guidance_embedding_dim,
-    guidance_scale_embedding,
-)
+from stepdistill.models.guidance import guidance_embedding_dim, guidance_scale_embedding
 
 
 # ---- configs --------------------------------------------------------------------------------------
@@ -284,11 +280,21 @@ class LCM(_ConsistencyBase):
             if self.teacher.family not in UNET_FAMILIES:
                 raise ValueError(f"method.w_embedding=true needs a UNet (time_cond_proj_dim); {self.teacher.family} "
                                  "has none: set method.w_embedding=false")
+            # The harness gave these roles the w-input (default_roles: RoleConfig.guidance_embedding_dim).
             for name in ("generator", "target"):
-                if name in self.roles:
-                    _add_w_embedding(self.roles[name].module, cfg.time_cond_proj_dim,
-                                     trainable=self.roles[name].trainable)
+                if name in self.roles and guidance_embedding_dim(self.roles[name].module) != cfg.time_cond_proj_dim:
+                    raise ValueError(f"method.w_embedding=true with time_cond_proj_dim={cfg.time_cond_proj_dim} needs "
+                                     f"roles.{name}.guidance_embedding_dim={cfg.time_cond_proj_dim}")
         self.start_t, self.prev_t = self._solver_grid()
+
+    @classmethod
+    def default_roles(cls, cfg) -> dict[str, RoleConfig]:
+        roles = super().default_roles(cfg)
+        if cfg.w_embedding:  # the student (and its EMA target) take omega through time_cond_proj
+            for name in ("generator", "target"):
+                if name in roles:
+                    roles[name].guidance_embedding_dim = cfg.time_cond_proj_dim
+        return roles
 
     @property
     def num_inference_steps(self) -> int:
@@ -359,14 +365,6 @@ class LCM(_ConsistencyBase):
 
     def export_guidance_scale(self) -> float:
         return float(self.cfg.export_guidance_scale) if self.cfg.w_embedding else 0.0
-
-
-def _add_w_embedding(unet: torch.nn.Module, dim: int, trainable: bool) -> None:
-    """Give a UNet its zero-initialised guidance-scale input (``models/guidance.py``) unless it has one
-    (e.g. an LCM teacher); the new layer trains with the role or stays frozen with it."""
-    if guidance_embedding_dim(unet) is None:
-        add_guidance_embedding(unet, dim)
-        unet.time_embedding.cond_proj.requires_grad_(trainable)
 
 
 # ---- PCM ------------------------------------------------------------------------------------------
