@@ -160,3 +160,12 @@ def test_train_teacher_script_writes_loadable_pipelines(tmp_path):
     assert flow.vae.config.scaling_factor == info["scaling_factor"]  # toy-flow reuses toy-sd's VAE
     images = _generate(flow, ["a green circle in the center"], steps=2)
     assert images.shape == (1, 3, RESOLUTION, RESOLUTION)
+
+
+def test_shipped_weight_files_stay_small():
+    """Every shipped weight file is under 5 MB (large ones are sharded) and all assets under 25 MB."""
+    from stepdistill.toy.teachers import ASSETS_DIR, folder_size
+
+    sizes = {str(p.relative_to(ASSETS_DIR)): p.stat().st_size for p in ASSETS_DIR.rglob("*.safetensors")}
+    assert sizes and max(sizes.values()) < 5 * 2**20, sizes
+    assert folder_size(ASSETS_DIR) < 25 * 2**20

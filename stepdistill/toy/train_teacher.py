@@ -18,7 +18,7 @@ logit-normal then shifted like the scheduler's), prompts encoded by the pipeline
 ``encode_prompt`` with the same 10% caption dropout. The tiny T5 encoder stays at its seeded
 initialisation (frozen): the pipeline needs one to reload with a plain ``from_pretrained``.
 
-The pipeline is written with ``save_pretrained(out, safe_serialization=True)`` (default ``out``: the
+The pipeline is written with ``save_pretrained(out, safe_serialization=True)`` in shards under 5 MB (default ``out``: the
 shipped folder under ``stepdistill/toy/assets/``) with a ``stepdistill_toy.json`` describing the run.
 """
 
@@ -42,6 +42,10 @@ DEFAULTS = {
     "sd": (3000, 32, 1e-3),
     "flow": (1500, 32, 1e-3),
 }
+
+
+# Weight files stay under 5 MB each (diffusers shards larger models; loading is unchanged).
+SHARD_SIZE = "4MB"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -300,7 +304,7 @@ def train_sd(args, out: Path, device: torch.device) -> dict:
     ema.copy_to(params)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
-    pipe.save_pretrained(str(out), safe_serialization=True)
+    pipe.save_pretrained(str(out), safe_serialization=True, max_shard_size=SHARD_SIZE)
     return {
         **vae_stats,
         "denoiser_steps": args.steps,
@@ -392,7 +396,7 @@ def train_flow(args, out: Path, device: torch.device) -> dict:
     ema.copy_to(params)
     for module in (transformer, encoders[0], encoders[1]):
         module.eval().requires_grad_(False)
-    pipe.save_pretrained(str(out), safe_serialization=True)
+    pipe.save_pretrained(str(out), safe_serialization=True, max_shard_size=SHARD_SIZE)
     return {
         "from_sd": str(sd_path),
         "denoiser_steps": args.steps,
