@@ -32,6 +32,28 @@ from stepdistill.methods.registry import register
 from stepdistill.models.denoiser import Conditioning
 
 
+def check_generator_schedule(cfg) -> None:
+    """The checks every DMD-family config shares: generator steps and timesteps, the timestep range of
+    the distillation loss, and the critic/generator update ratio."""
+    if cfg.num_steps < 1:
+        raise ValueError(f"method.num_steps={cfg.num_steps} must be >= 1")
+    if cfg.generator_timesteps is not None:
+        ts = list(cfg.generator_timesteps)
+        if len(ts) != cfg.num_steps:
+            raise ValueError(
+                f"method.generator_timesteps has {len(ts)} entries but method.num_steps={cfg.num_steps}; "
+                "give one timestep per generator step, highest first"
+            )
+        if any(a <= b for a, b in zip(ts, ts[1:])):
+            raise ValueError(f"method.generator_timesteps={ts} must be strictly decreasing")
+    if not 0.0 <= cfg.min_t_frac < cfg.max_t_frac <= 1.0:
+        raise ValueError(
+            f"method.min_t_frac={cfg.min_t_frac}, max_t_frac={cfg.max_t_frac}: need 0 <= min < max <= 1"
+        )
+    if cfg.critic_steps_per_generator_step < 1:
+        raise ValueError("method.critic_steps_per_generator_step must be >= 1")
+
+
 @dataclass
 class DMDConfig:
     name: str = "dmd"
@@ -66,23 +88,7 @@ class DMDConfig:
     gan_max_t_frac: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.num_steps < 1:
-            raise ValueError(f"method.num_steps={self.num_steps} must be >= 1")
-        if self.generator_timesteps is not None:
-            ts = list(self.generator_timesteps)
-            if len(ts) != self.num_steps:
-                raise ValueError(
-                    f"method.generator_timesteps has {len(ts)} entries but method.num_steps={self.num_steps}; "
-                    "give one timestep per generator step, highest first"
-                )
-            if any(a <= b for a, b in zip(ts, ts[1:])):
-                raise ValueError(f"method.generator_timesteps={ts} must be strictly decreasing")
-        if not 0.0 <= self.min_t_frac < self.max_t_frac <= 1.0:
-            raise ValueError(
-                f"method.min_t_frac={self.min_t_frac}, max_t_frac={self.max_t_frac}: need 0 <= min < max <= 1"
-            )
-        if self.critic_steps_per_generator_step < 1:
-            raise ValueError("method.critic_steps_per_generator_step must be >= 1")
+        check_generator_schedule(self)
         if self.regression_loss not in ("pseudo_huber", "l2"):
             raise ValueError(f"method.regression_loss={self.regression_loss!r}; choose one of: pseudo_huber, l2")
         for key in ("gan_generator_weight", "gan_critic_weight", "regression_weight", "dmd_weight"):

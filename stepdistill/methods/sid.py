@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stepdistill.config.schema import RoleConfig
 from stepdistill.losses import gan_generator_loss, sid_generator_loss
-from stepdistill.methods.dmd import DMD, _check_data
+from stepdistill.methods.dmd import DMD, _check_data, check_generator_schedule
 from stepdistill.methods.registry import register
 
 GUIDANCE = ("cfg", "zero_cfg", "anti_cfg")
@@ -73,13 +73,7 @@ class SiDConfig:
     regression_pairs: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
-        if self.num_steps < 1:
-            raise ValueError(f"method.num_steps={self.num_steps} must be >= 1")
-        if self.generator_timesteps is not None:
-            ts = list(self.generator_timesteps)
-            if len(ts) != self.num_steps or any(a <= b for a, b in zip(ts, ts[1:])):
-                raise ValueError(f"method.generator_timesteps={ts}: give method.num_steps={self.num_steps} "
-                                 "strictly decreasing timesteps")
+        check_generator_schedule(self)
         if self.guidance not in GUIDANCE:
             raise ValueError(f"method.guidance={self.guidance!r}; choose one of: {', '.join(GUIDANCE)}")
         if self.guidance == "zero_cfg" and (self.real_guidance_scale != 1.0 or self.fake_guidance_scale != 1.0
@@ -95,11 +89,6 @@ class SiDConfig:
             if self.critic_guidance_scale != 1.0:
                 raise ValueError("method.guidance=anti_cfg trains the fake score without CFG: set "
                                  "method.critic_guidance_scale=1")
-        if not 0.0 <= self.min_t_frac < self.max_t_frac <= 1.0:
-            raise ValueError(
-                f"method.min_t_frac={self.min_t_frac}, max_t_frac={self.max_t_frac}: need 0 <= min < max <= 1")
-        if self.critic_steps_per_generator_step < 1:
-            raise ValueError("method.critic_steps_per_generator_step must be >= 1")
         for key in ("sid_weight", "gan_generator_weight", "gan_critic_weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"method.{key}={getattr(self, key)} must be >= 0")

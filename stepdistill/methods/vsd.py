@@ -30,7 +30,7 @@ import torch
 
 from stepdistill.config.schema import RoleConfig
 from stepdistill.losses import vsd_loss
-from stepdistill.methods.dmd import DMD
+from stepdistill.methods.dmd import DMD, check_generator_schedule
 from stepdistill.methods.registry import register
 
 WEIGHTINGS = ("sigma2", "uniform")
@@ -64,20 +64,9 @@ class VSDConfig:
     gan_critic_weight: ClassVar[float] = 0.0
 
     def __post_init__(self) -> None:
-        if self.num_steps < 1:
-            raise ValueError(f"method.num_steps={self.num_steps} must be >= 1")
-        if self.generator_timesteps is not None:
-            ts = list(self.generator_timesteps)
-            if len(ts) != self.num_steps or any(a <= b for a, b in zip(ts, ts[1:])):
-                raise ValueError(f"method.generator_timesteps={ts}: give method.num_steps={self.num_steps} "
-                                 "strictly decreasing timesteps")
-        if not 0.0 <= self.min_t_frac < self.max_t_frac <= 1.0:
-            raise ValueError(
-                f"method.min_t_frac={self.min_t_frac}, max_t_frac={self.max_t_frac}: need 0 <= min < max <= 1")
+        check_generator_schedule(self)
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"method.weighting={self.weighting!r}; choose one of: {', '.join(WEIGHTINGS)}")
-        if self.critic_steps_per_generator_step < 1:
-            raise ValueError("method.critic_steps_per_generator_step must be >= 1")
         if self.vsd_weight <= 0:
             raise ValueError(f"method.vsd_weight={self.vsd_weight} must be > 0")
 
