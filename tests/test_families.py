@@ -372,3 +372,37 @@ def test_features_only_stops_at_the_bottleneck(teacher, inputs, family):
     torch.testing.assert_close(feats, full)
     torch.testing.assert_close(feats_cfg, full, rtol=1e-4, atol=1e-4)
     assert not d.feature_module()._forward_hooks
+
+
+def test_multi_level_features(teacher, inputs, family):
+    """``Denoiser.features``: one tensor per level in forward order, the deepest equal to the bottleneck
+    features, the backbone stopped after the deepest requested level, gradients reaching the input."""
+    x_t, t, cond, _ = inputs
+    d = teacher.denoiser()
+    levels = d.feature_levels()
+    feats = d.features(x_t, t, cond)
+    assert len(feats) == len(levels) >= 2
+    n = len(PROMPTS)
+    if family in ("sd15", "sd2", "sdxl"):
+        channels = list(teacher.backbone.config.block_out_channels)
+        assert [f.shape[1] for f in feats] == channels + [channels[-1]]
+        assert all(f.ndim == 4 and f.shape[0] == n for f in feats)
+        _, mid = d(x_t, t, cond, return_features=True)
+        torch.testing.assert_close(feats[-1], mid)  # the last level is the mid block, the bottleneck
+    else:
+        assert all(f.ndim == 3 and f.shape[0] == n for f in feats)
+    # Only the first level: nothing after it runs.
+    later = levels[1]
+    calls = []
+    handle = later.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        (first,) = d.features(x_t, t, cond, levels=[0])
+    finally:
+        handle.remove()
+    assert calls == [] and not any(m._forward_hooks for m in levels)
+    torch.testing.assert_close(first, feats[0])
+    x = x_t.clone().requires_grad_(True)
+    d.features(x, t, cond, levels=[-1])[0].float().square().mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="levels"):
+        d.features(x_t, t, cond, levels=[len(levels)])

@@ -27,6 +27,9 @@ CASES["sid_zero_cfg"] = "sid"  # Zero-CFG: unguided teacher, text-free fake scor
 CASES["lcm_lora"] = "lcm"  # LCM-LoRA: LoRA student, no w-embedding, the online student as target
 CASES["pcm_sd3"] = "pcm"  # PCM on a flow-matching (SD3) teacher
 CASES["scm_flux"] = "scm"  # sCM's JVP through a FLUX transformer (packed tokens, guidance embedding)
+CASES["dmd2_ladd"] = "dmd2"  # DMD2 + the LADD term: heads on the frozen teacher's features, own phase
+CASES["scm_ladd"] = "scm"  # sCM + LADD (SANA-Sprint): transformer-token heads on a flow teacher
+CASES["ladd_exact_r1"] = "ladd"  # non-saturating loss, exact R1 (double backward through the teacher)
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +59,10 @@ def _case(case, pairs) -> tuple[str, list[str]]:
         "lcm_lora": ["roles.generator.lora_rank=4", "method.w_embedding=false", "method.target_ema_decay=0"],
         "pcm_sd3": ["model.pretrained=tiny:sd3", "model.family=sd3"],
         "scm_flux": ["model.pretrained=tiny:flux", "model.family=flux"],
+        "dmd2_ladd": ["data.images=builtin:toy", "method.adversarial.weight=0.5", "method.adversarial.levels=[0,2]"],
+        "scm_ladd": ["method.adversarial.weight=0.5"],
+        "ladd_exact_r1": ["method.adversarial.loss=non_saturating", "method.adversarial.r1=exact",
+                          "method.adversarial.r1_weight=1.0"],
     }
     return CASES[case], extra.get(case, [])
 
@@ -116,6 +123,10 @@ def test_phases_train_the_right_roles(case, tmp_path, teacher_pairs):
                     f"{method}/{phase}: the GAN head of {name} must change exactly when {name} trains")
         if "_gan" in case:
             assert f"{phase}/gan" in logs, f"{phase} has no GAN term"
+        if "ladd" in case and phase in ("generator", "discriminator"):
+            assert f"{phase}/adversarial" in logs, f"{phase} has no LADD term"
+        if "r1" in case and phase == "discriminator":
+            assert logs["discriminator/r1"] > 0, "the R1 penalty is zero"
     assert not changed(teacher_before, trainer.teacher.backbone), f"{method}: the teacher changed"
 
 

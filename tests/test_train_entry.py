@@ -65,16 +65,21 @@ def test_accelerate_launch_train_exports_a_plain_diffusers_pipeline(tmp_path):
     assert result["std"] > 0  # not a blank image
 
 
-def test_two_process_ddp_ends_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("config, roles", [
+    ("tests/tiny_dmd2", {"generator", "critic"}),
+    # LADD's discriminator: DDP-wrapped heads on the teacher's never-wrapped backbone.
+    ("tests/tiny_ladd", {"generator", "discriminator"}),
+])
+def test_two_process_ddp_ends_with_identical_weights(tmp_path, config, roles):
     out = tmp_path / "ddp"
     run([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no", "train.py",
-         "--config", "tests/tiny_dmd2", "train.max_steps=2", "export.enabled=false", "train.sample_every=0",
+         "--config", config, "train.max_steps=2", "export.enabled=false", "train.sample_every=0",
          f"run.output_dir={out}"], env={"CUDA_VISIBLE_DEVICES": ""})
     done = json.loads((out / "DONE.json").read_text())
     assert done["num_processes"] == 2
     for role, per_rank in done["weight_sha256"].items():
         assert len(per_rank) == 2 and per_rank[0] == per_rank[1], f"{role} differs between ranks"
-    assert set(done["weight_sha256"]) == {"generator", "critic"}
+    assert set(done["weight_sha256"]) == roles
 
 
 def test_export_command_from_a_checkpoint(tmp_path):

@@ -87,6 +87,9 @@ class RoleConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     # LoRA only: put the adapter on the teacher's frozen base instead of a second copy (saves memory).
     share_teacher_base: bool = False
+    # The role trains only its head modules, on the teacher's own frozen backbone (no copy, no LoRA):
+    # LADD's discriminator = trainable heads on the teacher's features.
+    heads_only: bool = False
     gradient_checkpointing: bool = False
     # > 0: the role's UNet takes the guidance scale as an input of this width (diffusers'
     # time_cond_proj_dim, zero-initialised; models/guidance.py): guidance distillation, LCM.
@@ -110,6 +113,9 @@ class RoleConfig:
                              "role neither trains nor exports: use lora_rank=0, or drop the guidance input "
                              "(guidance_embedding_dim=0; LCM-LoRA: method.w_embedding=false; guidance "
                              "distillation: guidance_min = guidance_max)")
+        if self.heads_only and (self.lora_rank or self.init_from != "teacher" or self.guidance_embedding_dim):
+            raise ValueError("roles.*.heads_only=true trains heads on the teacher's frozen backbone: it needs "
+                             "init_from=teacher, lora_rank=0 and guidance_embedding_dim=0")
         if self.share_teacher_base and self.lora_rank == 0:
             raise ValueError("roles.*.share_teacher_base=true needs lora_rank > 0 (only a LoRA can share the base)")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -66,6 +66,8 @@ class Role:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         if not self.trainable:
             return []
+        if self.cfg.heads_only:
+            return list(self.head.parameters()) if self.head is not None else []
         if self.is_lora:
             params = lora_parameters(self.module, self.adapter or self.name)
         else:
@@ -85,10 +87,16 @@ class _AdapterDenoiser:
     def __init__(self, denoiser: Denoiser, module: torch.nn.Module, adapter: str | None):
         self._denoiser, self._module, self._adapter = denoiser, module, adapter
 
+    def _context(self):
+        return use_adapter(_unwrap(self._module), self._adapter) if _has_lora(self._module) else contextlib.nullcontext()
+
     def __call__(self, *args, **kwargs):
-        ctx = use_adapter(_unwrap(self._module), self._adapter) if _has_lora(self._module) else contextlib.nullcontext()
-        with ctx:
+        with self._context():
             return self._denoiser(*args, **kwargs)
+
+    def features(self, *args, **kwargs):
+        with self._context():
+            return self._denoiser.features(*args, **kwargs)
 
     def __getattr__(self, item):
         return getattr(self._denoiser, item)
@@ -117,16 +125,35 @@ def _load_backbone(teacher: Teacher, path: str) -> torch.nn.Module:
     return cls.from_pretrained(folder)
 
 
+def _build_head(spec, module: torch.nn.Module, teacher: Teacher) -> torch.nn.Module:
+    """A role's head: ``"gan"`` (the bottleneck classifier of DMD2) or a factory ``spec(denoiser)``."""
+    if spec == "gan":
+        return GANHead.for_backbone(module, teacher.family)
+    if callable(spec):
+        return spec(teacher.denoiser(module))
+    raise ValueError(f"unknown head {spec!r}: give 'gan' or a callable denoiser -> nn.Module")
+
+
 def build_roles(
-    teacher: Teacher, role_cfgs: dict[str, RoleConfig], heads: dict[str, str], device: torch.device
+    teacher: Teacher, role_cfgs: dict[str, RoleConfig], heads: dict, device: torch.device
 ) -> dict[str, Role]:
-    """Build every role the method asked for. The teacher role is the teacher's frozen backbone."""
+    """Build every role the method asked for. The teacher role is the teacher's frozen backbone.
+
+    ``heads`` maps role names to the head they carry (``DistillMethod.role_heads``). A ``heads_only``
+    role is its head alone on the teacher's own frozen backbone (LADD's discriminator).
+    """
     roles: dict[str, Role] = {}
     for name, cfg in role_cfgs.items():
         if name == "teacher":
             if cfg.trainable:
                 raise ValueError("roles.teacher.trainable=true: the teacher is the frozen reference; train a copy")
             roles[name] = Role(name, cfg, teacher.backbone, denoiser_fn=teacher.denoiser, adapter=None)
+            continue
+        if cfg.heads_only:
+            if name not in heads:
+                raise ValueError(f"roles.{name}.heads_only=true, but the method gives role {name!r} no head")
+            head = _build_head(heads[name], teacher.backbone, teacher).to(device)
+            roles[name] = Role(name, cfg, teacher.backbone, denoiser_fn=teacher.denoiser, head=head, adapter=None)
             continue
         adapter = None
         if cfg.lora_rank > 0 and cfg.share_teacher_base:
@@ -152,7 +179,7 @@ def build_roles(
         module.requires_grad_(False)
         head = None
         if name in heads:
-            head = GANHead.for_backbone(module, teacher.family).to(device)
+            head = _build_head(heads[name], module, teacher).to(device)
         role = Role(name, cfg, module, denoiser_fn=teacher.denoiser, head=head, adapter=adapter)
         if cfg.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
             enable_adapter_aware_checkpointing(module)

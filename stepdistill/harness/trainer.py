@@ -177,11 +177,13 @@ class Trainer:
                                     eps=rc.adam_eps, fused=fused or None)
             sched = get_scheduler(rc.lr_scheduler, opt, num_warmup_steps=rc.lr_warmup_steps,
                                   num_training_steps=self.cfg.train.max_steps)
-            shared = role.adapter is not None and role.module is self.teacher.backbone
+            shared = role.module is self.teacher.backbone
             if shared:
-                # The base belongs to the teacher: no DDP wrapper; LoRA gradients are averaged by hand.
+                # The base belongs to the teacher: no DDP wrapper; LoRA gradients are averaged by hand,
+                # heads (a heads-only role's whole trainable part) are DDP-wrapped on their own.
                 opt, sched = acc.prepare(opt, sched)
-                acc.register_for_checkpointing(_ParamsState(role.trainable_parameters()))
+                if role.adapter is not None:
+                    acc.register_for_checkpointing(_ParamsState(role.trainable_parameters()))
                 if role.head is not None:
                     role.wrapped_head = acc.prepare(role.head)
             elif role.head is not None:
@@ -278,8 +280,9 @@ class Trainer:
                 continue
             params = role.trainable_parameters()
             if role.wrapped is None and acc.num_processes > 1:
+                in_head = {id(p) for p in role.head.parameters()} if role.wrapped_head is not None else set()
                 for p in params:
-                    if p.grad is not None:
+                    if p.grad is not None and id(p) not in in_head:  # the head's DDP wrapper averaged those
                         p.grad = acc.reduce(p.grad, reduction="mean")
             max_norm = role.cfg.max_grad_norm if role.cfg.max_grad_norm > 0 else math.inf
             logs[f"grad_norm/{name}"] = acc.clip_grad_norm_(params, max_norm).detach().float()

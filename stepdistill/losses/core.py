@@ -80,3 +80,31 @@ def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 def gan_critic_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Discriminator loss ``E[softplus(-D(real))] + E[softplus(D(fake))]`` (DMD2 Eq. 6, the classifier side)."""
     return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+
+
+def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Hinge loss of the discriminator, ``E[relu(1 - D(real))] + E[relu(1 + D(fake))]`` (ADD Sec. 3.2 and
+    LADD Sec. 3 use the hinge loss; Lim & Ye 2017). Logits of several heads are averaged over all entries."""
+    return F.relu(1.0 - real_logits.float()).mean() + F.relu(1.0 + fake_logits.float()).mean()
+
+
+def hinge_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Generator side of the hinge GAN, ``-E[D(fake)]`` (ADD Sec. 3.2, the adversarial term of Eq. 2)."""
+    return -fake_logits.float().mean()
+
+
+def approximate_r1(logits: torch.Tensor, perturbed_logits: torch.Tensor) -> torch.Tensor:
+    """Approximated R1 of APT (Lin et al. 2025, "Diffusion Adversarial Post-Training", arXiv 2501.08316):
+    ``E[(D(x) - D(x + sigma * n))^2]`` over real inputs, a finite-difference stand-in for the gradient
+    penalty ``||grad_x D(x)||^2`` that needs no second-order backward through the backbone."""
+    return (logits.float() - perturbed_logits.float()).pow(2).mean()
+
+
+def r1_penalty(logits: torch.Tensor, inputs: torch.Tensor, num_rows: int | None = None) -> torch.Tensor:
+    """Exact R1 (Mescheder et al. 2018, "Which Training Methods for GANs do actually Converge?", without the
+    gamma/2 factor): ``E[||grad_x D(x)||^2]`` over real inputs ``x``, which must require grad. ``logits`` are
+    the per-sample D(x) of the first ``num_rows`` rows of ``inputs`` (default: all); the graph is kept so
+    the penalty itself back-propagates to the discriminator."""
+    (grad,) = torch.autograd.grad(logits.float().sum(), inputs, create_graph=True)
+    rows = len(logits) if num_rows is None else num_rows
+    return grad[:rows].float().flatten(1).pow(2).sum(dim=1).mean()

@@ -59,8 +59,10 @@ class DistillMethod:
         model loads, e.g. a GAN term without ``data.images``)."""
 
     @classmethod
-    def role_heads(cls, cfg: Any) -> dict[str, str]:
-        """Roles that carry an extra head module, e.g. {"critic": "gan"} (built by the harness)."""
+    def role_heads(cls, cfg: Any) -> dict[str, Any]:
+        """Roles that carry an extra head module, built by the harness: ``{"critic": "gan"}`` (DMD2's
+        bottleneck classifier) or ``{role: factory}`` with ``factory(denoiser) -> nn.Module`` (LADD's
+        multi-level heads). A role with ``heads_only=True`` trains only its head, on the teacher's backbone."""
         return {}
 
     def phases(self, step: int) -> list[str]:

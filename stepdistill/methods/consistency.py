@@ -20,9 +20,11 @@ network is the online student under stop-gradient (LCM-LoRA, as diffusers' LCM-L
 All three train on data: ``x0`` are real latents (``data.images``: an image folder with captions,
 teacher samples from ``stepdistill cache-pairs``, or ``builtin:toy``) noised to the sampled timestep.
 
-Not implemented: PCM's optional adversarial term and sCM's "+ LADD" combination (SANA-Sprint) — the
-GAN heads of the harness would carry them (``role_heads``) once an adversarial-loss method lands; sCM's
-adaptive weighting w_phi(t) (sCM Sec. 4.3) is left out: the sCM loss here is unweighted.
+sCM + LADD (SANA-Sprint Sec. 3): ``method.adversarial.weight > 0`` adds the LADD term of
+``methods/adversarial.py`` (trainable heads on the frozen teacher's features) on the student's x0
+estimate at the sCM training point, with its own ``discriminator`` phase and optimizer.
+Not implemented: PCM's optional adversarial term; sCM's adaptive weighting w_phi(t) (sCM Sec. 4.3) is
+left out: the sCM loss here is unweighted.
 
 Equation and section numbers refer to the arXiv versions named above; they were written from the
 papers as read before this work and could not be re-checked offline.
@@ -30,8 +32,7 @@ papers as read before this work and could not be re-checked offline.
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,9 +46,16 @@ from stepdistill.losses.consistency import (
     trigflow_time,
     trigflow_to_flow,
 )
+from stepdistill.methods.adversarial import (
+    DISCRIMINATOR,
+    AdversarialConfig,
+    AdversarialTerm,
+    adversarial_heads,
+    adversarial_roles,
+)
 from stepdistill.methods.base import DistillMethod, MethodContext
 from stepdistill.methods.registry import register
-from stepdistill.models.denoiser import UNET_FAMILIES, Conditioning
+from stepdistill.models.denoiser import UNET_FAMILIES, Conditioning, math_attention
 from stepdistill.models.guidance import guidance_embedding_dim, guidance_scale_embedding
 
 
@@ -127,6 +135,8 @@ class SCMConfig:
     tangent_norm_c: float = 0.1
     # Largest TrigFlow time (pi/2 is pure noise; the proposal is clamped below it).
     max_t: float = 1.5706
+    # LADD term on the student's x0 estimate (SANA-Sprint's sCM + LADD); weight 0 = off.
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
@@ -465,6 +475,8 @@ class SCM(DistillMethod):
         if not ctx.has_real_data:
             raise ValueError("method.name=scm needs data.images (real or teacher-sample latents)")
         self.timesteps = self._default_timesteps(cfg.num_steps)
+        self.adv = AdversarialTerm(cfg.adversarial, ctx) if cfg.adversarial.weight > 0 else None
+        self._fake_cache: tuple | None = None
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -473,10 +485,15 @@ class SCM(DistillMethod):
     @classmethod
     def default_roles(cls, cfg) -> dict[str, RoleConfig]:
         return {"generator": RoleConfig(init_from="teacher", trainable=True),
-                "teacher": RoleConfig(init_from="teacher", trainable=False)}
+                "teacher": RoleConfig(init_from="teacher", trainable=False),
+                **adversarial_roles(cfg.adversarial)}
+
+    @classmethod
+    def role_heads(cls, cfg) -> dict:
+        return adversarial_heads(cfg.adversarial)
 
     def phases(self, step: int) -> list[str]:
-        return ["generator"]
+        return ["generator", DISCRIMINATOR] if self.adv is not None else ["generator"]
 
     @property
     def num_inference_steps(self) -> int:
@@ -506,6 +523,11 @@ class SCM(DistillMethod):
         return -torch.sin(t).view(view) * x0 + sd * torch.cos(t).view(view) * eps
 
     def losses(self, phase: str, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        if phase == DISCRIMINATOR and self.adv is not None:
+            cache, self._fake_cache = self._fake_cache, None
+            if cache is None or cache[0] != step:
+                raise RuntimeError("sCM's discriminator phase needs the samples of this step's generator phase")
+            return self.adv.discriminator_losses(cache[1], cache[2], batch["real"])
         if phase != "generator":
             raise ValueError(f"{self.name} has no phase {phase!r}")
         cfg, sd = self.cfg, self.cfg.sigma_data
@@ -530,7 +552,7 @@ class SCM(DistillMethod):
             def f_theta(x_scaled, tt):
                 return self._trig_velocity(bare, x_scaled * sd, tt, cond) / sd
 
-            with _jvp_attention():
+            with math_attention():  # CPU flash attention has no JVP rule
                 f_minus, df_dt = torch.func.jvp(f_theta, (x_t / sd, t), (cs.view(view) * dxt_dt / sd, cs))
             # Tangent warm-up r: 0 -> 1 linearly over the first updates (sCM Sec. 4.2); a function of the step
             # (one generator update per step), so a resumed run continues it exactly.
@@ -538,8 +560,18 @@ class SCM(DistillMethod):
             g = scm_tangent(f_minus, df_dt, dxt_dt, x_t, t, sd, r, cfg.tangent_norm_c)  # sCM Eq. 8, Alg. 1
         f = self._trig_velocity(student.denoiser, x_t, t, cond) / sd
         loss = scm_loss(f, f_minus, g)  # sCM Algorithm 1 (no adaptive weighting)
-        return {"loss": loss, "scm": loss.detach(), "stats/tangent_warmup": torch.tensor(r),
-                "stats/g_norm": g.flatten(1).norm(dim=1).mean(), "stats/t_mean": t.mean()}
+        out = {"scm": loss.detach(), "stats/tangent_warmup": torch.tensor(r),
+               "stats/g_norm": g.flatten(1).norm(dim=1).mean(), "stats/t_mean": t.mean()}
+        if self.adv is not None:
+            # sCM + LADD (SANA-Sprint Sec. 3): the student's x0 estimate at this training point, TrigFlow's
+            # x0 = cos(t) x_t - sin(t) sigma_d F_theta (sCM Sec. 2), scored on the teacher's features.
+            x0_hat = torch.cos(t).view(view) * x_t - torch.sin(t).view(view) * sd * f
+            self._fake_cache = (step, x0_hat.detach(), cond)
+            adv = self.adv.generator_losses(x0_hat, cond)
+            out.update(adv)
+            loss = loss + cfg.adversarial.weight * adv["adversarial"]
+        out["loss"] = loss
+        return out
 
     # ---- sampling and export ------------------------------------------------------------------
     @torch.no_grad()
@@ -573,12 +605,3 @@ def _bare_denoiser(role):
         return role.denoiser
     finally:
         role.active = active
-
-
-@contextlib.contextmanager
-def _jvp_attention():
-    """Forward-mode AD through attention: the math SDPA backend (CPU flash attention has no JVP rule)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        yield

@@ -15,7 +15,7 @@ with backward simulation and sampled with re-noising between steps (an LCM-style
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,31 +27,18 @@ from stepdistill.losses import (
     gan_generator_loss,
     regression_loss,
 )
-from stepdistill.methods.base import DistillMethod, MethodContext
+from stepdistill.methods.adversarial import (
+    DISCRIMINATOR,
+    AdversarialConfig,
+    AdversarialTerm,
+    adversarial_heads,
+    adversarial_roles,
+    check_adversarial_data,
+)
+from stepdistill.methods.base import MethodContext
+from stepdistill.methods.fewstep import FewStepGenerator, check_generator_schedule
 from stepdistill.methods.registry import register
 from stepdistill.models.denoiser import Conditioning
-
-
-def check_generator_schedule(cfg) -> None:
-    """The checks every DMD-family config shares: generator steps and timesteps, the timestep range of
-    the distillation loss, and the critic/generator update ratio."""
-    if cfg.num_steps < 1:
-        raise ValueError(f"method.num_steps={cfg.num_steps} must be >= 1")
-    if cfg.generator_timesteps is not None:
-        ts = list(cfg.generator_timesteps)
-        if len(ts) != cfg.num_steps:
-            raise ValueError(
-                f"method.generator_timesteps has {len(ts)} entries but method.num_steps={cfg.num_steps}; "
-                "give one timestep per generator step, highest first"
-            )
-        if any(a <= b for a, b in zip(ts, ts[1:])):
-            raise ValueError(f"method.generator_timesteps={ts} must be strictly decreasing")
-    if not 0.0 <= cfg.min_t_frac < cfg.max_t_frac <= 1.0:
-        raise ValueError(
-            f"method.min_t_frac={cfg.min_t_frac}, max_t_frac={cfg.max_t_frac}: need 0 <= min < max <= 1"
-        )
-    if cfg.critic_steps_per_generator_step < 1:
-        raise ValueError("method.critic_steps_per_generator_step must be >= 1")
 
 
 @dataclass
@@ -86,6 +73,9 @@ class DMDConfig:
     gan_critic_weight: float = 0.0
     # The GAN classifier sees latents noised to t ~ U[0, gan_max_t_frac * T) (DMD2 "diffusion GAN").
     gan_max_t_frac: float = 1.0
+    # LADD term (methods/adversarial.py): trainable heads on the frozen teacher's multi-level features,
+    # updated every iteration like the critic; weight 0 = off. DMD2 + LADD = this with weight > 0.
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     def __post_init__(self) -> None:
         check_generator_schedule(self)
@@ -119,6 +109,8 @@ def _check_data(cfg: DMDConfig, has_real_data: bool) -> None:
             "(GAN term) need real data: set data.images to a folder of images with a metadata.jsonl of captions, "
             "or to teacher samples made by `stepdistill cache-pairs`; or set both weights to 0"
         )
+    if hasattr(cfg, "adversarial"):
+        check_adversarial_data(cfg.adversarial, has_real_data)
     if cfg.num_steps > 1 and not cfg.backward_simulation and not has_real_data:
         raise ValueError(
             "method.backward_simulation=false trains steps k > 0 on noised real latents: set data.images, "
@@ -127,20 +119,18 @@ def _check_data(cfg: DMDConfig, has_real_data: bool) -> None:
 
 
 @register
-class DMD(DistillMethod):
+class DMD(FewStepGenerator):
     name = "dmd"
     Config = DMDConfig
     paper = "Yin et al., One-step Diffusion with Distribution Matching Distillation, CVPR 2024 (arXiv 2311.18828)"
 
     def __init__(self, cfg: DMDConfig, ctx: MethodContext) -> None:
         super().__init__(cfg, ctx)
-        # Default: exactly the timesteps the exported pipeline will run (sampling/schedulers.py).
-        self.timesteps = [float(t) for t in (cfg.generator_timesteps or self._default_timesteps(cfg.num_steps))]
         self.native = self.teacher.prediction_type
-        self.latent_shape = tuple(self.teacher.latent_shape(ctx.resolution))
-        self._fake_cache: tuple | None = None
         self.pairs = None
         _check_data(cfg, has_real_data=ctx.has_real_data)
+        acfg = getattr(cfg, "adversarial", None)  # (VSD and SiD configs have no LADD term)
+        self.adv = AdversarialTerm(acfg, ctx) if acfg is not None and acfg.weight > 0 else None
         if cfg.regression_weight > 0:
             from stepdistill.data.pairs import load_pairs
 
@@ -157,31 +147,24 @@ class DMD(DistillMethod):
             "generator": RoleConfig(init_from="teacher", trainable=True),
             "critic": RoleConfig(init_from="teacher", trainable=True),
             "teacher": RoleConfig(init_from="teacher", trainable=False),
+            **adversarial_roles(cfg.adversarial),
         }
 
     @classmethod
-    def role_heads(cls, cfg: DMDConfig) -> dict[str, str]:
-        return {"critic": "gan"} if (cfg.gan_critic_weight > 0 or cfg.gan_generator_weight > 0) else {}
+    def role_heads(cls, cfg: DMDConfig) -> dict:
+        heads = {"critic": "gan"} if (cfg.gan_critic_weight > 0 or cfg.gan_generator_weight > 0) else {}
+        acfg = getattr(cfg, "adversarial", None)  # (SiD inherits these heads; its config has no LADD term)
+        return {**heads, **(adversarial_heads(acfg) if acfg is not None else {})}
 
     def phases(self, step: int) -> list[str]:
-        # TTUR: the critic is updated every step, the generator every `critic_steps_per_generator_step`.
+        # TTUR: the critic (and the LADD discriminator) every step, the generator every
+        # `critic_steps_per_generator_step`.
+        extra = [DISCRIMINATOR] if self.adv is not None else []
         if step % self.cfg.critic_steps_per_generator_step == 0:
-            return ["generator", "critic"]
-        return ["critic"]
-
-    @property
-    def num_inference_steps(self) -> int:
-        return len(self.timesteps)
+            return ["generator", "critic", *extra]
+        return ["critic", *extra]
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _default_timesteps(self, num_steps: int) -> list[float]:
-        from stepdistill.sampling.schedulers import pipeline_timesteps
-
-        return pipeline_timesteps(self.teacher, num_steps, self.ctx.resolution)
-
-    def _t(self, t: float, n: int) -> torch.Tensor:
-        return torch.full((n,), float(t), device=self.ctx.device)
-
     def _native_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The regression target of a denoiser in the teacher's own parameterization."""
         alpha, sigma = self.schedule.alpha_sigma(t)
@@ -194,26 +177,6 @@ class DMD(DistillMethod):
         if self.native == "flow":
             return noise - x0
         return x0
-
-    def _generator_input(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The generator's input x_{t_k} and t_k for this batch (backward simulation for k > 0)."""
-        cond = batch["cond"]
-        n = len(cond)
-        noise = torch.randn((n, *self.latent_shape), device=self.ctx.device)
-        if len(self.timesteps) == 1:
-            return noise, self._t(self.timesteps[0], n)
-        k = int(torch.randint(len(self.timesteps), ()).item())
-        if self.cfg.backward_simulation:
-            x = noise
-            with torch.no_grad():
-                generator = self.roles["generator"].denoiser
-                for i in range(k):
-                    x0 = generator(x, self._t(self.timesteps[i], n), cond, output="x0")
-                    x = self.schedule.add_noise(x0, torch.randn_like(x0), self._t(self.timesteps[i + 1], n))
-            return x, self._t(self.timesteps[k], n)
-        real = batch["real"]["latents"][:n]
-        t = self._t(self.timesteps[k], n)
-        return (noise if k == 0 else self.schedule.add_noise(real, noise, t)), t
 
     def _critic_features(self, x0: torch.Tensor, cond, max_frac: float):
         critic = self.roles["critic"]
@@ -229,6 +192,8 @@ class DMD(DistillMethod):
             return self._generator_losses(batch, step)
         if phase == "critic":
             return self._critic_losses(batch, step)
+        if phase == DISCRIMINATOR and self.adv is not None:
+            return self.adv.discriminator_losses(self._take_fake(batch, step), batch["cond"], batch["real"])
         raise ValueError(f"{self.name} has no phase {phase!r}")
 
     def _generator_losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
@@ -263,6 +228,11 @@ class DMD(DistillMethod):
             out["gan"] = gan_generator_loss(logits)
             out["stats/fake_logits"] = logits.detach().mean()
             loss = loss + cfg.gan_generator_weight * out["gan"]
+        if self.adv is not None:
+            # LADD term (DMD2 + LADD): the teacher's features of the re-noised sample, scored by the heads.
+            adv = self.adv.generator_losses(x0, cond)
+            out.update(adv)
+            loss = loss + cfg.adversarial.weight * adv["adversarial"]
         if self.pairs is not None:
             # Regression on teacher ODE pairs (DMD Eq. 9): the one-step output from the pair's noise
             # must match the teacher's multi-step output.
@@ -278,14 +248,7 @@ class DMD(DistillMethod):
 
     def _critic_losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         cfg, cond = self.cfg, batch["cond"]
-        cache = self._fake_cache
-        if cache is not None and cache[0] == step and cache[1] == tuple(batch["prompts"]):
-            x0 = cache[2]
-        else:
-            with torch.no_grad():
-                x_in, t_in = self._generator_input(batch)
-                x0 = self.roles["generator"].denoiser(x_in, t_in, cond, output="x0")
-        self._fake_cache = None
+        x0 = self._take_fake(batch, step)
         # The fake score learns to denoise generator samples at every noise level (DMD Eq. 6, in the
         # teacher's own parameterization; uniform t over the whole training range as in DMD2).
         n = len(x0)
@@ -314,35 +277,6 @@ class DMD(DistillMethod):
         """The fake score's prediction (teacher's parameterization) in its denoising loss; subclasses
         change its conditioning or guidance (SiD's LSG and Zero-CFG)."""
         return self.roles["critic"].denoiser(x_t, t, batch["cond"], output=self.native)
-
-    # ---- sampling and export ------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(self, noise, cond, uncond=None, num_steps=None, generator=None):
-        """DMD2's few-step sampler: predict x0, re-noise it to the next timestep with fresh noise."""
-        timesteps = self.timesteps
-        if num_steps is not None and num_steps != len(timesteps):
-            timesteps = self._default_timesteps(num_steps)
-        denoiser = self.roles[self.student_role].denoiser
-        x, n = noise, len(noise)
-        for i, t in enumerate(timesteps):
-            x0 = denoiser(x, self._t(t, n), cond, output="x0")
-            if i + 1 < len(timesteps):
-                fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-                x = self.schedule.add_noise(x0, fresh, self._t(timesteps[i + 1], n))
-        return x0
-
-    def export_scheduler(self, num_steps=None):
-        from stepdistill.sampling.schedulers import renoising_scheduler
-
-        return renoising_scheduler(self.teacher, num_steps or len(self.timesteps))
-
-    def export_timesteps(self) -> list[float] | None:
-        """Timesteps the exported scheduler must be called with, when they differ from its defaults
-        (only when the config sets ``method.generator_timesteps`` by hand)."""
-        default = self._default_timesteps(len(self.timesteps))
-        same = all(abs(float(a) - float(b)) < 1e-3 for a, b in zip(default, self.timesteps))
-        return None if same else list(self.timesteps)
-
 
 @register
 class DMD2(DMD):

@@ -174,6 +174,16 @@ def latent_image_ids(height: int, width: int, device=None, dtype=None) -> Tensor
     return ids.to(dtype=dtype or torch.float32)
 
 
+@contextlib.contextmanager
+def math_attention():
+    """Run attention with the math SDPA backend: the one with forward-mode (JVP, sCM) and second-order
+    (exact R1) derivatives; the fused CPU/GPU kernels have neither."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
 class _FeaturesReady(Exception):
     """Raised by the feature hook to end a backbone forward early (``features_only``)."""
 
@@ -223,6 +233,76 @@ class Denoiser:
             return model.mid_block
         blocks = model.transformer_blocks
         return blocks[len(blocks) // 2]
+
+    def feature_levels(self) -> list[nn.Module]:
+        """The modules whose outputs are the multi-level features (``features``), in forward order: a UNet's
+        down blocks and mid block (its encoder half), a transformer's joint blocks (FLUX: the double-stream
+        ones). LADD's discriminator reads every one of them by default."""
+        model = self.module
+        if self.family in UNET_FAMILIES:
+            return [*model.down_blocks, model.mid_block]
+        return list(model.transformer_blocks)
+
+    def features(
+        self,
+        x_t: Tensor,
+        t,
+        cond: Conditioning,
+        levels: Sequence[int] | None = None,
+        *,
+        timestep_cond: Tensor | None = None,
+    ) -> list[Tensor]:
+        """Intermediate features of the backbone at ``levels`` (indices into ``feature_levels()``; None: all).
+
+        UNet levels give feature maps [B, C_l, h_l, w_l], transformer levels image tokens [B, N, D]. The
+        forward stops right after the deepest requested level (a UNet never runs its decoder). The
+        features are attached to the graph: gradients reach ``x_t`` (a generator through a frozen
+        discriminator backbone) and the backbone's trainable parameters, if any.
+        """
+        if x_t.ndim != 4:
+            raise ValueError(f"x_t must be [B, C, H, W] latents, got shape {tuple(x_t.shape)}")
+        modules = self.feature_levels()
+        levels = list(range(len(modules))) if levels is None else [int(i) for i in levels]
+        bad = [i for i in levels if not -len(modules) <= i < len(modules)]
+        if bad or not levels:
+            raise ValueError(f"feature levels {levels}: this {type(self.module).__name__} has {len(modules)} "
+                             f"levels (indices 0..{len(modules) - 1})")
+        levels = sorted({i % len(modules) for i in levels})
+        batch = x_t.shape[0]
+        t = self._timesteps(t, batch, x_t.device)
+        cond = cond.expand_to(batch)
+        guidance = None
+        if self.guidance_embedded:  # guidance-embedded backbones read features at guidance 1 (no CFG)
+            guidance = torch.ones(batch, device=x_t.device)
+        captured: dict[int, Tensor] = {}
+        last = levels[-1]
+
+        def make_hook(index: int):
+            def hook(_module, _inputs, output):
+                if index in captured:  # re-computation under gradient checkpointing
+                    return
+                if isinstance(output, tuple | list):
+                    # UNet down blocks return (hidden_states, residuals); transformer blocks
+                    # (encoder_hidden_states, hidden_states).
+                    output = output[0] if self.family in UNET_FAMILIES else output[-1]
+                captured[index] = output
+                if index == last:
+                    raise _FeaturesReady
+            return hook
+
+        handles = [modules[i].register_forward_hook(make_hook(i)) for i in levels]
+        extra = {} if timestep_cond is None else {"timestep_cond": timestep_cond}
+        try:
+            self.forward_native(x_t, t, cond, guidance=guidance, **extra)
+        except _FeaturesReady:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [i for i in levels if i not in captured]
+        if missing:
+            raise RuntimeError(f"feature levels {missing} were not reached during the backbone forward")
+        return [captured[i] for i in levels]
 
     # ---- prediction -----------------------------------------------------------------------------
     def __call__(

@@ -16,6 +16,7 @@ before creating the optimizer or loading a state dict.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from stepdistill.models.denoiser import unwrap_model
@@ -116,3 +117,40 @@ class _TokenHead(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         x = self.act(self.proj(self.norm(tokens)))
         return self.out(x.mean(dim=1))
+
+
+class MultiLevelHeads(nn.Module):
+    """One ``GANHead`` per feature level of a frozen backbone (LADD's discriminator, Sauer et al. 2024, Sec. 3).
+
+    ``forward(features)`` takes the list ``Denoiser.features`` returns (one tensor per level, UNet maps
+    or transformer tokens) and gives logits [B, L], one column per level; the adversarial losses
+    average over levels. Built lazily when ``in_channels`` is not given (run one forward before the
+    optimizer is created), or sized with ``for_denoiser``.
+    """
+
+    def __init__(self, in_channels: list[int | None], kinds: list[str | None] | None = None, hidden: int = 128):
+        super().__init__()
+        if not in_channels:
+            raise ValueError("MultiLevelHeads needs at least one feature level")
+        kinds = kinds or [None] * len(in_channels)
+        self.heads = nn.ModuleList(GANHead(c, kind=k, hidden=hidden) for c, k in zip(in_channels, kinds))
+
+    @classmethod
+    def for_denoiser(cls, denoiser, levels: list[int] | None, hidden: int = 128) -> MultiLevelHeads:
+        """Heads sized for ``denoiser.features(..., levels)`` (UNet: each level's output channels;
+        transformers: the inner width of every block)."""
+        model = unwrap_model(denoiser.module)
+        modules = denoiser.feature_levels()
+        index = sorted({i % len(modules) for i in (range(len(modules)) if levels is None else levels)})
+        config = model.config
+        if "block_out_channels" in config:
+            channels = list(config["block_out_channels"])
+            widths = [channels[i] if i < len(channels) else channels[-1] for i in index]  # the mid block: last
+            return cls(widths, ["conv"] * len(widths), hidden)
+        width = int(config["num_attention_heads"] * config["attention_head_dim"])
+        return cls([width] * len(index), ["tokens"] * len(index), hidden)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        if len(features) != len(self.heads):
+            raise ValueError(f"{len(self.heads)} discriminator heads got {len(features)} feature levels")
+        return torch.stack([head(f) for head, f in zip(self.heads, features)], dim=1)
