@@ -99,7 +99,8 @@ def _trainer(tmp_path, method, *overrides):
 def test_scm_jvp_matches_finite_differences(tmp_path):
     """sCM's tangent cos(t) sin(t) dF/dt from torch.func.jvp equals a finite difference along the PF-ODE,
     and the TrigFlow view of the flow student has f(x_t, t) = cos t x_t - sin t sigma_d F = its x0."""
-    from stepdistill.methods.consistency import _bare_denoiser, _jvp_attention
+    from stepdistill.methods.consistency import _bare_denoiser
+    from stepdistill.models.denoiser import math_attention
 
     trainer = _trainer(tmp_path, "scm", "export.enabled=false")
     m = trainer.method
@@ -116,7 +117,7 @@ def test_scm_jvp_matches_finite_differences(tmp_path):
 
     v_x, v_t = torch.randn_like(x_t), torch.ones(2, dtype=torch.float64)
     h = 1e-4
-    with torch.no_grad(), _jvp_attention():
+    with torch.no_grad(), math_attention():
         out, tangent = torch.func.jvp(f, (x_t / sd, t), (v_x, v_t))
         fd = (f(x_t / sd + h * v_x, t + h * v_t) - f(x_t / sd - h * v_x, t - h * v_t)) / (2 * h)
         x0 = torch.cos(t).view(-1, 1, 1, 1) * x_t - torch.sin(t).view(-1, 1, 1, 1) * sd * out

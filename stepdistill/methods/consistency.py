@@ -578,18 +578,11 @@ class SCM(DistillMethod):
     def sample(self, noise, cond, uncond=None, num_steps=None, generator=None):
         """sCM's multistep sampler (sCM Sec. 2, consistency sampling): f = x0 of the student at each
         timestep, re-noised with fresh noise to the next (the exported stochastic flow scheduler)."""
-        timesteps = self.timesteps if num_steps in (None, len(self.timesteps)) else self._default_timesteps(num_steps)
-        denoiser = self.roles[self.student_role].denoiser
-        x, n = noise, len(noise)
-        for i, t in enumerate(timesteps):
-            x0 = denoiser(x, self._t(t, n), cond, output="x0")
-            if i + 1 < len(timesteps):
-                fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-                x = self.schedule.add_noise(x0, fresh, self._t(timesteps[i + 1], n))
-        return x0
+        from stepdistill.methods.fewstep import renoising_sample
 
-    def _t(self, t: float, n: int) -> torch.Tensor:
-        return torch.full((n,), float(t), device=self.ctx.device)
+        timesteps = self.timesteps if num_steps in (None, len(self.timesteps)) else self._default_timesteps(num_steps)
+        return renoising_sample(self.roles[self.student_role].denoiser, self.schedule, timesteps, noise, cond,
+                                generator)
 
     def export_scheduler(self, num_steps=None):
         from stepdistill.sampling.schedulers import renoising_scheduler

@@ -35,6 +35,19 @@ def check_generator_schedule(cfg, ratio_key: str = "critic_steps_per_generator_s
         raise ValueError(f"method.{ratio_key}={getattr(cfg, ratio_key)} must be >= 1")
 
 
+@torch.no_grad()
+def renoising_sample(denoiser, schedule, timesteps, noise, cond, generator=None) -> torch.Tensor:
+    """x0 at each timestep, re-noised with fresh noise to the next (what the exported LCMScheduler /
+    stochastic flow scheduler does); returns the last x0."""
+    x, n = noise, len(noise)
+    for i, t in enumerate(timesteps):
+        x0 = denoiser(x, torch.full((n,), float(t), device=noise.device), cond, output="x0")
+        if i + 1 < len(timesteps):
+            fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x = schedule.add_noise(x0, fresh, torch.full((n,), float(timesteps[i + 1]), device=noise.device))
+    return x0
+
+
 class FewStepGenerator(DistillMethod):
     """Generator timesteps, training inputs, the re-noising sampler and its export.
 
@@ -98,14 +111,8 @@ class FewStepGenerator(DistillMethod):
         timesteps = self.timesteps
         if num_steps is not None and num_steps != len(timesteps):
             timesteps = self._default_timesteps(num_steps)
-        denoiser = self.roles[self.student_role].denoiser
-        x, n = noise, len(noise)
-        for i, t in enumerate(timesteps):
-            x0 = denoiser(x, self._t(t, n), cond, output="x0")
-            if i + 1 < len(timesteps):
-                fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-                x = self.schedule.add_noise(x0, fresh, self._t(timesteps[i + 1], n))
-        return x0
+        return renoising_sample(self.roles[self.student_role].denoiser, self.schedule, timesteps, noise, cond,
+                                generator)
 
     def export_scheduler(self, num_steps=None):
         from stepdistill.sampling.schedulers import renoising_scheduler
