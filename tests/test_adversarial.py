@@ -92,10 +92,31 @@ def test_discriminator_is_heads_on_the_teacher(tmp_path):
     assert not any(p.requires_grad for p in trainer.teacher.backbone.parameters())
     teacher_before = snapshot(trainer.teacher.backbone)
     accuracy = []
-    for step in range(40):  # discriminator phases only: the generator stays where it started
+    for step in range(30):  # discriminator phases only: the generator stays where it started
         logs = trainer.run_phase("discriminator", 2 * step + 1)
         accuracy.append(logs["discriminator/stats/adv_accuracy"].item())
     assert not any(not torch.equal(v, trainer.teacher.backbone.state_dict()[k]) for k, v in teacher_before.items())
     # Toy-image latents vs the untrained student's samples: the heads separate them.
     assert sum(accuracy[-10:]) / 10 > 0.9 > sum(accuracy[:5]) / 5, accuracy
     assert logs["discriminator/loss"].item() < 1.0
+
+
+def test_multi_level_heads_project_the_prompt():
+    from stepdistill.models.heads import MultiLevelHeads
+
+    torch.manual_seed(0)
+    heads = MultiLevelHeads([8, 16], ["conv", "conv"], hidden=4, cond_dim=6)
+    feats = [torch.randn(3, 8, 4, 4), torch.randn(3, 16, 2, 2)]
+    c = torch.randn(3, 6)
+    logits = heads(feats, c)
+    assert logits.shape == (3, 2)
+    # By hand for level 1: w.h + b + <h, P c> / sqrt(hidden)
+    h = heads.heads[1].embed(feats[1])
+    out = heads.heads[1].net[-1]
+    expect = (h @ out.weight.T).squeeze(-1) + out.bias + (h * heads.cond_proj[1](c)).sum(-1) / 2.0
+    torch.testing.assert_close(logits[:, 1], expect)
+    assert not torch.allclose(heads(feats, torch.randn(3, 6)), logits)  # the prompt changes the verdict
+    with pytest.raises(ValueError, match="prompt vector"):
+        heads(feats)
+    with pytest.raises(ValueError, match="2 discriminator heads got 1"):
+        heads(feats[:1], c)

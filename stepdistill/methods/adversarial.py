@@ -69,6 +69,9 @@ class AdversarialConfig:
     t_mean: float = 1.0
     t_std: float = 1.0
     head_hidden: int = 128  # width of each head (toy choice; LADD's heads are small conv nets)
+    # Condition every head on the prompt (mean text token, by projection): ADD's and LADD's heads see the
+    # text conditioning (as recalled); without it only the teacher's cross-attention carries the prompt.
+    text_conditioning: bool = True
     # Gradient penalty on real inputs; 0 = off. "approximate": APT's finite-difference R1
     # (Lin et al. 2025, arXiv 2501.08316) E[(D(x) - D(x + sigma n))^2], no second-order backward;
     # "exact": E[||grad_x D(x)||^2] (Mescheder et al. 2018), a double backward through the teacher.
@@ -107,7 +110,8 @@ def adversarial_heads(acfg: AdversarialConfig) -> dict:
     def build(denoiser):
         from stepdistill.models.heads import MultiLevelHeads
 
-        return MultiLevelHeads.for_denoiser(denoiser, levels, hidden=acfg.head_hidden)
+        return MultiLevelHeads.for_denoiser(denoiser, levels, hidden=acfg.head_hidden,
+                                            text_conditioning=acfg.text_conditioning)
 
     return {DISCRIMINATOR: build}
 
@@ -149,7 +153,11 @@ class AdversarialTerm:
         if requires_input_grad:
             x_t = x_t.detach().requires_grad_(True)
         features = self.role.denoiser.features(x_t, t, cond, cfg.levels)
-        return self.role.gan_head(features), x_t, t
+        return self.role.gan_head(features, self._text(cond)), x_t, t
+
+    def _text(self, cond: Conditioning) -> torch.Tensor | None:
+        """The prompt vector of text-conditioned heads: the mean token of the backbone's text input."""
+        return cond["encoder_hidden_states"].float().mean(dim=1) if self.cfg.text_conditioning else None
 
     def generator_losses(self, x0: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:
         """The student's adversarial loss through the frozen teacher and frozen heads (LADD; ADD Eq. 2's
@@ -178,7 +186,7 @@ class AdversarialTerm:
                 x_t = x_t.detach().requires_grad_(True)
             cond = Conditioning.cat([real["cond"], fake_cond])
             features = self.role.denoiser.features(x_t, t, cond, cfg.levels)
-        logits = self.role.gan_head([f if exact_r1 else f.detach() for f in features])
+        logits = self.role.gan_head([f if exact_r1 else f.detach() for f in features], self._text(cond))
         real_logits, fake_logits = logits[:n_real], logits[n_real:]
         if cfg.loss == "hinge":
             loss_d = hinge_discriminator_loss(real_logits, fake_logits)
@@ -197,7 +205,8 @@ class AdversarialTerm:
                     x_real = x_t[:n_real]
                     perturbed = self.role.denoiser.features(
                         x_real + cfg.r1_sigma * torch.randn_like(x_real), t[:n_real], real["cond"], cfg.levels)
-                penalty = approximate_r1(real_logits, self.role.gan_head([f.detach() for f in perturbed]))
+                penalty = approximate_r1(real_logits, self.role.gan_head([f.detach() for f in perturbed],
+                                                                         self._text(real["cond"])))
             out["r1"] = penalty
             loss = loss + cfg.r1_weight * penalty
         out["loss"] = loss

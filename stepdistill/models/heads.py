@@ -102,6 +102,19 @@ class GANHead(nn.Module):
         weight = next(self.parameters())
         return self.net(features.to(weight.dtype)).squeeze(-1)
 
+    def embed(self, features: Tensor) -> Tensor:
+        """The pooled hidden vector [B, hidden] the final linear layer reads (built heads only)."""
+        weight = next(self.parameters())
+        x = features.to(weight.dtype)
+        if self.kind == "conv":
+            return self.net[:-1](x)
+        return self.net.act(self.net.proj(self.net.norm(x))).mean(dim=1)
+
+    def project(self, hidden: Tensor) -> Tensor:
+        """The final linear layer: [B, hidden] -> logits [B]."""
+        out = self.net[-1] if self.kind == "conv" else self.net.out
+        return out(hidden).squeeze(-1)
+
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, kind={self.kind!r}, hidden={self.hidden}"
 
@@ -122,23 +135,27 @@ class _TokenHead(nn.Module):
 class MultiLevelHeads(nn.Module):
     """One ``GANHead`` per feature level of a frozen backbone (LADD's discriminator, Sauer et al. 2024, Sec. 3).
 
-    ``forward(features)`` takes the list ``Denoiser.features`` returns (one tensor per level, UNet maps
-    or transformer tokens) and gives logits [B, L], one column per level; the adversarial losses
-    average over levels. Built lazily when ``in_channels`` is not given (run one forward before the
-    optimizer is created), or sized with ``for_denoiser``.
+    ``forward(features, cond)`` takes the list ``Denoiser.features`` returns (one tensor per level, UNet
+    maps or transformer tokens) and gives logits [B, L], one column per level; the adversarial losses
+    average over levels. With ``cond_dim``, each head is also conditioned on a prompt vector ``cond``
+    [B, cond_dim] by projection (Miyato & Koyama 2018): ``logit = w.h + <h, P c> / sqrt(hidden)``, so
+    a sample that fits its image statistics but not its prompt can still be told apart.
     """
 
-    def __init__(self, in_channels: list[int | None], kinds: list[str | None] | None = None, hidden: int = 128):
+    def __init__(self, in_channels: list[int], kinds: list[str], hidden: int = 128, cond_dim: int = 0):
         super().__init__()
         if not in_channels:
             raise ValueError("MultiLevelHeads needs at least one feature level")
-        kinds = kinds or [None] * len(in_channels)
         self.heads = nn.ModuleList(GANHead(c, kind=k, hidden=hidden) for c, k in zip(in_channels, kinds))
+        self.hidden, self.cond_dim = hidden, cond_dim
+        self.cond_proj = nn.ModuleList(nn.Linear(cond_dim, hidden) for _ in in_channels) if cond_dim else None
 
     @classmethod
-    def for_denoiser(cls, denoiser, levels: list[int] | None, hidden: int = 128) -> MultiLevelHeads:
+    def for_denoiser(cls, denoiser, levels: list[int] | None, hidden: int = 128,
+                     text_conditioning: bool = False) -> MultiLevelHeads:
         """Heads sized for ``denoiser.features(..., levels)`` (UNet: each level's output channels;
-        transformers: the inner width of every block)."""
+        transformers: the inner width of every block); with ``text_conditioning`` a projection of the
+        mean prompt token (width: the backbone's text-conditioning width)."""
         model = unwrap_model(denoiser.module)
         modules = denoiser.feature_levels()
         index = sorted({i % len(modules) for i in (range(len(modules)) if levels is None else levels)})
@@ -146,11 +163,27 @@ class MultiLevelHeads(nn.Module):
         if "block_out_channels" in config:
             channels = list(config["block_out_channels"])
             widths = [channels[i] if i < len(channels) else channels[-1] for i in index]  # the mid block: last
-            return cls(widths, ["conv"] * len(widths), hidden)
-        width = int(config["num_attention_heads"] * config["attention_head_dim"])
-        return cls([width] * len(index), ["tokens"] * len(index), hidden)
+            kinds = ["conv"] * len(widths)
+            text_dim = config["cross_attention_dim"]
+        else:
+            widths = [int(config["num_attention_heads"] * config["attention_head_dim"])] * len(index)
+            kinds = ["tokens"] * len(index)
+            text_dim = config["joint_attention_dim"]
+        if isinstance(text_dim, list | tuple):
+            text_dim = text_dim[0]
+        return cls(widths, kinds, hidden, cond_dim=int(text_dim) if text_conditioning else 0)
 
-    def forward(self, features: list[Tensor]) -> Tensor:
+    def forward(self, features: list[Tensor], cond: Tensor | None = None) -> Tensor:
         if len(features) != len(self.heads):
             raise ValueError(f"{len(self.heads)} discriminator heads got {len(features)} feature levels")
-        return torch.stack([head(f) for head, f in zip(self.heads, features)], dim=1)
+        if (cond is None) != (self.cond_proj is None):
+            raise ValueError("text-conditioned heads need a prompt vector (and unconditioned heads take none)")
+        logits = []
+        for i, (head, f) in enumerate(zip(self.heads, features)):
+            h = head.embed(f)
+            logit = head.project(h)
+            if self.cond_proj is not None:
+                c = self.cond_proj[i](cond.to(h.dtype))
+                logit = logit + (h * c).sum(dim=-1) / self.hidden**0.5
+            logits.append(logit)
+        return torch.stack(logits, dim=1)
