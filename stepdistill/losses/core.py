@@ -89,7 +89,7 @@ def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tenso
 
 
 def hinge_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """Generator side of the hinge GAN, ``-E[D(fake)]`` (ADD Sec. 3.2, the adversarial term of Eq. 2)."""
+    """Generator side of the hinge GAN, ``-E[D(fake)]`` (ADD Sec. 3.2)."""
     return -fake_logits.float().mean()
 
 

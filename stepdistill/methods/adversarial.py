@@ -144,25 +144,22 @@ class AdversarialTerm:
         self.schedule = ctx.teacher.schedule
         self.role = ctx.roles[DISCRIMINATOR]
 
-    def _logits(self, x0: torch.Tensor, cond: Conditioning, *, requires_input_grad: bool = False,
-                noise_only: bool = False):
+    def _logits(self, x0: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Re-noise ``x0`` to t_hat, read the teacher's features, score them: logits [B, levels]."""
         cfg = self.cfg
         t = logit_normal_timesteps(self.schedule, len(x0), cfg.t_mean, cfg.t_std, x0.device)
         x_t = self.schedule.add_noise(x0, torch.randn_like(x0), t)
-        if requires_input_grad:
-            x_t = x_t.detach().requires_grad_(True)
         features = self.role.denoiser.features(x_t, t, cond, cfg.levels)
-        return self.role.gan_head(features, self._text(cond)), x_t, t
+        return self.role.gan_head(features, self._text(cond))
 
     def _text(self, cond: Conditioning) -> torch.Tensor | None:
         """The prompt vector of text-conditioned heads: the mean token of the backbone's text input."""
         return cond["encoder_hidden_states"].float().mean(dim=1) if self.cfg.text_conditioning else None
 
     def generator_losses(self, x0: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:
-        """The student's adversarial loss through the frozen teacher and frozen heads (LADD; ADD Eq. 2's
-        L_adv^G for the hinge loss); ``x0`` carries the generator's graph."""
-        logits, _, _ = self._logits(x0, cond)
+        """The student's adversarial loss through the frozen teacher and frozen heads (LADD; the generator
+        side of ADD's hinge objective, ADD Sec. 3.2); ``x0`` carries the generator's graph."""
+        logits = self._logits(x0, cond)
         loss = hinge_generator_loss(logits) if self.cfg.loss == "hinge" else gan_generator_loss(logits)
         return {"adversarial": loss, "stats/adv_fake_logits": logits.detach().mean()}
 
