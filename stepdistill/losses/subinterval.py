@@ -1,5 +1,5 @@
-"""Score matching within a subinterval (Phased DMD, arXiv 2510.27684, Sec. "score matching within
-subintervals"): the diffusion kernel from a *noisy* level s to a noisier level t, and the denoising
+"""Score matching within a subinterval (Phased DMD, arXiv 2510.27684, its "score matching within
+subintervals"; the paper's section and equation numbers were not checked here): the diffusion kernel from a *noisy* level s to a noisier level t, and the denoising
 target of a fake score trained on samples that are themselves noisy at level s.
 
 All functions take the schedule coefficients of the forward process ``x_t = alpha_t x0 + sigma_t eps``

@@ -2,18 +2,20 @@
 
 Xiangyu Fan, Zesong Qiu, Zhuguanyu Wu, Fanzhou Wang, Zhiqian Lin, Tianxiang Ren, Dahua Lin, Ruihao Gong,
 Lei Yang. "Phased DMD: Few-step Distribution Matching Distillation via Score Matching within
-Subintervals." arXiv 2510.27684, 2025.
+Subintervals." arXiv 2510.27684, 2025. (The paper's full text was not available here: what follows
+implements its two key ideas as the abstract states them; the formulas are derived here, not copied from
+its equations, and no equation numbers of it are cited.)
 
 The noise range is split by the generator timesteps into k subintervals, edges
 ``T ≥ t_0 > t_1 > ... > t_{k-1} > t_k = clean``. The generator is a mixture of experts: expert i runs
 step i, maps ``x_{t_i}`` to a state at ``t_{i+1}``, and the last expert to clean latents. The paper's two
 ideas, as implemented here:
 
-- Progressive distribution matching (paper Sec. 3, "progressive distribution matching"): training runs
+- Progressive distribution matching (the paper's first key idea): training runs
   in k stages; stage i trains only expert i, towards higher SNR. The earlier, frozen experts produce the
   stage's input ``x_{t_i}`` from noise. The stage of an iteration is a pure function of the step
   (``method.steps_per_stage``), so a resumed run continues in the same stage at the same place.
-- Score matching within subintervals (paper Sec. 3, "score matching within subintervals"): expert i's
+- Score matching within subintervals (the paper's second key idea): expert i's
   output lives at noise level ``s = t_{i+1}``, so its distribution is only defined there and above. The
   DMD gradient and the fake score's training both use ``t`` in ``(s, t_i]`` (``dmd_t_range: subinterval``;
   ``full`` uses ``(s, max_t]``), reaching ``x_t`` from ``x_s`` with the transition kernel of the forward
@@ -258,7 +260,7 @@ class PhasedDMD(DistillMethod):
         cfg, cond, uncond = self.cfg, batch["cond"], batch["uncond"]
         x0, x_s = self._expert_output(i, cond, grad=True)
         self._cache = (step, tuple(batch["prompts"]), x_s)
-        # DMD within the subinterval (paper Sec. 3; DMD Eq. 7 with the Eq. 8 normalisation on x0_hat, see the
+        # DMD within the subinterval (Phased DMD; DMD Eq. 7 with the Eq. 8 normalisation on x0_hat, see the
         # module docstring): x_t from the expert's output x_s by the s -> t kernel, t in (t_{i+1}, t_i].
         with torch.no_grad():
             t, x_t, _, _ = self._noisy(i, x_s)
@@ -285,7 +287,7 @@ class PhasedDMD(DistillMethod):
         else:
             _, x_s = self._expert_output(i, cond, grad=False)
         self._cache = None
-        # Score matching within the subinterval (paper Sec. 3; target and weight derived in
+        # Score matching within the subinterval (Phased DMD; target and weight derived here, in
         # losses/subinterval.py): the "clean" sample x_s is itself noisy at level t_{i+1}.
         t, x_t, noise, coeffs = self._noisy(i, x_s)
         x0_target = subinterval_x0_target(x_t, noise, *coeffs)
