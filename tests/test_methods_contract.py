@@ -25,6 +25,7 @@ CASES["dmd2_lora_shared"] = "dmd2"  # LoRA generator and critic on the teacher's
 CASES["sid_gan_toy"] = "sid"  # SiD's optional Diffusion-GAN term against procedural toy images
 CASES["sid_zero_cfg"] = "sid"  # Zero-CFG: unguided teacher, text-free fake score
 CASES["lcm_lora"] = "lcm"  # LCM-LoRA: LoRA student, no w-embedding, the online student as target
+CASES["phased_dmd_lora_shared"] = "phased_dmd"  # LoRA experts and critic: an MoE of adapters on one frozen base
 CASES["pcm_sd3"] = "pcm"  # PCM on a flow-matching (SD3) teacher
 CASES["scm_flux"] = "scm"  # sCM's JVP through a FLUX transformer (packed tokens, guidance embedding)
 CASES["dmd2_ladd"] = "dmd2"  # DMD2 + the LADD term: heads on the frozen teacher's features, own phase
@@ -57,6 +58,8 @@ def _case(case, pairs) -> tuple[str, list[str]]:
         "sid_zero_cfg": ["method.guidance=zero_cfg", "method.real_guidance_scale=1", "method.fake_guidance_scale=1",
                          "method.critic_guidance_scale=1"],
         "lcm_lora": ["roles.generator.lora_rank=4", "method.w_embedding=false", "method.target_ema_decay=0"],
+        "phased_dmd_lora_shared": [f"roles.{r}.{k}" for r in ("generator", "expert_1", "critic")
+                                   for k in ("lora_rank=4", "share_teacher_base=true")],
         "pcm_sd3": ["model.pretrained=tiny:sd3", "model.family=sd3"],
         "scm_flux": ["model.pretrained=tiny:flux", "model.family=flux"],
         "dmd2_ladd": ["data.images=builtin:toy", "method.adversarial.weight=0.5", "method.adversarial.levels=[0,2]"],

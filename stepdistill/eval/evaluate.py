@@ -274,7 +274,9 @@ def _load_pipeline(name: str, dtype: torch.dtype, device: torch.device):
                          f"(model_index.json) or a Hub id that is in the local cache when offline") from None
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    from stepdistill.export.experts import with_experts
+
+    return with_experts(pipe, path) if Path(str(path)).is_dir() else pipe
 
 
 # ----------------------------------------------------------------------------------------------------

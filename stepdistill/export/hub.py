@@ -93,6 +93,23 @@ def _usage(info: dict, where: str) -> str:
     call = f"num_inference_steps={steps}, guidance_scale={guidance}"
     if info.get("timesteps"):
         call += f", timesteps={[int(t) for t in info['timesteps']]}"
+    if info.get("experts"):
+        # A mixture-of-experts student (Phased DMD): expert i runs step i through the shipped callback.
+        download = (f"folder = snapshot_download({where!r})\n" if where.count("/") == 1 and not Path(where).exists()
+                    else f"folder = {where!r}\n")
+        return (
+            "import sys\n\n"
+            "from diffusers import DiffusionPipeline\n"
+            + ("from huggingface_hub import snapshot_download\n" if download.startswith("folder = snap") else "")
+            + "\n" + download
+            + "sys.path.insert(0, folder)  # expert_switch.py ships with the weights\n"
+            "from expert_switch import ExpertSwitch\n\n"
+            "pipe = DiffusionPipeline.from_pretrained(folder)\n"
+            "switch = ExpertSwitch.from_folder(pipe, folder)  # experts 1..k-1 from expert_*/; expert i runs step i\n"
+            f'image = pipe("a photo of a cat", {call}, callback_on_step_end=switch).images[0]\n'
+            "# Without callback_on_step_end the pipeline runs expert 0 at every step.\n"
+            "# (After pipe.to(device), call switch.to(device) too.)"
+        )
     if info.get("lora_only"):
         scheduler = info["scheduler"]
         return (

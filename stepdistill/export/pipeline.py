@@ -32,10 +32,21 @@ def student_backbone(role) -> torch.nn.Module:
     return copy.deepcopy(module)
 
 
-def usage_snippet(folder: str, num_steps: int, timesteps, guidance_scale: float) -> str:
+def usage_snippet(folder: str, num_steps: int, timesteps, guidance_scale: float, experts: bool = False) -> str:
     call = f"num_inference_steps={num_steps}, guidance_scale={guidance_scale}"
     if timesteps:
         call += f", timesteps={[int(t) for t in timesteps]}"
+    if experts:
+        # One network per step (Phased DMD): expert_switch.py, shipped in the folder, swaps them per step.
+        return (
+            "import sys\n"
+            "from diffusers import DiffusionPipeline\n"
+            f"sys.path.insert(0, {folder!r})  # expert_switch.py ships in the folder\n"
+            "from expert_switch import ExpertSwitch\n"
+            f"pipe = DiffusionPipeline.from_pretrained({folder!r})\n"
+            f"switch = ExpertSwitch.from_folder(pipe, {folder!r})  # expert i runs step i\n"
+            f'image = pipe("a photo of a cat", {call}, callback_on_step_end=switch).images[0]'
+        )
     return (
         "from diffusers import DiffusionPipeline\n"
         f"pipe = DiffusionPipeline.from_pretrained({folder!r})\n"
@@ -82,7 +93,11 @@ def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32",
         if variant not in ("fp16", "bf16"):
             raise ValueError(f"variant={variant!r}: choose fp16 or bf16")
         dtype = variant
+    experts = method.export_experts() if hasattr(method, "export_experts") else None
     if lora_only:
+        if experts:
+            raise ValueError(f"--lora: the {method.name} student has one network per step; export the whole "
+                             "pipeline with its expert folders (drop --lora)")
         if not role.is_lora:
             raise ValueError(f"--lora: the {method.name} student is full weights, not a LoRA; export the whole "
                              "pipeline (drop --lora) or train with roles.generator.lora_rank > 0")
@@ -109,17 +124,38 @@ def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32",
     pipe.save_pretrained(str(out), safe_serialization=True, variant=variant)
 
     lora_dir = None
-    if role.is_lora:
+    expert_info = _export_experts(out, teacher, experts, torch_dtype) if experts else None
+    if role.is_lora and not experts:
         # LoRA students are also written as LoRA weights for the teacher's own pipeline (LCM-LoRA style).
         lora_dir = export_lora(teacher, role, out / "lora")
     _write_info(out, teacher, method, type(components["scheduler"]).__name__,
-                lora="lora" if lora_dir is not None else None, config=config, variant=variant)
+                lora="lora" if lora_dir is not None else None, config=config, variant=variant,
+                experts=expert_info)
     write_model_card(out, run_dir, repo_id, license_)
     return out
 
 
+def _export_experts(out: Path, teacher, experts: dict, torch_dtype) -> dict:
+    """Write experts 1..k-1 of a mixture-of-experts student as backbone folders beside the pipeline (whose
+    own backbone is expert 0) and ship ``expert_switch.py``, the callback that runs expert i at step i."""
+    import shutil
+
+    from stepdistill.export import experts as switch_module
+
+    subfolders = []
+    for name, expert_role in experts["roles"].items():
+        model = student_backbone(expert_role).eval()
+        if model.dtype != torch_dtype:
+            model.to(torch_dtype)
+        model.save_pretrained(str(out / name), safe_serialization=True)
+        subfolders.append(name)
+    shutil.copyfile(switch_module.__file__, out / "expert_switch.py")
+    return {"backbone": teacher.backbone_name, "subfolders": subfolders,
+            "timesteps": [float(t) for t in experts["timesteps"]], "helper": "expert_switch.py"}
+
+
 def _write_info(out: Path, teacher, method, scheduler: str, lora: str | None, config: dict | None,
-                lora_only: bool = False, variant: str | None = None) -> None:
+                lora_only: bool = False, variant: str | None = None, experts: dict | None = None) -> None:
     """``stepdistill.json``: how to sample the export (steps, timesteps, guidance), method and config."""
     steps = method.num_inference_steps
     timesteps = method.export_timesteps() if hasattr(method, "export_timesteps") else None
@@ -141,7 +177,8 @@ def _write_info(out: Path, teacher, method, scheduler: str, lora: str | None, co
         "timesteps": timesteps,
         "guidance_scale": guidance,
         "scheduler": scheduler,
-        "usage": usage_snippet(str(out), steps, timesteps, guidance),
+        "experts": experts,
+        "usage": usage_snippet(str(out), steps, timesteps, guidance, experts=bool(experts)),
         "config": config,
     }
     (out / "stepdistill.json").write_text(json.dumps(info, indent=2, default=str))

@@ -331,20 +331,23 @@ class Trainer:
         out = Path(out) if out is not None else self.run_dir / "export"
         dtype = dtype or self.cfg.export.dtype
         use_ema = self.cfg.export.use_ema if use_ema is None else use_ema
-        role_name = self.method.student_role
-        role = self.roles[role_name]
-        ema = self.emas.get(role_name) if use_ema else None
-        params = role.trainable_parameters()
-        if ema is not None:
-            ema.store(params)
-            ema.copy_to(params)
+        role = self.roles[self.method.student_role]
+        # Every exported role (the student, or each expert of a mixture) with its EMA weights swapped in.
+        swapped = []
+        for name in self.method.export_roles():
+            ema = self.emas.get(name) if use_ema else None
+            if ema is not None:
+                params = self.roles[name].trainable_parameters()
+                ema.store(params)
+                ema.copy_to(params)
+                swapped.append((ema, params))
         try:
             if self.accelerator.is_main_process:
                 export_pipeline(self.teacher, self.method, role, out, dtype=dtype,
                                 config=OmegaConf.to_container(self.cfg, resolve=True), run_dir=self.run_dir,
                                 **export_kwargs)
         finally:
-            if ema is not None:
+            for ema, params in swapped:
                 ema.restore(params)
         self.accelerator.wait_for_everyone()
         return out

@@ -105,6 +105,11 @@ class DistillMethod:
         """Student sampler: latents from noise in ``num_steps`` generator evaluations."""
         raise NotImplementedError
 
+    def export_roles(self) -> tuple[str, ...]:
+        """Roles the export writes (the harness swaps in their EMA weights first): the student, or
+        every expert of a mixture-of-experts student (Phased DMD)."""
+        return (self.student_role,)
+
     def export_scheduler(self, num_steps: int | None = None):
         """A diffusers scheduler that reproduces ``sample`` inside a plain pipeline."""
         raise NotImplementedError

@@ -14,7 +14,7 @@ def register(cls):
 
 def _import_all() -> None:
     # Importing the method modules runs their @register decorators.
-    from stepdistill.methods import adversarial, consistency, dmd, guidance, sid, vsd  # noqa: F401
+    from stepdistill.methods import adversarial, consistency, dmd, guidance, phased_dmd, sid, vsd  # noqa: F401
 
 
 def get_method(name: str) -> type:
