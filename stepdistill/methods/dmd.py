@@ -96,6 +96,18 @@ class DMD2Config(DMDConfig):
     gan_critic_weight: float = 1e-2
 
 
+@torch.no_grad()
+def real_and_fake_x0(roles: dict, cfg, x_t: torch.Tensor, t: torch.Tensor, cond, uncond):
+    """The two denoised predictions of the DMD gradient (DMD Eq. 7) at ``x_t``: the teacher's (real score, CFG
+    ``cfg.real_guidance_scale``) and the critic's (fake score, CFG ``cfg.fake_guidance_scale``)."""
+    real_x0 = roles["teacher"].denoiser(x_t, t, cond, uncond=uncond, guidance_scale=cfg.real_guidance_scale,
+                                        output="x0")
+    fake_uncond = uncond if cfg.fake_guidance_scale != 1.0 else None
+    fake_x0 = roles["critic"].denoiser(x_t, t, cond, uncond=fake_uncond, guidance_scale=cfg.fake_guidance_scale,
+                                       output="x0")
+    return real_x0, fake_x0
+
+
 def _check_data(cfg: DMDConfig, has_real_data: bool) -> None:
     """The data each enabled loss term needs, checked before any model loads."""
     if cfg.regression_weight > 0 and not cfg.regression_pairs:
@@ -208,11 +220,7 @@ class DMD(FewStepGenerator):
         t = self.schedule.sample_timesteps(n, min_frac=cfg.min_t_frac, max_frac=cfg.max_t_frac, device=x0.device)
         with torch.no_grad():
             x_t = self.schedule.add_noise(x0.detach(), torch.randn_like(x0), t)
-            real_x0 = self.roles["teacher"].denoiser(
-                x_t, t, cond, uncond=uncond, guidance_scale=cfg.real_guidance_scale, output="x0")
-            fake_uncond = uncond if cfg.fake_guidance_scale != 1.0 else None
-            fake_x0 = self.roles["critic"].denoiser(
-                x_t, t, cond, uncond=fake_uncond, guidance_scale=cfg.fake_guidance_scale, output="x0")
+            real_x0, fake_x0 = real_and_fake_x0(self.roles, cfg, x_t, t, cond, uncond)
         loss_dmd, grad = dmd_loss(x0, real_x0, fake_x0)
         out = {
             "dmd": loss_dmd,

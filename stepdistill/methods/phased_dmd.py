@@ -59,7 +59,7 @@ from stepdistill.losses.subinterval import (
     weighted_denoising_loss,
 )
 from stepdistill.methods.base import DistillMethod, MethodContext
-from stepdistill.methods.dmd import check_generator_schedule
+from stepdistill.methods.dmd import check_generator_schedule, real_and_fake_x0
 from stepdistill.methods.registry import register
 
 DMD_T_RANGES = ("subinterval", "full")
@@ -264,11 +264,7 @@ class PhasedDMD(DistillMethod):
         # module docstring): x_t from the expert's output x_s by the s -> t kernel, t in (t_{i+1}, t_i].
         with torch.no_grad():
             t, x_t, _, _ = self._noisy(i, x_s)
-            real_x0 = self.roles["teacher"].denoiser(
-                x_t, t, cond, uncond=uncond, guidance_scale=cfg.real_guidance_scale, output="x0")
-            fake_uncond = uncond if cfg.fake_guidance_scale != 1.0 else None
-            fake_x0 = self.roles["critic"].denoiser(
-                x_t, t, cond, uncond=fake_uncond, guidance_scale=cfg.fake_guidance_scale, output="x0")
+            real_x0, fake_x0 = real_and_fake_x0(self.roles, cfg, x_t, t, cond, uncond)
         loss_dmd, grad = dmd_loss(x0, real_x0, fake_x0)
         return {
             "loss": cfg.dmd_weight * loss_dmd,
