@@ -30,6 +30,8 @@ CASES["pcm_sd3"] = "pcm"  # PCM on a flow-matching (SD3) teacher
 CASES["scm_flux"] = "scm"  # sCM's JVP through a FLUX transformer (packed tokens, guidance embedding)
 CASES["dmd2_ladd"] = "dmd2"  # DMD2 + the LADD term: heads on the frozen teacher's features, own phase
 CASES["scm_ladd"] = "scm"  # sCM + LADD (SANA-Sprint): transformer-token heads on a flow teacher
+CASES["pcm_ladd"] = "pcm"  # PCM + LADD term on the student's x0 prediction
+CASES["lcm_ladd"] = "lcm"  # LCM + LADD term on f_theta(x_t), with an EMA target role beside the heads
 CASES["ladd_exact_r1"] = "ladd"  # non-saturating loss, exact R1 (double backward through the teacher)
 
 
@@ -64,6 +66,8 @@ def _case(case, pairs) -> tuple[str, list[str]]:
         "scm_flux": ["model.pretrained=tiny:flux", "model.family=flux"],
         "dmd2_ladd": ["data.images=builtin:toy", "method.adversarial.weight=0.5", "method.adversarial.levels=[0,2]"],
         "scm_ladd": ["method.adversarial.weight=0.5"],
+        "pcm_ladd": ["method.adversarial.weight=0.5", "method.adversarial.r1_weight=0.1"],
+        "lcm_ladd": ["method.adversarial.weight=0.5"],
         "ladd_exact_r1": ["method.adversarial.loss=non_saturating", "method.adversarial.r1=exact",
                           "method.adversarial.r1_weight=1.0"],
     }

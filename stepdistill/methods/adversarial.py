@@ -279,3 +279,34 @@ class LADD(FewStepGenerator):
         if phase == DISCRIMINATOR:
             return self.adv.discriminator_losses(self._take_fake(batch, step), cond, batch["real"])
         raise ValueError(f"{self.name} has no phase {phase!r}")
+
+
+class AdversarialHost:
+    """Mixin for a method whose config has an ``adversarial`` section and whose generator loss sees an x0
+    estimate of the student with its graph (sCM, LCM, PCM): the discriminator phase runs after the
+    generator phase of the same step on that step's samples."""
+
+    adv: AdversarialTerm | None = None
+    _adv_samples: tuple | None = None
+
+    def _init_adversarial(self, acfg: AdversarialConfig, ctx: MethodContext) -> None:
+        self.adv = AdversarialTerm(acfg, ctx) if acfg.weight > 0 else None
+        self._adv_samples = None
+
+    def _with_discriminator(self, phases: list[str]) -> list[str]:
+        return [*phases, DISCRIMINATOR] if self.adv is not None else phases
+
+    def _adversarial_generator_term(self, out: dict, x0: torch.Tensor, cond: Conditioning, step: int):
+        """Add the LADD term's entries to ``out``; return ``weight * L_adv`` for the host's loss, and keep the
+        samples for this step's discriminator phase."""
+        self._adv_samples = (step, x0.detach(), cond)
+        adv = self.adv.generator_losses(x0, cond)
+        out.update(adv)
+        return self.adv.cfg.weight * adv["adversarial"]
+
+    def _discriminator_losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        samples, self._adv_samples = self._adv_samples, None
+        if samples is None or samples[0] != step:
+            raise RuntimeError(f"{type(self).__name__}: the discriminator phase needs the samples of step {step}'s "
+                               "generator phase (phases run generator first)")
+        return self.adv.discriminator_losses(samples[1], samples[2], batch["real"])

@@ -20,11 +20,11 @@ network is the online student under stop-gradient (LCM-LoRA, as diffusers' LCM-L
 All three train on data: ``x0`` are real latents (``data.images``: an image folder with captions,
 teacher samples from ``stepdistill cache-pairs``, or ``builtin:toy``) noised to the sampled timestep.
 
-sCM + LADD (SANA-Sprint Sec. 3): ``method.adversarial.weight > 0`` adds the LADD term of
-``methods/adversarial.py`` (trainable heads on the frozen teacher's features) on the student's x0
-estimate at the sCM training point, with its own ``discriminator`` phase and optimizer.
-Not implemented: PCM's optional adversarial term; sCM's adaptive weighting w_phi(t) (sCM Sec. 4.3) is
-left out: the sCM loss here is unweighted.
+sCM + LADD (SANA-Sprint Sec. 3), and likewise LCM + LADD and PCM + LADD: ``method.adversarial.weight > 0``
+adds the LADD term of ``methods/adversarial.py`` (trainable heads on the frozen teacher's features) on the
+student's x0 estimate at the training point, with its own ``discriminator`` phase and optimizer.
+Not implemented: PCM's own adversarial consistency loss (on phase-mapped states rather than x0); sCM's
+adaptive weighting w_phi(t) (sCM Sec. 4.3) is left out: the sCM loss here is unweighted.
 
 Equation and section numbers refer to the arXiv versions named above; they were written from the
 papers as read before this work and could not be re-checked offline.
@@ -49,7 +49,7 @@ from stepdistill.losses.consistency import (
 from stepdistill.methods.adversarial import (
     DISCRIMINATOR,
     AdversarialConfig,
-    AdversarialTerm,
+    AdversarialHost,
     adversarial_heads,
     adversarial_roles,
 )
@@ -87,6 +87,9 @@ class LCMConfig:
     # the student sees omega = guidance_scale - 1, no CFG batch). Ignored without w_embedding.
     export_guidance_scale: float = 8.0
 
+    # LADD term on the student's x0 prediction at the training point (methods/adversarial.py); weight 0 = off.
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+
     def __post_init__(self) -> None:
         _check_common(self)
         if not 0.0 <= self.w_min <= self.w_max:
@@ -109,6 +112,9 @@ class PCMConfig:
     loss: str = "pseudo_huber"
     huber_c: float | None = None
     target_ema_decay: float = 0.0  # the online student as target (as LCM-LoRA); > 0: an EMA target role
+
+    # LADD term on the student's x0 prediction at the training point (methods/adversarial.py); weight 0 = off.
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -182,7 +188,7 @@ def _check_run(cfg) -> None:
 
 
 # ---- shared machinery -----------------------------------------------------------------------------
-class _ConsistencyBase(DistillMethod):
+class _ConsistencyBase(AdversarialHost, DistillMethod):
     """Data, teacher CFG, the solver grid and the target network shared by LCM and PCM."""
 
     def __init__(self, cfg, ctx: MethodContext) -> None:
@@ -190,6 +196,7 @@ class _ConsistencyBase(DistillMethod):
         if not ctx.has_real_data:
             raise ValueError(f"method.name={cfg.name} needs data.images (real or teacher-sample latents)")
         self.latent_shape = tuple(self.teacher.latent_shape(ctx.resolution))
+        self._init_adversarial(cfg.adversarial, ctx)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -200,19 +207,26 @@ class _ConsistencyBase(DistillMethod):
         roles = {
             "generator": RoleConfig(init_from="teacher", trainable=True),
             "teacher": RoleConfig(init_from="teacher", trainable=False),
+            **adversarial_roles(cfg.adversarial),
         }
         if getattr(cfg, "target_ema_decay", 0.0) > 0:
             roles["target"] = RoleConfig(init_from="teacher", trainable=False)
         return roles
+
+    @classmethod
+    def role_heads(cls, cfg) -> dict:
+        return adversarial_heads(cfg.adversarial)
 
     def ema_targets(self) -> dict[str, tuple[str, float]]:
         decay = getattr(self.cfg, "target_ema_decay", 0.0)
         return {"target": ("generator", decay)} if decay > 0 else {}
 
     def phases(self, step: int) -> list[str]:
-        return ["generator"]
+        return self._with_discriminator(["generator"])
 
     def losses(self, phase: str, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        if phase == DISCRIMINATOR and self.adv is not None:
+            return self._discriminator_losses(batch, step)
         if phase != "generator":
             raise ValueError(f"{self.name} has no phase {phase!r}")
         return self._generator_losses(batch, step)
@@ -342,8 +356,12 @@ class LCM(_ConsistencyBase):
             # Target f_{theta^-}(x_{t_n}, t_n, c, omega) (LCM Eq. 9, second argument; EMA target).
             target = self._consistency_fn(self._target_denoiser(), x_prev, t_prev, cond, w_cond)
         loss = self._distance(pred, target)  # d(., .) of LCM Eq. 9
-        return {"loss": loss, "consistency": loss.detach(), "stats/omega": omega.mean(),
-                "stats/pred_std": pred.detach().std(), "stats/target_std": target.std()}
+        out = {"consistency": loss.detach(), "stats/omega": omega.mean(),
+               "stats/pred_std": pred.detach().std(), "stats/target_std": target.std()}
+        if self.adv is not None:  # LADD term on f_theta(x_t), the student's x0 estimate
+            loss = loss + self._adversarial_generator_term(out, pred, cond, step)
+        out["loss"] = loss
+        return out
 
     # ---- sampling and export ------------------------------------------------------------------
     def _sampler_timesteps(self, num_steps: int) -> list[float]:
@@ -403,13 +421,14 @@ class PCM(_ConsistencyBase):
         scheduler.set_timesteps(num_phases)
         return torch.tensor([float(t) for t in scheduler.timesteps] + [-1.0], device=self.ctx.device)
 
-    def _phase_map(self, denoiser, x_t, t, s, cond) -> torch.Tensor:
+    def _phase_map(self, denoiser, x_t, t, s, cond, return_x0: bool = False):
         """PCM's phased consistency function: the DDIM jump from t to the phase's lower edge s (PCM Eq. 6),
-        the identity at t = s (its boundary condition)."""
+        the identity at t = s (its boundary condition). ``return_x0``: also the x0 prediction it jumps with."""
         x0 = denoiser(x_t, t, cond, output="x0")
         eps = self.schedule.convert(x0, x_t, t, "x0", "epsilon")
         alpha, sigma = self._alpha_sigma(s)
-        return ddim_step(x0, eps, alpha, sigma)
+        x_s = ddim_step(x0, eps, alpha, sigma)
+        return (x_s, x0) if return_x0 else x_s
 
     def _generator_losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         x0, cond, uncond = self._data(batch)
@@ -422,7 +441,7 @@ class PCM(_ConsistencyBase):
         # The solver step never crosses the phase edge (PCM Sec. 3.2: consistency within a phase).
         t_prev = torch.maximum(self.prev_t[idx], lower)
         x_t = self.schedule.add_noise(x0, torch.randn_like(x0), t_start)
-        pred = self._phase_map(self.roles["generator"].denoiser, x_t, t_start, lower, cond)
+        pred, x0_pred = self._phase_map(self.roles["generator"].denoiser, x_t, t_start, lower, cond, return_x0=True)
         with torch.no_grad():
             g = torch.full((n,), self.cfg.guidance_scale, device=dev)
             x_prev = self._teacher_step(x_t, t_start, t_prev, cond, uncond, g)
@@ -431,8 +450,13 @@ class PCM(_ConsistencyBase):
             at_edge = (t_prev <= lower).view(-1, 1, 1, 1)
             target = torch.where(at_edge, x_prev, target)
         loss = self._distance(pred, target)  # PCM Eq. 8 (phased consistency distillation loss)
-        return {"loss": loss, "consistency": loss.detach(), "stats/phase": k.float().mean(),
-                "stats/pred_std": pred.detach().std()}
+        out = {"consistency": loss.detach(), "stats/phase": k.float().mean(), "stats/pred_std": pred.detach().std()}
+        if self.adv is not None:
+            # LADD term on the student's x0 prediction (PCM's own adversarial loss compares phase-mapped states
+            # instead, PCM Sec. 3.3 as recalled: not reproduced here).
+            loss = loss + self._adversarial_generator_term(out, x0_pred, cond, step)
+        out["loss"] = loss
+        return out
 
     @torch.no_grad()
     def sample(self, noise, cond, uncond=None, num_steps=None, generator=None):
@@ -461,7 +485,7 @@ class PCM(_ConsistencyBase):
 
 # ---- sCM ------------------------------------------------------------------------------------------
 @register
-class SCM(DistillMethod):
+class SCM(AdversarialHost, DistillMethod):
     name = "scm"
     Config = SCMConfig
     paper = "Lu & Song, Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models, ICLR 2025 " \
@@ -475,8 +499,7 @@ class SCM(DistillMethod):
         if not ctx.has_real_data:
             raise ValueError("method.name=scm needs data.images (real or teacher-sample latents)")
         self.timesteps = self._default_timesteps(cfg.num_steps)
-        self.adv = AdversarialTerm(cfg.adversarial, ctx) if cfg.adversarial.weight > 0 else None
-        self._fake_cache: tuple | None = None
+        self._init_adversarial(cfg.adversarial, ctx)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -493,7 +516,7 @@ class SCM(DistillMethod):
         return adversarial_heads(cfg.adversarial)
 
     def phases(self, step: int) -> list[str]:
-        return ["generator", DISCRIMINATOR] if self.adv is not None else ["generator"]
+        return self._with_discriminator(["generator"])
 
     @property
     def num_inference_steps(self) -> int:
@@ -524,10 +547,7 @@ class SCM(DistillMethod):
 
     def losses(self, phase: str, batch: dict, step: int) -> dict[str, torch.Tensor]:
         if phase == DISCRIMINATOR and self.adv is not None:
-            cache, self._fake_cache = self._fake_cache, None
-            if cache is None or cache[0] != step:
-                raise RuntimeError("sCM's discriminator phase needs the samples of this step's generator phase")
-            return self.adv.discriminator_losses(cache[1], cache[2], batch["real"])
+            return self._discriminator_losses(batch, step)
         if phase != "generator":
             raise ValueError(f"{self.name} has no phase {phase!r}")
         cfg, sd = self.cfg, self.cfg.sigma_data
@@ -566,10 +586,7 @@ class SCM(DistillMethod):
             # sCM + LADD (SANA-Sprint Sec. 3): the student's x0 estimate at this training point, TrigFlow's
             # x0 = cos(t) x_t - sin(t) sigma_d F_theta (sCM Sec. 2), scored on the teacher's features.
             x0_hat = torch.cos(t).view(view) * x_t - torch.sin(t).view(view) * sd * f
-            self._fake_cache = (step, x0_hat.detach(), cond)
-            adv = self.adv.generator_losses(x0_hat, cond)
-            out.update(adv)
-            loss = loss + cfg.adversarial.weight * adv["adversarial"]
+            loss = loss + self._adversarial_generator_term(out, x0_hat, cond, step)
         out["loss"] = loss
         return out
 
