@@ -99,17 +99,17 @@ def validate_paths_for_pairs(cfg, validate_paths) -> None:
         validate_paths(cfg, method_checks=False)
 
 
-def _cmd_bench_train(args: argparse.Namespace) -> int:
+def _cmd_bench_train(argv: list[str]) -> int:
     from stepdistill.bench.train_step import main as bench_main
 
-    result = bench_main(list(args.args))
+    result = bench_main(argv)
     return result if isinstance(result, int) else 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
+def _cmd_bench(argv: list[str]) -> int:
     from stepdistill.bench.sampler import main as bench_main
 
-    return bench_main(list(args.args))
+    return bench_main(argv)
 
 
 def _cmd_eval(argv: list[str]) -> int:
@@ -190,47 +190,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_cmd_cache_pairs, parser=p)
 
-    p = sub.add_parser("bench-train", help="benchmark training-step time and memory",
-                       description="Benchmark training steps; arguments are passed to "
-                                   "stepdistill.bench.train_step (see `stepdistill bench-train --help`).",
-                       add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
-    p.set_defaults(func=_cmd_bench_train, parser=p)
-
-    p = sub.add_parser("bench", help="benchmark samplers: latency, throughput, memory and quality per entry",
-                       description="Compare one-step / few-step students, teachers and hybrids; arguments are "
-                                   "passed to stepdistill.bench.sampler (see `stepdistill bench --help`).",
-                       add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark")
-    p.set_defaults(func=_cmd_bench, parser=p)
-
     p = sub.add_parser("demo", help="the offline main job: DMD2 on the shipped toy teacher, then evaluation",
                        description="Distil the shipped toy-sd teacher with DMD2 into a one-step generator "
                                    "(configs/toy/dmd2.yaml), export it and compare it with the teacher.")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_cmd_demo, parser=p)
 
-    p = sub.add_parser("eval", help="FID / KID, CLIP score and diversity of a pipeline (see `stepdistill eval --help`)",
-                       add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER)
-
-    p = sub.add_parser("toy", help="toy-domain tools: train-teacher, train-classifier, eval", add_help=False)
-    p.add_argument("args", nargs=argparse.REMAINDER)
+    # Listed for --help only: main() hands everything after these names to their own parsers.
+    for name, (help_text, _) in VERBATIM.items():
+        sub.add_parser(name, help=help_text, add_help=False).add_argument("args", nargs=argparse.REMAINDER)
     return parser
+
+
+# Subcommands with their own parsers: they get everything after their name verbatim (argparse's REMAINDER
+# would reorder leading options). name -> (help, function of the remaining arguments).
+VERBATIM = {
+    "bench-train": ("benchmark training-step time and memory (see `stepdistill bench-train --help`)",
+                    _cmd_bench_train),
+    "bench": ("benchmark samplers: latency, throughput, memory and quality per entry "
+              "(see `stepdistill bench --help`)", _cmd_bench),
+    "eval": ("FID / KID, CLIP score and diversity of a pipeline (see `stepdistill eval --help`)", _cmd_eval),
+    "toy": ("toy-domain tools: train-teacher, train-classifier, eval", _cmd_toy),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Subcommands with their own parsers get everything after their name verbatim (argparse's
-    # REMAINDER would reorder leading options).
-    verbatim = {
-        "toy": _cmd_toy,
-        "bench-train": lambda rest: _cmd_bench_train(argparse.Namespace(args=rest)),
-        "bench": lambda rest: _cmd_bench(argparse.Namespace(args=rest)),
-        "eval": _cmd_eval,
-    }
-    if argv[:1] and argv[0] in verbatim:
-        status = verbatim[argv[0]](argv[1:])
+    if argv[:1] and argv[0] in VERBATIM:
+        status = VERBATIM[argv[0]][1](argv[1:])
         if status:
             sys.exit(status)
         return status

@@ -31,6 +31,7 @@ CASES["scm_flux"] = "scm"  # sCM's JVP through a FLUX transformer (packed tokens
 CASES["dmd2_ladd"] = "dmd2"  # DMD2 + the LADD term: heads on the frozen teacher's features, own phase
 CASES["scm_ladd"] = "scm"  # sCM + LADD (SANA-Sprint): transformer-token heads on a flow teacher
 CASES["pcm_ladd"] = "pcm"  # PCM + LADD term on the student's x0 prediction
+CASES["vsd_ladd"] = "vsd"  # VSD + LADD: the heads read the teacher base with the critic's LoRA switched off
 CASES["lcm_ladd"] = "lcm"  # LCM + LADD term on f_theta(x_t), with an EMA target role beside the heads
 CASES["ladd_exact_r1"] = "ladd"  # non-saturating loss, exact R1 (double backward through the teacher)
 
@@ -68,6 +69,7 @@ def _case(case, pairs) -> tuple[str, list[str]]:
         "scm_ladd": ["method.adversarial.weight=0.5"],
         "pcm_ladd": ["method.adversarial.weight=0.5", "method.adversarial.r1_weight=0.1"],
         "lcm_ladd": ["method.adversarial.weight=0.5"],
+        "vsd_ladd": ["data.images=builtin:toy", "method.adversarial.weight=0.5"],
         "ladd_exact_r1": ["method.adversarial.loss=non_saturating", "method.adversarial.r1=exact",
                           "method.adversarial.r1_weight=1.0"],
     }

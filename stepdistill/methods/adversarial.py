@@ -212,6 +212,46 @@ class AdversarialTerm:
         return out
 
 
+class AdversarialHost:
+    """Mixin for a method whose config has an ``adversarial`` section: the discriminator role's phase and the
+    LADD term of the generator loss, on an x0 estimate of the student that carries its graph.
+
+    The discriminator phase scores this step's student samples (``_adversarial_samples``): by default those
+    the generator phase of the same step kept (sCM, LCM, PCM, whose x0 estimates come from noised data);
+    few-step generators (DMD family, LADD) override it to make new ones on iterations without a generator
+    update (TTUR).
+    """
+
+    adv: AdversarialTerm | None = None
+    _adv_samples: tuple | None = None
+
+    def _init_adversarial(self, acfg: AdversarialConfig, ctx: MethodContext) -> None:
+        self.adv = AdversarialTerm(acfg, ctx) if acfg.weight > 0 else None
+        self._adv_samples = None
+
+    def _with_discriminator(self, phases: list[str]) -> list[str]:
+        return [*phases, DISCRIMINATOR] if self.adv is not None else phases
+
+    def _adversarial_generator_term(self, out: dict, x0: torch.Tensor, cond: Conditioning, step: int):
+        """Add the LADD term's entries to ``out``; return ``weight * L_adv`` for the host's loss, and keep the
+        samples for this step's discriminator phase."""
+        self._adv_samples = (step, x0.detach(), cond)
+        adv = self.adv.generator_losses(x0, cond)
+        out.update(adv)
+        return self.adv.cfg.weight * adv["adversarial"]
+
+    def _adversarial_samples(self, batch: dict, step: int) -> tuple[torch.Tensor, Conditioning]:
+        samples, self._adv_samples = self._adv_samples, None
+        if samples is None or samples[0] != step:
+            raise RuntimeError(f"{type(self).__name__}: the discriminator phase needs the samples of step {step}'s "
+                               "generator phase (phases run generator first)")
+        return samples[1], samples[2]
+
+    def _discriminator_losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        x0, cond = self._adversarial_samples(batch, step)
+        return self.adv.discriminator_losses(x0, cond, batch["real"])
+
+
 # ---- LADD: the generator trained by the adversarial loss alone ----------------------------------------
 @dataclass
 class LADDConfig:
@@ -234,7 +274,7 @@ class LADDConfig:
 
 
 @register
-class LADD(FewStepGenerator):
+class LADD(FewStepGenerator, AdversarialHost):
     name = "ladd"
     Config = LADDConfig
     paper = ("Sauer et al., Fast High-Resolution Image Synthesis with Latent Adversarial Diffusion Distillation, "
@@ -243,7 +283,7 @@ class LADD(FewStepGenerator):
     def __init__(self, cfg: LADDConfig, ctx: MethodContext) -> None:
         super().__init__(cfg, ctx)
         check_adversarial_data(cfg.adversarial, ctx.has_real_data)
-        self.adv = AdversarialTerm(cfg.adversarial, ctx)
+        self._init_adversarial(cfg.adversarial, ctx)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -272,41 +312,9 @@ class LADD(FewStepGenerator):
             x_in, t_in = self._generator_input(batch)
             x0 = self.roles["generator"].denoiser(x_in, t_in, cond, output="x0")
             self._fake_cache = (step, tuple(batch["prompts"]), x0.detach())
-            out = self.adv.generator_losses(x0, cond)
-            out["stats/generator_x0_std"] = x0.detach().std()
-            out["loss"] = self.cfg.adversarial.weight * out["adversarial"]
+            out = {"stats/generator_x0_std": x0.detach().std()}
+            out["loss"] = self._adversarial_generator_term(out, x0, cond, step)
             return out
         if phase == DISCRIMINATOR:
-            return self.adv.discriminator_losses(self._take_fake(batch, step), cond, batch["real"])
+            return self._discriminator_losses(batch, step)
         raise ValueError(f"{self.name} has no phase {phase!r}")
-
-
-class AdversarialHost:
-    """Mixin for a method whose config has an ``adversarial`` section and whose generator loss sees an x0
-    estimate of the student with its graph (sCM, LCM, PCM): the discriminator phase runs after the
-    generator phase of the same step on that step's samples."""
-
-    adv: AdversarialTerm | None = None
-    _adv_samples: tuple | None = None
-
-    def _init_adversarial(self, acfg: AdversarialConfig, ctx: MethodContext) -> None:
-        self.adv = AdversarialTerm(acfg, ctx) if acfg.weight > 0 else None
-        self._adv_samples = None
-
-    def _with_discriminator(self, phases: list[str]) -> list[str]:
-        return [*phases, DISCRIMINATOR] if self.adv is not None else phases
-
-    def _adversarial_generator_term(self, out: dict, x0: torch.Tensor, cond: Conditioning, step: int):
-        """Add the LADD term's entries to ``out``; return ``weight * L_adv`` for the host's loss, and keep the
-        samples for this step's discriminator phase."""
-        self._adv_samples = (step, x0.detach(), cond)
-        adv = self.adv.generator_losses(x0, cond)
-        out.update(adv)
-        return self.adv.cfg.weight * adv["adversarial"]
-
-    def _discriminator_losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        samples, self._adv_samples = self._adv_samples, None
-        if samples is None or samples[0] != step:
-            raise RuntimeError(f"{type(self).__name__}: the discriminator phase needs the samples of step {step}'s "
-                               "generator phase (phases run generator first)")
-        return self.adv.discriminator_losses(samples[1], samples[2], batch["real"])

@@ -30,34 +30,25 @@ from stepdistill.losses import (
 from stepdistill.methods.adversarial import (
     DISCRIMINATOR,
     AdversarialConfig,
-    AdversarialTerm,
+    AdversarialHost,
     adversarial_heads,
     adversarial_roles,
     check_adversarial_data,
 )
 from stepdistill.methods.base import MethodContext
-from stepdistill.methods.fewstep import FewStepGenerator, check_generator_schedule
+from stepdistill.methods.fewstep import FewStepGenerator, ScoreDistillConfig
 from stepdistill.methods.registry import register
 from stepdistill.models.denoiser import Conditioning
 
 
 @dataclass
-class DMDConfig:
+class DMDConfig(ScoreDistillConfig):
+    """DMD's fields beside the shared ones (``ScoreDistillConfig``: steps, timesteps, CFG scales, the noise
+    range of the DMD gradient, the critic/generator update ratio). DMD is a one-step method (num_steps=1,
+    one critic update per generator update); > 1 step uses DMD2's few-step sampler. The critic's denoising
+    loss uses all timesteps, whatever min_t_frac / max_t_frac say."""
+
     name: str = "dmd"
-    # Generator steps. DMD is a one-step method; >1 uses the few-step sampler of DMD2.
-    num_steps: int = 1
-    # Timesteps the generator is conditioned on, highest first (default: evenly spaced from the top,
-    # e.g. [999] for one step, [999, 749, 499, 249] for four steps of a 1000-step VP teacher).
-    generator_timesteps: list[int] | None = None
-    # CFG scale of the real score (teacher) and of the fake score in the DMD gradient.
-    real_guidance_scale: float = 3.0
-    fake_guidance_scale: float = 1.0
-    # Timestep range of the DMD gradient, as fractions of the teacher's training timesteps
-    # (DMD Sec. 3.2: T_min = 0.02 T, T_max = 0.98 T). The critic's denoising loss uses all timesteps.
-    min_t_frac: float = 0.02
-    max_t_frac: float = 0.98
-    # Critic updates per generator update (1 in DMD; the TTUR of DMD2 uses 5 or 10).
-    critic_steps_per_generator_step: int = 1
     dmd_weight: float = 1.0
     # Regression loss on (noise -> teacher ODE output) pairs (DMD Sec. 3.3, Eq. 9); lambda_reg = 0.25.
     regression_weight: float = 0.25
@@ -78,7 +69,7 @@ class DMDConfig:
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     def __post_init__(self) -> None:
-        check_generator_schedule(self)
+        super().__post_init__()
         if self.regression_loss not in ("pseudo_huber", "l2"):
             raise ValueError(f"method.regression_loss={self.regression_loss!r}; choose one of: pseudo_huber, l2")
         for key in ("gan_generator_weight", "gan_critic_weight", "regression_weight", "dmd_weight"):
@@ -121,8 +112,7 @@ def _check_data(cfg: DMDConfig, has_real_data: bool) -> None:
             "(GAN term) need real data: set data.images to a folder of images with a metadata.jsonl of captions, "
             "or to teacher samples made by `stepdistill cache-pairs`; or set both weights to 0"
         )
-    if hasattr(cfg, "adversarial"):
-        check_adversarial_data(cfg.adversarial, has_real_data)
+    check_adversarial_data(cfg.adversarial, has_real_data)
     if cfg.num_steps > 1 and not cfg.backward_simulation and not has_real_data:
         raise ValueError(
             "method.backward_simulation=false trains steps k > 0 on noised real latents: set data.images, "
@@ -131,7 +121,7 @@ def _check_data(cfg: DMDConfig, has_real_data: bool) -> None:
 
 
 @register
-class DMD(FewStepGenerator):
+class DMD(FewStepGenerator, AdversarialHost):
     name = "dmd"
     Config = DMDConfig
     paper = "Yin et al., One-step Diffusion with Distribution Matching Distillation, CVPR 2024 (arXiv 2311.18828)"
@@ -141,8 +131,7 @@ class DMD(FewStepGenerator):
         self.native = self.teacher.prediction_type
         self.pairs = None
         _check_data(cfg, has_real_data=ctx.has_real_data)
-        acfg = getattr(cfg, "adversarial", None)  # (VSD and SiD configs have no LADD term)
-        self.adv = AdversarialTerm(acfg, ctx) if acfg is not None and acfg.weight > 0 else None
+        self._init_adversarial(cfg.adversarial, ctx)
         if cfg.regression_weight > 0:
             from stepdistill.data.pairs import load_pairs
 
@@ -165,16 +154,14 @@ class DMD(FewStepGenerator):
     @classmethod
     def role_heads(cls, cfg: DMDConfig) -> dict:
         heads = {"critic": "gan"} if (cfg.gan_critic_weight > 0 or cfg.gan_generator_weight > 0) else {}
-        acfg = getattr(cfg, "adversarial", None)  # (SiD inherits these heads; its config has no LADD term)
-        return {**heads, **(adversarial_heads(acfg) if acfg is not None else {})}
+        return {**heads, **adversarial_heads(cfg.adversarial)}
 
     def phases(self, step: int) -> list[str]:
         # TTUR: the critic (and the LADD discriminator) every step, the generator every
         # `critic_steps_per_generator_step`.
-        extra = [DISCRIMINATOR] if self.adv is not None else []
         if step % self.cfg.critic_steps_per_generator_step == 0:
-            return ["generator", "critic", *extra]
-        return ["critic", *extra]
+            return self._with_discriminator(["generator", "critic"])
+        return self._with_discriminator(["critic"])
 
     # ---- helpers ------------------------------------------------------------------------------
     def _native_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -205,7 +192,7 @@ class DMD(FewStepGenerator):
         if phase == "critic":
             return self._critic_losses(batch, step)
         if phase == DISCRIMINATOR and self.adv is not None:
-            return self.adv.discriminator_losses(self._take_fake(batch, step), batch["cond"], batch["real"])
+            return self._discriminator_losses(batch, step)
         raise ValueError(f"{self.name} has no phase {phase!r}")
 
     def _generator_losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
@@ -229,18 +216,7 @@ class DMD(FewStepGenerator):
             "stats/fake_x0_mean": fake_x0.mean(), "stats/fake_x0_std": fake_x0.std(),
             "stats/generator_x0_std": x0.detach().std(),
         }
-        loss = cfg.dmd_weight * loss_dmd
-        if cfg.gan_generator_weight > 0:
-            # Non-saturating generator loss through the frozen critic and its classifier (DMD2 Eq. 6).
-            logits = self._critic_features(x0, cond, cfg.gan_max_t_frac)
-            out["gan"] = gan_generator_loss(logits)
-            out["stats/fake_logits"] = logits.detach().mean()
-            loss = loss + cfg.gan_generator_weight * out["gan"]
-        if self.adv is not None:
-            # LADD term (DMD2 + LADD): the teacher's features of the re-noised sample, scored by the heads.
-            adv = self.adv.generator_losses(x0, cond)
-            out.update(adv)
-            loss = loss + cfg.adversarial.weight * adv["adversarial"]
+        loss = cfg.dmd_weight * loss_dmd + self._extra_generator_terms(out, x0, cond, step)
         if self.pairs is not None:
             # Regression on teacher ODE pairs (DMD Eq. 9): the one-step output from the pair's noise
             # must match the teacher's multi-step output.
@@ -253,6 +229,20 @@ class DMD(FewStepGenerator):
             loss = loss + cfg.regression_weight * out["regression"]
         out["loss"] = loss
         return out
+
+    def _extra_generator_terms(self, out: dict, x0: torch.Tensor, cond, step: int):
+        """The optional terms every DMD-family generator loss adds on its sample ``x0`` (with its graph): the
+        GAN term on the critic's classifier (DMD2 Eq. 6, non-saturating) and the LADD term (DMD2 + LADD).
+        Entries go to ``out``; returns their weighted sum (0 when both are off)."""
+        cfg, loss = self.cfg, 0.0
+        if cfg.gan_generator_weight > 0:
+            logits = self._critic_features(x0, cond, cfg.gan_max_t_frac)
+            out["gan"] = gan_generator_loss(logits)
+            out["stats/fake_logits"] = logits.detach().mean()
+            loss = loss + cfg.gan_generator_weight * out["gan"]
+        if self.adv is not None:
+            loss = loss + self._adversarial_generator_term(out, x0, cond, step)
+        return loss
 
     def _critic_losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         cfg, cond = self.cfg, batch["cond"]

@@ -8,6 +8,8 @@ scheduler of ``sampling/schedulers.py``. Training inputs for step k come from ba
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from stepdistill.methods.base import DistillMethod, MethodContext
@@ -46,6 +48,32 @@ def renoising_sample(denoiser, schedule, timesteps, noise, cond, generator=None)
             fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             x = schedule.add_noise(x0, fresh, torch.full((n,), float(timesteps[i + 1]), device=noise.device))
     return x0
+
+
+@dataclass
+class ScoreDistillConfig:
+    """The fields every score-distillation config shares (DMD, DMD2, VSD, SiD, Phased DMD): the generator's
+    steps and timesteps, the CFG scales of the real and fake scores, the noise range of the distillation
+    loss and the critic/generator update ratio. Methods redeclare a field to change its default."""
+
+    name: str = ""
+    # Generator steps; > 1 trains a few-step student.
+    num_steps: int = 1
+    # Timesteps the generator is conditioned on, highest first (default: evenly spaced from the top, those of
+    # the exported scheduler: [999] for one step, [999, 749, 499, 249] for four of a 1000-step VP teacher).
+    generator_timesteps: list[int] | None = None
+    # CFG scales of the real score (teacher) and of the fake score (critic) in the generator loss.
+    real_guidance_scale: float = 3.0
+    fake_guidance_scale: float = 1.0
+    # Noise range of the generator loss, as fractions of the teacher's training timesteps (DMD Sec. 3.2:
+    # T_min = 0.02 T, T_max = 0.98 T).
+    min_t_frac: float = 0.02
+    max_t_frac: float = 0.98
+    # Critic (fake score) updates per generator update (TTUR; DMD2 Sec. 4.2).
+    critic_steps_per_generator_step: int = 1
+
+    def __post_init__(self) -> None:
+        check_generator_schedule(self)
 
 
 class FewStepGenerator(DistillMethod):
@@ -103,6 +131,11 @@ class FewStepGenerator(DistillMethod):
                 x0 = self.roles["generator"].denoiser(x_in, t_in, batch["cond"], output="x0")
             cache = self._fake_cache = (step, tuple(batch["prompts"]), x0)
         return cache[2]
+
+    def _adversarial_samples(self, batch: dict, step: int):
+        """The samples a LADD discriminator phase scores (``AdversarialHost``): this step's generator samples,
+        made anew on iterations without a generator update."""
+        return self._take_fake(batch, step), batch["cond"]
 
     # ---- sampling and export ------------------------------------------------------------------
     @torch.no_grad()

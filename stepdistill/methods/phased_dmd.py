@@ -59,7 +59,8 @@ from stepdistill.losses.subinterval import (
     weighted_denoising_loss,
 )
 from stepdistill.methods.base import DistillMethod, MethodContext
-from stepdistill.methods.dmd import check_generator_schedule, real_and_fake_x0
+from stepdistill.methods.dmd import real_and_fake_x0
+from stepdistill.methods.fewstep import ScoreDistillConfig
 from stepdistill.methods.registry import register
 
 DMD_T_RANGES = ("subinterval", "full")
@@ -87,32 +88,26 @@ def stage_of(step: int, starts: list[int]) -> int:
 
 
 @dataclass
-class PhasedDMDConfig:
+class PhasedDMDConfig(ScoreDistillConfig):
+    """Phased DMD's fields beside the shared ones (``ScoreDistillConfig``). The generator timesteps are the
+    subinterval edges t_0 > ... > t_{k-1} (t_k = clean); min_t_frac / max_t_frac clip every stage's
+    subinterval (DMD Sec. 3.2); the critic/generator ratio applies within a stage."""
+
     name: str = "phased_dmd"
     # Generator steps = experts = stages (the paper distils 4-step image and video models).
     num_steps: int = 4
-    # Timesteps of the experts, highest first (default: those of the exported few-step scheduler, e.g.
-    # [999, 749, 499, 249]); they are the subinterval edges t_0 > ... > t_{k-1} (t_k = clean).
-    generator_timesteps: list[int] | None = None
     # Training iterations of stages 0 .. k-2 (one entry: every stage that long); the last stage trains
     # expert k-1 until train.max_steps.
     steps_per_stage: list[int] = field(default_factory=lambda: [500])
-    real_guidance_scale: float = 3.0
-    fake_guidance_scale: float = 1.0
-    # Global clip of the noise levels (fractions of the teacher's T), as DMD Sec. 3.2; the subinterval
-    # of each stage is intersected with it.
-    min_t_frac: float = 0.02
-    max_t_frac: float = 0.98
     # "subinterval": t in (t_{i+1}, t_i] for stage i (the paper's subinterval); "full": t in (t_{i+1}, max].
     dmd_t_range: str = "subinterval"
-    critic_steps_per_generator_step: int = 1
     dmd_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_steps < 2:
             raise ValueError(f"method.num_steps={self.num_steps}: Phased DMD needs >= 2 steps (one expert per "
                              "step); for one step use method.name=dmd2")
-        check_generator_schedule(self)
+        super().__post_init__()
         n = len(self.steps_per_stage)
         if n not in (1, self.num_steps - 1):
             raise ValueError(f"method.steps_per_stage has {n} entries; give one (every stage) or num_steps - 1 = "

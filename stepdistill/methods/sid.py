@@ -26,27 +26,30 @@ Guidance (``method.guidance``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from stepdistill.config.schema import RoleConfig
-from stepdistill.losses import gan_generator_loss, sid_generator_loss
-from stepdistill.methods.dmd import DMD, _check_data, check_generator_schedule
+from stepdistill.losses import sid_generator_loss
+from stepdistill.methods.adversarial import AdversarialConfig, adversarial_roles
+from stepdistill.methods.dmd import DMD, _check_data
+from stepdistill.methods.fewstep import ScoreDistillConfig
 from stepdistill.methods.registry import register
 
 GUIDANCE = ("cfg", "zero_cfg", "anti_cfg")
 
 
 @dataclass
-class SiDConfig:
+class SiDConfig(ScoreDistillConfig):
+    """SiD's fields beside the shared ones (``ScoreDistillConfig``). num_steps > 1 is few-step SiD: each
+    iteration trains on the output of a step k drawn uniformly (the uniform mixture over steps), reached by
+    running the generator's own earlier steps. t range as DMD Sec. 3.2; SiD alternates 1:1 with the fake
+    score."""
+
     name: str = "sid"
-    # Generator steps; > 1 is few-step SiD: each iteration trains on the output of a step k drawn uniformly
-    # (the uniform mixture over steps), reached by running the generator's own earlier steps.
-    num_steps: int = 1
-    generator_timesteps: list[int] | None = None
     # The weight alpha of the generator loss (SiD Sec. 4; alpha = 1.2 in the paper's experiments).
     alpha: float = 1.2
     guidance: str = "cfg"
@@ -54,11 +57,6 @@ class SiDConfig:
     real_guidance_scale: float = 1.5
     fake_guidance_scale: float = 1.5
     critic_guidance_scale: float = 1.5
-    # t ~ U[min_t_frac T, max_t_frac T] for the generator loss (range as DMD Sec. 3.2).
-    min_t_frac: float = 0.02
-    max_t_frac: float = 0.98
-    # Fake-score updates per generator update (SiD alternates 1:1).
-    critic_steps_per_generator_step: int = 1
     sid_weight: float = 1.0
     # Few-step: earlier steps run by the generator itself (true), or from noised real latents (false, needs data).
     backward_simulation: bool = True
@@ -67,13 +65,15 @@ class SiDConfig:
     gan_generator_weight: float = 0.0
     gan_critic_weight: float = 0.0
     gan_max_t_frac: float = 1.0
+    # LADD term on the generator's sample (methods/adversarial.py); weight 0 = off.
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     # DMD machinery SiD does not use (fixed).
     regression_weight: ClassVar[float] = 0.0
     regression_pairs: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
-        check_generator_schedule(self)
+        super().__post_init__()
         if self.guidance not in GUIDANCE:
             raise ValueError(f"method.guidance={self.guidance!r}; choose one of: {', '.join(GUIDANCE)}")
         if self.guidance == "zero_cfg" and (self.real_guidance_scale != 1.0 or self.fake_guidance_scale != 1.0
@@ -119,6 +119,7 @@ class SiD(DMD):
                                     weight_decay=0.0),
             "critic": RoleConfig(init_from="teacher", trainable=True, lr=1e-6, betas=[0.0, 0.999], weight_decay=0.0),
             "teacher": RoleConfig(init_from="teacher", trainable=False),
+            **adversarial_roles(cfg.adversarial),
         }
 
     # ---- the fake score under each guidance mode ------------------------------------------------
@@ -166,13 +167,7 @@ class SiD(DMD):
             "stats/real_x0_std": real_x0.detach().std(), "stats/fake_x0_std": fake_x0.detach().std(),
             "stats/generator_x0_std": x_g.detach().std(),
         }
-        loss = cfg.sid_weight * loss_sid
-        if cfg.gan_generator_weight > 0:
-            # Diffusion-GAN generator term (few-step SiD): non-saturating loss through the classifier on the
-            # fake score's features, as DMD2 Eq. 6.
-            logits = self._critic_features(x_g, cond, cfg.gan_max_t_frac)
-            out["gan"] = gan_generator_loss(logits)
-            out["stats/fake_logits"] = logits.detach().mean()
-            loss = loss + cfg.gan_generator_weight * out["gan"]
+        # Diffusion-GAN term (few-step SiD: the classifier on the fake score's features, as DMD2) and LADD term.
+        loss = cfg.sid_weight * loss_sid + self._extra_generator_terms(out, x_g, cond, step)
         out["loss"] = loss
         return out

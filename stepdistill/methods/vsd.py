@@ -23,38 +23,40 @@ the teacher's domain and a VAE decode per step; add it as an extra generator ter
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from stepdistill.config.schema import RoleConfig
 from stepdistill.losses import vsd_loss
-from stepdistill.methods.dmd import DMD, check_generator_schedule
+from stepdistill.methods.adversarial import (
+    AdversarialConfig,
+    adversarial_heads,
+    adversarial_roles,
+    check_adversarial_data,
+)
+from stepdistill.methods.dmd import DMD
+from stepdistill.methods.fewstep import ScoreDistillConfig
 from stepdistill.methods.registry import register
 
 WEIGHTINGS = ("sigma2", "uniform")
 
 
 @dataclass
-class VSDConfig:
+class VSDConfig(ScoreDistillConfig):
+    """VSD's fields beside the shared ones (``ScoreDistillConfig``). SwiftBrush is one-step (num_steps > 1
+    trains a few-step student with DMD2's backward simulation); the fake score is the LoRA; t in
+    [0.02, 0.98] T as ProlificDreamer/DreamFusion; LoRA and student alternate 1:1 (SwiftBrush)."""
+
     name: str = "vsd"
-    # Generator steps: SwiftBrush is one-step; > 1 trains a few-step student with DMD2's backward simulation.
-    num_steps: int = 1
-    # Timesteps the generator is conditioned on, highest first (default: the exported scheduler's, [999]).
-    generator_timesteps: list[int] | None = None
     # CFG scale of the pretrained score in the VSD gradient (SwiftBrush Sec. 5: 4.5).
     real_guidance_scale: float = 4.5
-    # CFG scale of the LoRA score in the VSD gradient (1 = plain conditional prediction).
-    fake_guidance_scale: float = 1.0
-    # t ~ U[min_t_frac T, max_t_frac T] for the VSD gradient (ProlificDreamer/DreamFusion: t in [0.02, 0.98]).
-    min_t_frac: float = 0.02
-    max_t_frac: float = 0.98
     # w(t): "sigma2" = sigma_t^2 (DreamFusion App. A, kept by ProlificDreamer), "uniform" = 1.
     weighting: str = "sigma2"
-    # LoRA updates per student update (SwiftBrush alternates 1:1).
-    critic_steps_per_generator_step: int = 1
     vsd_weight: float = 1.0
+    # LADD term on the student's sample (methods/adversarial.py); weight 0 = off.
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     # DMD machinery VSD does not use (fixed, not configurable).
     backward_simulation: ClassVar[bool] = True
@@ -64,7 +66,7 @@ class VSDConfig:
     gan_critic_weight: ClassVar[float] = 0.0
 
     def __post_init__(self) -> None:
-        check_generator_schedule(self)
+        super().__post_init__()
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"method.weighting={self.weighting!r}; choose one of: {', '.join(WEIGHTINGS)}")
         if self.vsd_weight <= 0:
@@ -87,15 +89,17 @@ class VSD(DMD):
             "critic": RoleConfig(init_from="teacher", trainable=True, lora_rank=64, share_teacher_base=True,
                                  lr=1e-3),
             "teacher": RoleConfig(init_from="teacher", trainable=False),
+            **adversarial_roles(cfg.adversarial),
         }
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        """VSD needs no data: no regression pairs, no GAN term."""
+        """VSD needs no data (no regression pairs, no GAN term), unless the LADD term is on."""
+        check_adversarial_data(cfg.method.adversarial, bool(cfg.data.images))
 
     @classmethod
-    def role_heads(cls, cfg: VSDConfig) -> dict[str, str]:
-        return {}
+    def role_heads(cls, cfg: VSDConfig) -> dict:
+        return adversarial_heads(cfg.adversarial)  # no GAN classifier on the LoRA critic
 
     def _weight(self, t: torch.Tensor) -> torch.Tensor:
         if self.cfg.weighting == "uniform":
@@ -122,10 +126,11 @@ class VSD(DMD):
             eps_fake = self.roles["critic"].denoiser(
                 x_t, t, cond, uncond=fake_uncond, guidance_scale=cfg.fake_guidance_scale, output="epsilon")
         loss_vsd, grad = vsd_loss(x0, eps_real, eps_fake, self._weight(t))
-        return {
-            "loss": cfg.vsd_weight * loss_vsd,
+        out = {
             "vsd": loss_vsd,
             "stats/vsd_grad_norm": grad.flatten(1).norm(dim=1).mean(),
             "stats/eps_diff_abs": (eps_real - eps_fake).abs().mean(),
             "stats/generator_x0_std": x0.detach().std(),
         }
+        out["loss"] = cfg.vsd_weight * loss_vsd + self._extra_generator_terms(out, x0, cond, step)  # LADD, if on
+        return out
