@@ -249,6 +249,29 @@ def test_quality_hook_for_other_pipelines(tmp_path):
     assert table[2].endswith("| 12 | 0.25 |") and table[3].endswith("| n/a | n/a |")
 
 
+def test_fast_entry_gives_the_pipelines_images(tmp_path):
+    """fast=true (sampling/fast.py) is its own row, and samples the same images as the pipeline."""
+    seen = {}
+
+    @bench.register_quality("test-images")
+    def images(runner, ctx):
+        seen[runner.pipe.__class__.__name__] = runner(["a red circle", "a blue square"], seed=5)
+        return {"fid": float(seen[runner.pipe.__class__.__name__].mean())}
+
+    try:
+        entries = (bench.parse_entry("tiny:sd15 steps=2 guidance=0 sampler=lcm quality=test-images name=plain")
+                   + bench.parse_entry("tiny:sd15 steps=2 guidance=0 sampler=lcm quality=test-images fast=true "
+                                       "name=fast"))
+        result = bench.run_bench(entries, _settings(tmp_path, batch_sizes=[1, 2]), progress=False)
+    finally:
+        bench.QUALITY.pop("test-images")
+    assert sorted(seen) == ["FastSampler", "StableDiffusionPipeline"]
+    torch.testing.assert_close(seen["FastSampler"], seen["StableDiffusionPipeline"], atol=1e-5, rtol=0)
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["fast"]["options"].get("fast") is True and rows["fast"]["latency_ms"] > 0
+    assert set(rows["fast"]["throughput"]) == {1, 2}
+
+
 def test_bench_config_files():
     entries, settings = bench.load_bench_file("configs/bench/toy.yaml")
     assert [(e.pipeline, e.steps, e.guidance) for e in entries if not e.is_hybrid] == [
@@ -261,7 +284,10 @@ def test_bench_config_files():
     entries, settings = bench.load_bench_file("configs/bench/sdxl_gpu.yaml")
     assert {e.pipeline for e in entries} == {"random:sdxl"} and bench.make_settings(settings).resolution == 1024
     assert [e.options for e in bench.random_init_entries("sdxl")] == [
-        {}, {"compile": True}, {"compile": True, "tiny_vae": "random"}]
+        {}, {"compile": True}, {"compile": True, "tiny_vae": "random"}, {"compile": True, "fast": True},
+        {"compile": True, "fast": True, "tiny_vae": "random"}]
+    assert [e.sampler for e in bench.random_init_entries("sdxl")][3:] == ["lcm", "lcm"]
+    assert {e.name: e.options.get("fast", False) for e in entries}["sdxl 1-step compiled + CUDA graph tiny VAE"]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -276,6 +302,8 @@ def test_bench_config_files():
     ("toy-sd 50", "'50' is not key=value"),
     ("hybrid teacher=toy-sd steps=4", "needs teacher, student and teacher_steps"),
     ("hybrid teacher=toy-sd student=toy-sd teacher_steps=3 steps=2", "teacher_steps=3 is more than steps=2"),
+    ("hybrid teacher=toy-sd student=toy-sd teacher_steps=1 steps=2 fast=true", "a hybrid entry runs two"),
+    ("toy-sd fast=sometimes", "fast='sometimes' is not a boolean"),
 ])
 def test_bad_entries(text, message):
     with pytest.raises(ValueError, match=message):
@@ -293,6 +321,11 @@ def test_bad_inputs_fail_before_loading(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
     with pytest.raises(ValueError, match="holds a AutoencoderKL, not an AutoencoderTiny"):
         bench.validate(bench.parse_entry(f"toy-sd tiny_vae={tmp_path}"), settings)
+    with pytest.raises(ValueError, match="replays the re-noising sampler .*not sampler=ddim"):
+        bench.validate(bench.parse_entry("toy-sd fast=true sampler=ddim"), settings)
+    with pytest.raises(ValueError, match="a hybrid runs two"):
+        bench.validate(bench.parse_entry("hybrid teacher=toy-sd student=toy-sd teacher_steps=1 steps=2"),
+                       bench.make_settings({**settings.__dict__, "fast": True}))
     with pytest.raises(ValueError, match="same name"):
         bench.validate(bench.parse_entry("toy-sd steps=2,2"), settings)
     with pytest.raises(ValueError, match="quality='clip'"):

@@ -33,7 +33,9 @@ Options, global or per entry: ``compile`` (``torch.compile`` of the backbone and
 ``channels_last``, ``sdpa`` (``torch.nn.attention.sdpa_kernel`` backend: auto, math, efficient,
 flash, cudnn), ``xformers`` (``enable_xformers_memory_efficient_attention``, when installed),
 ``tiny_vae`` (an ``AutoencoderTiny`` folder, e.g. madebyollin/taesdxl downloaded by the user, or
-``random``: the AutoencoderTiny architecture with random weights, for timing only).
+``random``: the AutoencoderTiny architecture with random weights, for timing only), ``fast``
+(``stepdistill.sampling.fast.FastSampler``: text encoders, steps and decode as one program without host
+syncs, captured into a CUDA graph on CUDA; SD 1.x/2.x / SDXL with ``sampler=lcm``, no doubled-batch CFG).
 
 Outputs in ``--out``: ``bench.md`` (markdown table), ``bench.csv``, ``bench.png`` (quality against
 latency, one point per entry) and ``bench.json``.
@@ -71,7 +73,7 @@ SAMPLERS = {
     "flow_euler": "FlowMatchEulerDiscreteScheduler",
 }
 SDPA_BACKENDS = ("auto", "math", "efficient", "flash", "cudnn")
-OPTION_KEYS = ("compile", "channels_last", "sdpa", "xformers", "tiny_vae")
+OPTION_KEYS = ("compile", "channels_last", "sdpa", "xformers", "tiny_vae", "fast")
 ENTRY_KEYS = ("pipeline", "steps", "sampler", "guidance", "name", "teacher", "student", "teacher_steps",
               "quality", *OPTION_KEYS)
 SETTING_KEYS = ("batch_sizes", "runs", "warmup", "device", "dtype", "resolution", "prompt", "quality",
@@ -143,6 +145,7 @@ class BenchSettings:
     sdpa: str = "auto"
     xformers: bool = False
     tiny_vae: str | None = None
+    fast: bool = False
 
     def options(self) -> dict:
         return {k: getattr(self, k) for k in OPTION_KEYS}
@@ -185,7 +188,7 @@ def _float(key: str, value) -> float:
 
 
 def _check_option(key: str, value):
-    if key in ("compile", "channels_last", "xformers"):
+    if key in ("compile", "channels_last", "xformers", "fast"):
         return _bool(key, value)
     if key == "sdpa":
         value = str(value)
@@ -220,6 +223,9 @@ def entries_from_dict(spec: dict, where: str = "entry") -> list[BenchEntry]:
     if not steps:
         raise ValueError(f"{where}: steps is empty")
     options = {k: _check_option(k, spec[k]) for k in OPTION_KEYS if k in spec}
+    if hybrid and options.get("fast"):
+        raise ValueError(f"{where}: fast=true replays one pipeline's sampler (sampling/fast.py); a hybrid entry "
+                         "runs two: drop fast")
     sampler = spec.get("sampler")
     if sampler is not None:
         sampler = str(sampler)
@@ -613,6 +619,10 @@ def build_runner(entry: BenchEntry, settings: BenchSettings, cache: PipelineCach
         if scheduler is not base.scheduler:
             pipe = _with_components(base, {"scheduler": scheduler})
         pipe = apply_options(pipe, options, cache, settings.compile_mode)
+        if options["fast"]:
+            from stepdistill.sampling.fast import FastSampler
+
+            pipe = FastSampler(pipe)
         info = export_info(resolve_pipeline(entry.pipeline))
         guidance = entry.guidance if entry.guidance is not None else float(info.get("guidance_scale", _default_guidance(base)))
         timesteps = None if entry.sampler else _trained_timesteps(info, entry.steps)
@@ -779,6 +789,12 @@ def validate(entries: list[BenchEntry], settings: BenchSettings) -> None:
             check_pipeline(spec)
         options = {**settings.options(), **entry.options}
         check_tiny_vae(options.get("tiny_vae"))
+        if options.get("fast") and entry.is_hybrid:
+            raise ValueError(f"entry {entry.label()}: fast=true replays one pipeline's sampler; a hybrid runs two: "
+                             "drop fast for it")
+        if options.get("fast") and entry.sampler and _scheduler_class(entry.sampler).__name__ != "LCMScheduler":
+            raise ValueError(f"entry {entry.label()}: fast=true replays the re-noising sampler (sampler=lcm), "
+                             f"not sampler={entry.sampler}")
         if options.get("xformers"):
             try:
                 import xformers  # noqa: F401
@@ -986,6 +1002,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sdpa", default=None, choices=SDPA_BACKENDS, help="scaled_dot_product_attention backend")
     p.add_argument("--xformers", action="store_true", default=None, help="xformers attention (must be installed)")
     p.add_argument("--tiny-vae", default=None, metavar="DIR", help="AutoencoderTiny folder for decoding (or random)")
+    p.add_argument("--fast", action="store_true", default=None,
+                   help="one host-sync-free program per call, a CUDA graph on CUDA (SD/SDXL, sampler=lcm)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (toy models on a shared CPU: 1 is much faster than 2)")
     p.add_argument("--out", default=None, help="output folder (default bench/)")
@@ -997,7 +1015,11 @@ def random_init_entries(arch: str) -> list[BenchEntry]:
     return [BenchEntry(spec, 1, guidance=0.0, name=f"{arch} 1-step eager"),
             BenchEntry(spec, 1, guidance=0.0, name=f"{arch} 1-step compiled", options={"compile": True}),
             BenchEntry(spec, 1, guidance=0.0, name=f"{arch} 1-step compiled, tiny VAE",
-                       options={"compile": True, "tiny_vae": "random"})]
+                       options={"compile": True, "tiny_vae": "random"}),
+            BenchEntry(spec, 1, sampler="lcm", guidance=0.0, name=f"{arch} 1-step compiled + CUDA graph",
+                       options={"compile": True, "fast": True}),
+            BenchEntry(spec, 1, sampler="lcm", guidance=0.0, name=f"{arch} 1-step compiled + CUDA graph, tiny VAE",
+                       options={"compile": True, "fast": True, "tiny_vae": "random"})]
 
 
 def main(argv=None) -> int:
