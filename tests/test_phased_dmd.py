@@ -151,6 +151,7 @@ def test_phases_train_one_expert_per_stage_with_ttur(tmp_path):
     (["method.steps_per_stage=[0]"], "method.steps_per_stage"),
     (["method.num_steps=1"], "method.num_steps=1"),
     (["method.dmd_t_range=above"], "method.dmd_t_range"),
+    (["method.transition=sde"], "method.transition='sde'; choose one of: ddim, renoise"),
 ])
 def test_bad_config_values_name_the_key(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -166,7 +167,40 @@ def test_stages_longer_than_the_run_are_refused(tmp_path):
 
 def test_config_defaults_are_valid():
     cfg = PhasedDMDConfig()
-    assert cfg.num_steps == 4 and cfg.dmd_t_range == "subinterval"
+    assert cfg.num_steps == 4 and cfg.dmd_t_range == "subinterval" and cfg.transition == "renoise"
+
+
+def test_ddim_transition_refuses_timesteps_its_scheduler_cannot_step(tmp_path):
+    cfg = tiny_config(tmp_path, "phased_dmd", "method.generator_timesteps=[999,400]", "method.transition=ddim",
+                      "export.enabled=false")
+    with pytest.raises(ValueError, match="generator_timesteps=.*transition=ddim.*transition=renoise"):
+        Trainer(cfg)
+    cfg = tiny_config(tmp_path, "phased_dmd", "method.generator_timesteps=[999,400]", "method.transition=renoise",
+                      "export.enabled=false")
+    assert Trainer(cfg).method.timesteps == [999.0, 400.0]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_untrained_ddim_mixture_is_the_teachers_ddim_sampler(tmp_path, family):
+    """Before training (every expert = the teacher) the ddim-transition mixture is the teacher's own k-step
+    deterministic sampler with the export's scheduler: training starts from it, not from a re-noising one."""
+    cfg = tiny_config(tmp_path, "phased_dmd", f"model.pretrained=tiny:{family}", f"model.family={family}",
+                      "method.transition=ddim", "export.enabled=false")
+    trainer = Trainer(cfg)
+    m, res = trainer.method, cfg.model.resolution
+    pipe = trainer.teacher.pipeline
+    original = pipe.scheduler
+    pipe.scheduler = m.export_scheduler()
+    try:
+        noise = torch.randn((1, *trainer.teacher.latent_shape(res)), generator=torch.Generator().manual_seed(0))
+        ours = m.sample(noise, trainer.teacher.encode_prompt(["a red circle"]))
+        theirs = pipe("a red circle", num_inference_steps=m.num_inference_steps, guidance_scale=1.0, height=res,
+                      width=res, latents=noise, output_type="latent").images.float()
+    finally:
+        pipe.scheduler = original
+    assert type(m.export_scheduler()).__name__ == ("DDIMScheduler" if family == "sd15"
+                                                   else "FlowMatchEulerDiscreteScheduler")
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
 # ---- export ----------------------------------------------------------------------------------------
@@ -186,7 +220,9 @@ LORA_SHARED = [f"roles.{r}.{k}" for r in ("generator", "expert_1", "critic")
     ("sd15", []),
     ("sd15", LORA_SHARED),  # LoRA experts on one base: each merged into its own UNet folder
     ("sd3", []),            # flow teacher: the s -> t kernel of rectified flow, transformer experts
-], ids=["sd15", "sd15_lora_shared", "sd3"])
+    ("sd15", ["method.transition=ddim"]),  # deterministic DDIM transitions: exported with a DDIMScheduler
+    ("sd3", ["method.transition=ddim"]),   # ... and deterministic flow Euler
+], ids=["sd15", "sd15_lora_shared", "sd3", "sd15_ddim", "sd3_ddim"])
 def test_export_with_expert_switch_reproduces_the_sampler(tmp_path, family, extra):
     cfg = tiny_config(tmp_path / "run", "phased_dmd", "train.sample_every=0", f"model.pretrained=tiny:{family}",
                       f"model.family={family}", *extra)
@@ -202,6 +238,12 @@ def test_export_with_expert_switch_reproduces_the_sampler(tmp_path, family, extr
     assert "callback_on_step_end=switch" in card and "ExpertSwitch.from_folder" in card
 
     pipe = DiffusionPipeline.from_pretrained(folder)
+    renoise = "method.transition=ddim" not in extra
+    expected = {("sd15", False): "DDIMScheduler", ("sd15", True): "LCMScheduler"}.get(
+        (family, renoise), "FlowMatchEulerDiscreteScheduler")
+    assert type(pipe.scheduler).__name__ == expected
+    if family == "sd3":
+        assert pipe.scheduler.config.stochastic_sampling is renoise
     switch = _shipped_switch(folder).from_folder(pipe, folder)
     res, prompt = cfg.model.resolution, "a blue square"
     cond = trainer.teacher.encode_prompt([prompt])
@@ -226,10 +268,10 @@ def test_export_with_expert_switch_reproduces_the_sampler(tmp_path, family, extr
         assert torch.allclose(out, ours, atol=1e-4, rtol=1e-4), (
             f"{steps} steps: export differs from the sampler by {(out - ours).abs().max():.3g}")
         assert getattr(pipe, backbone) is switch.backbones[0], "the switch must put expert 0 back after the last step"
-        if not extra:  # (two tiny LoRA updates from B = 0 move the latents by < 1e-3)
+        if extra is not LORA_SHARED:  # (two tiny LoRA updates from B = 0 move the latents by < 1e-3)
             # Without the switch the pipeline runs expert 0 at every step: another result.
             assert not torch.allclose(run(), ours, atol=1e-3)
-    if family == "sd15" and not extra:
+    if family == "sd15" and extra is not LORA_SHARED:
         # The usage snippet of stepdistill.json (and the card) runs as written, without stepdistill.
         from tests.helpers import PYTHON, run
 

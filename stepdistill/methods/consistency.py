@@ -471,16 +471,9 @@ class PCM(_ConsistencyBase):
     def export_scheduler(self, num_steps=None):
         """DDIM with trailing spacing (VP; alpha 1 at the end) or deterministic flow Euler (SD3): at
         num_inference_steps = num_phases they step exactly over the phase edges; 1, 2 or 8 also work."""
-        from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+        from stepdistill.sampling.schedulers import deterministic_scheduler
 
-        from stepdistill.sampling.schedulers import renoising_scheduler
-
-        config = self.teacher.pipeline.scheduler.config
-        if self.schedule.kind == "flow":
-            ref = renoising_scheduler(self.teacher, num_steps or self.cfg.num_phases)
-            return FlowMatchEulerDiscreteScheduler.from_config(ref.config, stochastic_sampling=False)
-        return DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True,
-                                         steps_offset=0, clip_sample=False)
+        return deterministic_scheduler(self.teacher, num_steps or self.cfg.num_phases)
 
 
 # ---- sCM ------------------------------------------------------------------------------------------

@@ -23,13 +23,22 @@ ideas, as implemented here:
   ``losses/subinterval.py`` (the score of p_t is ``E[∇ log p(x_t | x_s) | x_t]``; derived there, including
   its weight ``1 - SNR(t)/SNR(s)``). At the last stage s is clean and both reduce to DMD (Yin et al. 2024).
 
-The expert's output (derived here). Expert i predicts ``x0_hat = G_i(x_{t_i})`` and its output is the
-stochastic transition ``x_s = alpha_s x0_hat + sigma_s z`` with fresh z: DMD2's re-noising step, which a
-plain diffusers ``LCMScheduler`` (VP) / stochastic ``FlowMatchEulerDiscreteScheduler`` (flow) reproduces,
-so the export needs no custom scheduler. The DMD gradient w.r.t. x_s is
-``(dx_t/dx_s)(s_fake - s_real) = r * alpha_t / sigma_t^2 * (fake_x0 - real_x0)``; by the chain rule through
-``dx_s/dx0_hat = alpha_s`` it reaches x0_hat along ``fake_x0 - real_x0`` with a positive per-sample factor,
-which DMD's normalisation (DMD Eq. 8) replaces: so the generator loss is ``dmd_loss(x0_hat, real, fake)``.
+The expert's output (derived here). Expert i predicts ``x0_hat = G_i(x_{t_i})``; its output at
+``s = t_{i+1}`` is one of two transitions (``method.transition``):
+
+- ``ddim``: the deterministic DDIM jump ``x_s = alpha_s x0_hat + sigma_s eps_hat`` with
+  ``eps_hat = (x_{t_i} - alpha_{t_i} x0_hat) / sigma_{t_i}``: the input's noise is carried to the next
+  expert, so the whole mixture is a deterministic map of the initial noise, and before training it *is*
+  the teacher's own k-step DDIM sampler. Exported with ``DDIMScheduler`` (trailing, VP) or deterministic
+  ``FlowMatchEulerDiscreteScheduler`` (flow), which is the same jump.
+- ``renoise`` (default): DMD2's re-noising step ``x_s = alpha_s x0_hat + sigma_s z`` with fresh z, exported
+  with ``LCMScheduler`` (VP) / stochastic ``FlowMatchEulerDiscreteScheduler`` (flow). Every step discards
+  what the input's noise held beyond x0_hat (README, Phased DMD: the two compared on the toy teacher).
+
+Either way the DMD gradient w.r.t. x_s is ``(dx_t/dx_s)(s_fake - s_real) = r * alpha_t / sigma_t^2 *
+(fake_x0 - real_x0)``, and ``dx_s/dx0_hat`` is a positive per-sample factor (``alpha_s``, or ``alpha_s -
+sigma_s alpha_t / sigma_t`` > 0 for DDIM since SNR(s) > SNR(t_i)), which DMD's normalisation (DMD Eq. 8)
+replaces: so the generator loss is ``dmd_loss(x0_hat, real, fake)`` for both.
 
 One fake score (critic) serves all stages: stage i trains it only at ``t`` in its own subinterval, so
 the stages' noise ranges are disjoint and the time conditioning keeps them apart; at the start of a stage
@@ -64,6 +73,7 @@ from stepdistill.methods.fewstep import ScoreDistillConfig
 from stepdistill.methods.registry import register
 
 DMD_T_RANGES = ("subinterval", "full")
+TRANSITIONS = ("ddim", "renoise")
 
 
 def expert_role(i: int) -> str:
@@ -101,6 +111,9 @@ class PhasedDMDConfig(ScoreDistillConfig):
     steps_per_stage: list[int] = field(default_factory=lambda: [500])
     # "subinterval": t in (t_{i+1}, t_i] for stage i (the paper's subinterval); "full": t in (t_{i+1}, max].
     dmd_t_range: str = "subinterval"
+    # Expert i's output at t_{i+1}: "ddim" (deterministic DDIM jump carrying the input's noise; starts as the
+    # teacher's DDIM sampler) or "renoise" (DMD2's re-noising with fresh noise). See the module docstring.
+    transition: str = "renoise"
     dmd_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -116,6 +129,8 @@ class PhasedDMDConfig(ScoreDistillConfig):
             raise ValueError(f"method.steps_per_stage={list(self.steps_per_stage)}: every stage needs >= 1 step")
         if self.dmd_t_range not in DMD_T_RANGES:
             raise ValueError(f"method.dmd_t_range={self.dmd_t_range!r}; choose one of: {', '.join(DMD_T_RANGES)}")
+        if self.transition not in TRANSITIONS:
+            raise ValueError(f"method.transition={self.transition!r}; choose one of: {', '.join(TRANSITIONS)}")
         if self.dmd_weight < 0:
             raise ValueError(f"method.dmd_weight={self.dmd_weight} must be >= 0")
 
@@ -133,6 +148,11 @@ class PhasedDMD(DistillMethod):
 
         self._default = pipeline_timesteps(self.teacher, cfg.num_steps, ctx.resolution)
         self.timesteps = [float(t) for t in (cfg.generator_timesteps or self._default)]
+        if cfg.transition == "ddim" and self.export_timesteps() is not None:
+            raise ValueError(
+                f"method.generator_timesteps={list(cfg.generator_timesteps)} with method.transition=ddim: the "
+                "exported DDIM scheduler steps over the evenly spaced grid "
+                f"{[round(t, 3) for t in self._default]} only; drop generator_timesteps or use transition=renoise")
         self.native = self.teacher.prediction_type
         self.latent_shape = tuple(self.teacher.latent_shape(ctx.resolution))
         self.starts = stage_starts(cfg.num_steps, cfg.steps_per_stage)
@@ -221,25 +241,39 @@ class PhasedDMD(DistillMethod):
         return t, x_t, noise, (a_s, s_s, a_t, s_t)
 
     # ---- the mixture of experts ---------------------------------------------------------------
+    def _transition(self, x_in: torch.Tensor, x0: torch.Tensor, t: float, s: float | None, generator=None):
+        """The step from ``x_in`` at t to level s given the prediction x0 (``method.transition``); s=None: clean."""
+        if s is None:
+            return x0
+        n = len(x0)
+        if self.cfg.transition == "ddim":
+            eps = self.schedule.convert(x0.float(), x_in.float(), self._t(t, n), "x0", "epsilon")
+        else:
+            eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        a_s, s_s = self.schedule.alpha_sigma(self._t(s, n))
+        return a_s.view(n, 1, 1, 1) * x0.float() + s_s.view(n, 1, 1, 1) * eps.float()
+
+    def _next_level(self, i: int) -> float | None:
+        return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else None
+
     def _stage_input(self, i: int, cond) -> torch.Tensor:
-        """x_{t_i}: noise through the frozen experts 0..i-1 (their re-noising steps)."""
+        """x_{t_i}: noise through the frozen experts 0..i-1 (their transitions)."""
         n = len(cond)
         x = torch.randn((n, *self.latent_shape), device=self.ctx.device)
         with torch.no_grad():
             for j in range(i):
                 x0 = self.roles[self.experts[j]].denoiser(x, self._t(self.timesteps[j], n), cond, output="x0")
-                x = self.schedule.add_noise(x0, torch.randn_like(x0), self._t(self.timesteps[j + 1], n))
+                x = self._transition(x, x0, self.timesteps[j], self._next_level(j))
         return x
 
     def _expert_output(self, i: int, cond, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expert i's x0 prediction and its output x_s = alpha_s x0_hat + sigma_s z at s = t_{i+1}."""
+        """Expert i's x0 prediction (with its graph when ``grad``) and its detached output x_s at s = t_{i+1}."""
         x_in = self._stage_input(i, cond)
         n = len(x_in)
         with torch.set_grad_enabled(grad):
             x0 = self.roles[self.experts[i]].denoiser(x_in, self._t(self.timesteps[i], n), cond, output="x0")
-        a_s, s_s = self._edge(i + 1, n)
-        x_s = a_s * x0.detach().float() + s_s * torch.randn_like(x0)
-        return x0, x_s
+        x_s = self._transition(x_in, x0.detach(), self.timesteps[i], self._next_level(i))
+        return x0, x_s.float()
 
     # ---- losses -------------------------------------------------------------------------------
     def losses(self, phase: str, batch: dict, step: int) -> dict[str, torch.Tensor]:
@@ -296,8 +330,8 @@ class PhasedDMD(DistillMethod):
 
     @torch.no_grad()
     def sample(self, noise, cond, uncond=None, num_steps=None, generator=None):
-        """Expert i runs step i: predict x0, re-noise it to the next timestep with fresh noise (what the
-        exported LCMScheduler / stochastic flow scheduler does, with ``ExpertSwitch`` choosing the expert)."""
+        """Expert i runs step i: predict x0, then the transition to the next timestep (what the exported
+        DDIM / LCM / flow scheduler does, with ``ExpertSwitch`` choosing the expert)."""
         timesteps = self.timesteps
         if num_steps is not None and num_steps != len(timesteps):
             from stepdistill.sampling.schedulers import pipeline_timesteps
@@ -307,15 +341,14 @@ class PhasedDMD(DistillMethod):
         for k, t in enumerate(timesteps):
             denoiser = self.roles[self.experts[self.expert_for(t)]].denoiser
             x0 = denoiser(x, self._t(t, n), cond, output="x0")
-            if k + 1 < len(timesteps):
-                fresh = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-                x = self.schedule.add_noise(x0, fresh, self._t(timesteps[k + 1], n))
-        return x0
+            x = self._transition(x, x0, t, timesteps[k + 1] if k + 1 < len(timesteps) else None, generator)
+        return x
 
     def export_scheduler(self, num_steps=None):
-        from stepdistill.sampling.schedulers import renoising_scheduler
+        from stepdistill.sampling.schedulers import deterministic_scheduler, renoising_scheduler
 
-        return renoising_scheduler(self.teacher, num_steps or len(self.timesteps))
+        make = deterministic_scheduler if self.cfg.transition == "ddim" else renoising_scheduler
+        return make(self.teacher, num_steps or len(self.timesteps))
 
     def export_timesteps(self) -> list[float] | None:
         same = all(abs(float(a) - float(b)) < 1e-3 for a, b in zip(self._default, self.timesteps))

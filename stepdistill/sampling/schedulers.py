@@ -41,6 +41,21 @@ def renoising_scheduler(teacher, num_steps: int):
     return LCMScheduler.from_config(config, original_inference_steps=int(config.get("num_train_timesteps", 1000)))
 
 
+def deterministic_scheduler(teacher, num_steps: int):
+    """The exported scheduler of a student whose steps are DDIM jumps (``x_s = alpha_s x0 + sigma_s eps_hat``,
+    no fresh noise): DDIM with trailing spacing and alpha 1 at the end (VP), or deterministic flow Euler, which
+    is the same jump for a flow teacher. At ``num_inference_steps = num_steps`` both step over the timesteps
+    of ``pipeline_timesteps`` (the evenly spaced grid from the top); other counts work too."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    config = teacher.pipeline.scheduler.config
+    if teacher.schedule.kind == "flow":
+        ref = renoising_scheduler(teacher, num_steps)
+        return FlowMatchEulerDiscreteScheduler.from_config(ref.config, stochastic_sampling=False)
+    return DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True, steps_offset=0,
+                                     clip_sample=False)
+
+
 def pipeline_timesteps(teacher, num_steps: int, resolution: int) -> list[float]:
     """The timesteps the exported pipeline runs at ``num_inference_steps=num_steps``."""
     if num_steps < 1:
