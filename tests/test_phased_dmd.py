@@ -280,3 +280,36 @@ def test_export_with_expert_switch_reproduces_the_sampler(tmp_path, family, extr
     # The experts are different networks (each LoRA merged into its own folder).
     w0, w1 = (dict(b.named_parameters()) for b in switch.backbones)
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_bench_runs_every_expert_of_the_export(tmp_path):
+    """``stepdistill bench`` runs a mixture-of-experts export with its ExpertSwitch (expert i at step i),
+    and refuses it where one network per call is assumed (a hybrid's student, fast=true)."""
+    from stepdistill.bench import sampler as bench
+    from stepdistill.export.experts import SwitchedPipeline
+
+    cfg = tiny_config(tmp_path / "run", "phased_dmd", "train.sample_every=0")
+    Trainer(cfg).train()
+    folder = str(tmp_path / "run" / "export")
+    settings = bench.make_settings({"batch_sizes": [1], "runs": 1, "warmup": 0, "quality": "none", "device": "cpu",
+                                    "out": str(tmp_path / "bench")})
+    entry = bench.parse_entry(f"{folder} steps=2 guidance=0")[0]
+    runner = bench.build_runner(entry, settings, bench.PipelineCache(torch.device("cpu"), torch.float32))
+    assert isinstance(runner.pipe, SwitchedPipeline)
+    prompts = ["a blue square", "a red circle"]
+    images = runner(prompts, seed=3)
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+
+    def call(**kwargs):
+        gens = [torch.Generator().manual_seed(3 + i) for i in range(2)]
+        return pipe(prompts, num_inference_steps=2, guidance_scale=0.0, height=runner.resolution,
+                    width=runner.resolution, generator=gens, output_type="pt", **kwargs).images
+
+    torch.testing.assert_close(images, call(callback_on_step_end=_shipped_switch(tmp_path / "run" / "export")
+                                            .from_folder(pipe, folder)), atol=1e-5, rtol=0)
+    assert (images - call()).abs().max() > 1e-4  # expert 0 alone is another sampler
+    for text in (f"hybrid teacher=tiny:sd15 student={folder} teacher_steps=1 steps=2", f"{folder} fast=true"):
+        with pytest.raises(ValueError, match="is a mixture of experts"):
+            bench.validate(bench.parse_entry(text), settings)

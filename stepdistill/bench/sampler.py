@@ -486,6 +486,21 @@ def apply_options(pipe, options: dict, cache: PipelineCache, compile_mode: str |
     return _with_components(pipe, overrides) if overrides else pipe
 
 
+def _with_experts(pipe, spec: str, options: dict, compile_mode: str | None):
+    """A mixture-of-experts export (Phased DMD) runs expert i at step i (``export.experts.ExpertSwitch``), each
+    expert compiled too when the entry compiles; any other pipeline as it is."""
+    from stepdistill.export.experts import SwitchedPipeline, with_experts
+
+    path = resolve_pipeline(spec)
+    if not Path(path).is_dir():
+        return pipe
+    switched = with_experts(pipe, path)
+    if isinstance(switched, SwitchedPipeline) and options.get("compile"):
+        backbones = switched._switch.backbones
+        backbones[1:] = [torch.compile(b, mode=compile_mode) for b in backbones[1:]]
+    return switched
+
+
 def _with_components(pipe, overrides: dict):
     """A new pipeline object of ``pipe``'s class over the same modules, with ``overrides`` swapped in."""
     from diffusers.utils import logging as dlogging
@@ -623,6 +638,7 @@ def build_runner(entry: BenchEntry, settings: BenchSettings, cache: PipelineCach
             from stepdistill.sampling.fast import FastSampler
 
             pipe = FastSampler(pipe)
+        pipe = _with_experts(pipe, entry.pipeline, options, settings.compile_mode)
         info = export_info(resolve_pipeline(entry.pipeline))
         guidance = entry.guidance if entry.guidance is not None else float(info.get("guidance_scale", _default_guidance(base)))
         timesteps = None if entry.sampler else _trained_timesteps(info, entry.steps)
@@ -789,6 +805,11 @@ def validate(entries: list[BenchEntry], settings: BenchSettings) -> None:
             check_pipeline(spec)
         options = {**settings.options(), **entry.options}
         check_tiny_vae(options.get("tiny_vae"))
+        experts = [spec for spec in ([entry.student] if entry.is_hybrid else [entry.pipeline])
+                   if not spec.startswith("random:") and export_info(resolve_pipeline(spec)).get("experts")]
+        if experts and (entry.is_hybrid or options.get("fast")):
+            raise ValueError(f"entry {entry.label()}: {experts[0]} is a mixture of experts (one network per step): "
+                             "it runs as its own entry without fast=true, not as a hybrid's student or fast")
         if options.get("fast") and entry.is_hybrid:
             raise ValueError(f"entry {entry.label()}: fast=true replays one pipeline's sampler; a hybrid runs two: "
                              "drop fast for it")
