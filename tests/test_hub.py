@@ -62,7 +62,7 @@ def test_variant_export_and_card_metrics(lora_run, tmp_path):
     # An evaluation's metrics.json in the run folder goes into the card as a table.
     metrics = {"teacher": "toy-sd", "prompts": "builtin:toy_all", "seeds_per_prompt": 2, "results": {
         "student 1-step": {"steps": 1, "guidance_scale": 0.0, "latency_ms_per_image": 5.0,
-                           "all": {"fid": 1.5, "alignment": 0.97, "diversity": 2.0},
+                           "all": {"fid": 1.5, "alignment": 0.97, "diversity": 2.0, "aligned_diversity": 1.75},
                            "held_out": {"fid": 2.5, "alignment": 0.95}}}}
     (lora_run / "metrics.json").write_text(json.dumps(metrics))
     try:
@@ -75,7 +75,7 @@ def test_variant_export_and_card_metrics(lora_run, tmp_path):
     pipe = DiffusionPipeline.from_pretrained(out, variant="fp16", dtype=torch.float16)
     assert pipe.unet.dtype == torch.float16
     text = (out / "README.md").read_text()
-    assert "| student 1-step | 1 | 1.50 | 97.0% | 2.50 | 95.0% | 2.000 | 5.0 |" in text
+    assert "| student 1-step | 1 | 1.50 | 97.0% | 2.50 | 95.0% | 2.000 | 1.750 | 5.0 |" in text
     assert "max_steps: 1" in text  # the resolved training config
 
 

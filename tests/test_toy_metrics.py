@@ -12,6 +12,7 @@ from stepdistill.toy.classifier import ToyClassifier, _gaussian_blur, load_class
 from stepdistill.toy.data import HELD_OUT, parse_caption, render, sample_batch, to_tensor
 from stepdistill.toy.metrics import (
     ToyFeatures,
+    aligned_diversity,
     alignment,
     diversity,
     evaluate_by_split,
@@ -121,6 +122,25 @@ def test_diversity_zero_for_identical_positive_for_different_seeds():
         diversity(rendered[:2], ["a", "b"])
 
 
+def test_aligned_diversity_ignores_images_that_miss_their_prompt():
+    rng = np.random.default_rng
+    captions = ["a red circle at the top left"] * 4 + ["a blue square in the center"] * 4
+    right = to_tensor([render(parse_caption(c), rng(i)) for i, c in enumerate(captions)])
+    both = aligned_diversity(right, captions)
+    assert both == pytest.approx(diversity(right, captions), rel=1e-6)  # every image aligned: the same number
+    # Replace two red circles by green triangles: "diversity" rises (errors look like variety), the aligned
+    # one is the mean over the red group's two remaining circles and the blue group, computed by hand.
+    wrong = right.clone()
+    wrong[2:4] = to_tensor([render(parse_caption("a green triangle at the bottom right"), rng(50 + i))
+                            for i in range(2)])
+    assert diversity(wrong, captions) > diversity(right, captions)
+    by_hand = diversity(torch.cat([right[:2], right[4:]]), captions[:2] + captions[4:])
+    assert aligned_diversity(wrong, captions) == pytest.approx(by_hand, rel=1e-6)
+    assert aligned_diversity(wrong[1:4], captions[1:4]) is None  # no prompt keeps two aligned images
+    with pytest.raises(ValueError, match="3 images, 2 prompts"):
+        aligned_diversity(right[:3], captions[:2])
+
+
 def test_evaluate_by_split(real):
     images, captions = real
     reference_held_out = reference_images(120, seed=404, split="held_out")
@@ -130,7 +150,7 @@ def test_evaluate_by_split(real):
     assert result["held_out"]["num_images"] == n_held > 0
     assert result["all"]["num_images"] == N
     for part in result.values():
-        assert {"fid", "kid_mean", "kid_std", "alignment", "diversity"} <= set(part)
+        assert {"fid", "kid_mean", "kid_std", "alignment", "diversity", "aligned_diversity"} <= set(part)
         assert part["alignment"] >= 0.95
     assert result["all"]["diversity"] > 0  # the random batch repeats prompts
 

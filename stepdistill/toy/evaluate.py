@@ -76,8 +76,8 @@ def evaluate_entries(entries: list[Entry], prompts: list[str], seeds: list[int],
 
 
 def summary_table(results: dict) -> str:
-    head = ("| model | steps | FID ↓ | alignment ↑ | held-out FID | held-out alignment | diversity | ms / image |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|")
+    head = ("| model | steps | FID ↓ | alignment ↑ | held-out FID | held-out alignment | diversity | "
+            "aligned diversity | ms / image |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     def num(value, fmt=".2f"):
         return "n/a" if value is None else format(value, fmt)
 
@@ -86,7 +86,7 @@ def summary_table(results: dict) -> str:
         a, h = m["all"], m["held_out"]
         rows.append(f"| {name} | {m['steps']} | {num(a['fid'])} | {num(100 * a['alignment'], '.1f')}% | "
                     f"{num(h['fid'])} | {num(100 * h['alignment'], '.1f')}% | {num(a.get('diversity'), '.3f')} | "
-                    f"{m['latency_ms_per_image']:.1f} |")
+                    f"{num(a.get('aligned_diversity'), '.3f')} | {m['latency_ms_per_image']:.1f} |")
     return "\n".join([head, *rows])
 
 

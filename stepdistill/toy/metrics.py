@@ -6,6 +6,11 @@
   position all match their prompt, plus the accuracy per attribute.
 * ``diversity``: mean pairwise feature distance among images of the same prompt (several seeds),
   averaged over prompts; 0 for a generator that ignores its noise.
+* ``aligned_diversity``: the same over only the images the classifier reads as their prompt. On this
+  domain a prompt fixes colour, kind and place, so what ``diversity`` adds beyond it is mostly *error*
+  (a wrong colour or shape is far away in feature space): a student can out-"diversify" its teacher by
+  missing the prompt. This one counts variety within the right answer only (size and place jitter,
+  rendering) — the quantity distillation is said to lose.
 
 All functions take images as a float tensor [N, 3, 32, 32] in [-1, 1] (what ``stepdistill.toy.data``
 renders, and what a pipeline gives with ``output_type="pt"`` once mapped from [0, 1]) or a list of
@@ -213,13 +218,39 @@ def alignment(images: Images, prompts: Sequence[str]) -> dict[str, float]:
         raise ValueError(f"alignment: {images.shape[0]} images but {len(prompts)} prompts")
     if not prompts:
         raise ValueError("alignment: no images")
-    targets = torch.tensor([parse_caption(p).labels for p in prompts], device=images.device)
-    predicted = _cached_classifier(str(images.device)).predict(images)
-    correct = predicted == targets  # [N, 3]
+    correct = _correct(images, prompts)  # [N, 3]
     result = {"alignment": correct.all(dim=1).float().mean().item()}
     for i, head in enumerate(HEADS):
         result[f"{head}_accuracy"] = correct[:, i].float().mean().item()
     return result
+
+
+def _correct(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """[N, 3] booleans: the classifier's colour, kind and position of each image equal its prompt's."""
+    targets = torch.tensor([parse_caption(p).labels for p in prompts], device=images.device)
+    return _cached_classifier(str(images.device)).predict(images) == targets
+
+
+@_single_cpu_thread
+@torch.no_grad()
+def aligned_diversity(images: Images, prompts: Sequence[str], group_ids: Sequence[Hashable] | None = None):
+    """``diversity`` over the images whose colour, kind and position the classifier reads as their prompt's
+    (groups: ``group_ids``, default the prompts); None when no group keeps two such images."""
+    from stepdistill.eval.diversity import mean_pairwise_distance
+
+    images, prompts = _as_images(images), list(prompts)
+    groups = list(group_ids) if group_ids is not None else prompts
+    if not len(prompts) == len(groups) == images.shape[0]:
+        raise ValueError(f"aligned_diversity: {images.shape[0]} images, {len(prompts)} prompts, "
+                         f"{len(groups)} group ids")
+    keep = _correct(images, prompts).all(dim=1).cpu()
+    kept = [g for g, k in zip(groups, keep.tolist()) if k]
+    counts: dict[Hashable, int] = defaultdict(int)
+    for group in kept:
+        counts[group] += 1
+    if max(counts.values(), default=0) < 2:
+        return None
+    return mean_pairwise_distance(toy_features(images[keep.to(images.device)]), kept, "l2")
 
 
 @_single_cpu_thread
@@ -255,8 +286,9 @@ def evaluate_images(
     """All toy metrics of generated ``images`` (one per prompt) against real ``reference`` images.
 
     Keys: num_images, num_reference, fid, kid_mean, kid_std, alignment, color_accuracy, kind_accuracy,
-    position_accuracy, diversity. ``group_ids`` groups images for diversity (default: the prompts, i.e.
-    the seeds of one prompt); diversity is None when no group has two images.
+    position_accuracy, diversity, aligned_diversity. ``group_ids`` groups images for diversity (default: the
+    prompts, i.e. the seeds of one prompt); diversity is None when no group has two images (aligned_diversity:
+    two aligned images).
     """
     images, reference = _as_images(images), _as_images(reference, "reference")
     prompts = list(prompts)
@@ -278,6 +310,7 @@ def evaluate_images(
     for group in groups:
         counts[group] += 1
     result["diversity"] = diversity(images, groups) if max(counts.values(), default=0) >= 2 else None
+    result["aligned_diversity"] = aligned_diversity(images, prompts, groups)
     return result
 
 
