@@ -30,6 +30,11 @@ def test_two_step_dmd2_on_toy_sd_exports_evaluates_and_loads(tmp_path):
             assert 0.0 <= row[split]["alignment"] <= 1.0 and row[split]["fid"] >= 0.0
         assert row["latency_ms_per_image"] > 0
     assert (out / "comparison.png").is_file() and "| teacher 4-step |" in (out / "summary.md").read_text()
+    # The data row: real renderings of the same prompts and count (the FID floor, the diversity to match).
+    data = metrics["data"]
+    assert data["all"]["num_images"] == rows["student 1-step"]["all"]["num_images"]
+    assert data["all"]["alignment"] >= 0.95 and data["all"]["fid"] < rows["teacher 1-step CFG 1"]["all"]["fid"]
+    assert (out / "summary.md").read_text().splitlines()[2].startswith("| real images (the data")
     # The export's model card carries the evaluation and the comparison grid.
     card = (out / "export" / "README.md").read_text()
     assert "| teacher 4-step |" in card and "![samples](samples.png)" in card

@@ -83,7 +83,7 @@ def _metrics_table(metrics: dict) -> str:
     from stepdistill.toy.evaluate import summary_table
 
     try:  # the toy evaluation's rows (all / held_out splits)
-        return summary_table(metrics["results"])
+        return summary_table(metrics["results"], metrics.get("data"))
     except (KeyError, TypeError):
         return "```json\n" + json.dumps(metrics["results"], indent=2) + "\n```"
 

@@ -54,16 +54,34 @@ def generate(entry: Entry, prompts: list[str], seeds: list[int], resolution: int
     return images * 2 - 1, seconds
 
 
+def real_images(prompts: list[str], seeds: list[int]) -> torch.Tensor:
+    """The procedural data itself for every (prompt, seed) pair, prompt-major as ``generate``: one fresh
+    rendering (size and place jitter) per pair, from seeds no reference set uses."""
+    import numpy as np
+
+    from stepdistill.toy.data import parse_caption, render, to_tensor
+
+    pairs = [(p, s) for p in prompts for s in seeds]
+    return to_tensor([render(parse_caption(p), np.random.default_rng(30_000 + i)) for i, (p, _) in enumerate(pairs)])
+
+
 def evaluate_entries(entries: list[Entry], prompts: list[str], seeds: list[int], resolution: int,
-                     num_reference: int = 2000, batch_size: int = 64, progress=None) -> dict:
-    """Toy FID / alignment / diversity / latency of every entry, for all prompts and the held-out ones."""
+                     num_reference: int = 2000, batch_size: int = 64, progress=None, data_row: bool = True) -> dict:
+    """Toy FID / alignment / diversity / latency of every entry, for all prompts and the held-out ones.
+
+    ``data_row``: also measure real images of the same prompts and count (``out["data"]``): the FID a perfect
+    generator gets at this sample count (FID is biased upward for small sets) and the diversity of the data,
+    which a generator should match rather than exceed (a student above it is noisier, not more varied).
+    """
     from stepdistill.toy.metrics import evaluate_by_split, reference_images
 
     ref_all = reference_images(num_reference, seed=10_000, split="all")
     ref_held = reference_images(num_reference, seed=20_000, split="held_out")
     groups = [i for i in range(len(prompts)) for _ in seeds]  # one group per prompt (its seeds)
     caps = [p for p in prompts for _ in seeds]
-    results, images = {}, {}
+    results, images, out = {}, {}, {}
+    if data_row and resolution == 32:  # the procedural data's own size (toy pipelines sample at 32 px)
+        out["data"] = evaluate_by_split(real_images(prompts, seeds), caps, ref_all, ref_held, groups)
     for entry in entries:
         imgs, latency = generate(entry, prompts, seeds, resolution, batch_size)
         metrics = evaluate_by_split(imgs, caps, ref_all, ref_held, groups)
@@ -72,16 +90,25 @@ def evaluate_entries(entries: list[Entry], prompts: list[str], seeds: list[int],
         results[entry.name], images[entry.name] = metrics, imgs
         if progress is not None:
             progress(entry.name, metrics)
-    return {"results": results, "images": images}
+    return {"results": results, "images": images, **out}
 
 
-def summary_table(results: dict) -> str:
+DATA_ROW = "real images (the data: FID floor, diversity to match)"
+
+
+def summary_table(results: dict, data: dict | None = None) -> str:
+    """The markdown table of ``results`` (rows of ``evaluate_entries``), led by the data row when given."""
     head = ("| model | steps | FID ↓ | alignment ↑ | held-out FID | held-out alignment | diversity | "
             "aligned diversity | ms / image |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     def num(value, fmt=".2f"):
         return "n/a" if value is None else format(value, fmt)
 
     rows = []
+    if data:
+        a, h = data["all"], data["held_out"]
+        rows.append(f"| {DATA_ROW} | — | {num(a['fid'])} | {num(100 * a['alignment'], '.1f')}% | {num(h['fid'])} | "
+                    f"{num(100 * h['alignment'], '.1f')}% | {num(a.get('diversity'), '.3f')} | "
+                    f"{num(a.get('aligned_diversity'), '.3f')} | — |")
     for name, m in results.items():
         a, h = m["all"], m["held_out"]
         rows.append(f"| {name} | {m['steps']} | {num(a['fid'])} | {num(100 * a['alignment'], '.1f')}% | "
@@ -138,10 +165,10 @@ def evaluate_run(run_dir: str | Path, teacher: str, teacher_steps: int, teacher_
     idx = torch.linspace(0, len(prompts) - 1, n).round().long() * len(seeds)
     grid = labelled_grid([(name, imgs[idx]) for name, imgs in out["images"].items()])
     grid.save(run_dir / "comparison.png")
-    table = summary_table(out["results"])
+    table = summary_table(out["results"], out.get("data"))
     (run_dir / "summary.md").write_text(table + "\n")
     metrics = {"teacher": teacher, "prompts": prompts_source, "seeds_per_prompt": seeds_per_prompt,
-               "results": out["results"]}
+               "results": out["results"], "data": out.get("data")}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(table, flush=True)
     return metrics
