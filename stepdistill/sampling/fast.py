@@ -55,7 +55,7 @@ class FastSampler:
     def __init__(self, pipe, cuda_graph: bool | None = None) -> None:
         from diffusers import LCMScheduler
 
-        if getattr(pipe, "unet", None) is None or getattr(pipe, "text_encoder", None) is None and not _is_sdxl(pipe):
+        if getattr(pipe, "unet", None) is None or (getattr(pipe, "text_encoder", None) is None and not _is_sdxl(pipe)):
             raise ValueError(f"FastSampler runs Stable Diffusion 1.x/2.x and SDXL pipelines (a UNet and CLIP text "
                              f"encoders); {type(pipe).__name__} is not one: call the pipeline itself (fast=false)")
         if not isinstance(pipe.scheduler, LCMScheduler):
@@ -113,11 +113,8 @@ class FastSampler:
         """The pipeline's draws, in its order: the initial latents, then one per non-final step."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        draws = [randn_tensor(program.latent_shape, generator=generator, device=self.device, dtype=self.dtype)]
-        for _ in range(program.num_steps - 1):
-            draws.append(randn_tensor(program.latent_shape, generator=generator, device=self.device,
-                                      dtype=self.dtype))
-        return draws
+        return [randn_tensor(program.latent_shape, generator=generator, device=self.device, dtype=self.dtype)
+                for _ in range(program.num_steps)]
 
 
 class _Program:
