@@ -81,7 +81,8 @@ def evaluate_entries(entries: list[Entry], prompts: list[str], seeds: list[int],
     caps = [p for p in prompts for _ in seeds]
     results, images, out = {}, {}, {}
     if data_row and resolution == 32:  # the procedural data's own size (toy pipelines sample at 32 px)
-        out["data"] = evaluate_by_split(real_images(prompts, seeds), caps, ref_all, ref_held, groups)
+        out["data_images"] = real_images(prompts, seeds)
+        out["data"] = evaluate_by_split(out["data_images"], caps, ref_all, ref_held, groups)
     for entry in entries:
         imgs, latency = generate(entry, prompts, seeds, resolution, batch_size)
         metrics = evaluate_by_split(imgs, caps, ref_all, ref_held, groups)
@@ -163,7 +164,8 @@ def evaluate_run(run_dir: str | Path, teacher: str, teacher_steps: int, teacher_
     # Prompts spread over the whole list (the toy lists are sorted by colour), first seed of each.
     n = min(grid_prompts, len(prompts))
     idx = torch.linspace(0, len(prompts) - 1, n).round().long() * len(seeds)
-    grid = labelled_grid([(name, imgs[idx]) for name, imgs in out["images"].items()])
+    rows = [("real images", out["data_images"][idx])] if "data_images" in out else []
+    grid = labelled_grid(rows + [(name, imgs[idx]) for name, imgs in out["images"].items()])
     grid.save(run_dir / "comparison.png")
     table = summary_table(out["results"], out.get("data"))
     (run_dir / "summary.md").write_text(table + "\n")
