@@ -323,7 +323,7 @@ def test_bad_inputs_fail_before_loading(tmp_path, capsys):
         bench.validate(bench.parse_entry(f"toy-sd tiny_vae={tmp_path}"), settings)
     with pytest.raises(ValueError, match="replays the re-noising sampler .*not sampler=ddim"):
         bench.validate(bench.parse_entry("toy-sd fast=true sampler=ddim"), settings)
-    with pytest.raises(ValueError, match="a hybrid runs two"):
+    with pytest.raises(ValueError, match="a hybrid entry runs two"):
         bench.validate(bench.parse_entry("hybrid teacher=toy-sd student=toy-sd teacher_steps=1 steps=2"),
                        bench.make_settings({**settings.__dict__, "fast": True}))
     with pytest.raises(ValueError, match="same name"):

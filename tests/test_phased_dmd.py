@@ -313,3 +313,10 @@ def test_bench_runs_every_expert_of_the_export(tmp_path):
     for text in (f"hybrid teacher=tiny:sd15 student={folder} teacher_steps=1 steps=2", f"{folder} fast=true"):
         with pytest.raises(ValueError, match="is a mixture of experts"):
             bench.validate(bench.parse_entry(text), settings)
+    # A compiled entry: the pipeline's backbone is a torch.compile wrapper; the other experts load as the
+    # module class under it and are compiled by the bench too (compilation itself is lazy: nothing runs here).
+    compiled = bench.parse_entry(f"{folder} steps=2 guidance=0 compile=true")[0]
+    runner = bench.build_runner(compiled, settings, bench.PipelineCache(torch.device("cpu"), torch.float32))
+    backbones = runner.pipe.switch.backbones
+    assert len(backbones) == 2 and all(hasattr(b, "_orig_mod") for b in backbones)
+    assert type(backbones[1]._orig_mod) is type(pipe.unet)

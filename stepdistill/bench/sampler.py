@@ -200,6 +200,18 @@ def _check_option(key: str, value):
     raise AssertionError(key)
 
 
+def _check_fast(options: dict, hybrid: bool, sampler: str | None, where: str) -> None:
+    """``fast=true`` (sampling/fast.py) replays one pipeline's re-noising sampler: not a hybrid, not another sampler.
+    Checked per entry when parsed and again in ``validate`` with the global settings merged in."""
+    if not options.get("fast"):
+        return
+    if hybrid:
+        raise ValueError(f"{where}: fast=true replays one pipeline's sampler (sampling/fast.py); a hybrid entry "
+                         "runs two: drop fast")
+    if sampler and _scheduler_class(str(sampler)).__name__ != "LCMScheduler":
+        raise ValueError(f"{where}: fast=true replays the re-noising sampler (sampler=lcm), not sampler={sampler}")
+
+
 def entries_from_dict(spec: dict, where: str = "entry") -> list[BenchEntry]:
     """Entries from one mapping (a YAML list item or a parsed ``--entry``); ``steps`` may be a list."""
     if not isinstance(spec, dict):
@@ -223,9 +235,7 @@ def entries_from_dict(spec: dict, where: str = "entry") -> list[BenchEntry]:
     if not steps:
         raise ValueError(f"{where}: steps is empty")
     options = {k: _check_option(k, spec[k]) for k in OPTION_KEYS if k in spec}
-    if hybrid and options.get("fast"):
-        raise ValueError(f"{where}: fast=true replays one pipeline's sampler (sampling/fast.py); a hybrid entry "
-                         "runs two: drop fast")
+    _check_fast(options, hybrid, spec.get("sampler"), where)
     sampler = spec.get("sampler")
     if sampler is not None:
         sampler = str(sampler)
@@ -496,8 +506,7 @@ def _with_experts(pipe, spec: str, options: dict, compile_mode: str | None):
         return pipe
     switched = with_experts(pipe, path)
     if isinstance(switched, SwitchedPipeline) and options.get("compile"):
-        backbones = switched._switch.backbones
-        backbones[1:] = [torch.compile(b, mode=compile_mode) for b in backbones[1:]]
+        switched.switch.map_experts(lambda b: torch.compile(b, mode=compile_mode))
     return switched
 
 
@@ -810,12 +819,7 @@ def validate(entries: list[BenchEntry], settings: BenchSettings) -> None:
         if experts and (entry.is_hybrid or options.get("fast")):
             raise ValueError(f"entry {entry.label()}: {experts[0]} is a mixture of experts (one network per step): "
                              "it runs as its own entry without fast=true, not as a hybrid's student or fast")
-        if options.get("fast") and entry.is_hybrid:
-            raise ValueError(f"entry {entry.label()}: fast=true replays one pipeline's sampler; a hybrid runs two: "
-                             "drop fast for it")
-        if options.get("fast") and entry.sampler and _scheduler_class(entry.sampler).__name__ != "LCMScheduler":
-            raise ValueError(f"entry {entry.label()}: fast=true replays the re-noising sampler (sampler=lcm), "
-                             f"not sampler={entry.sampler}")
+        _check_fast(options, entry.is_hybrid, entry.sampler, f"entry {entry.label()}")
         if options.get("xformers"):
             try:
                 import xformers  # noqa: F401

@@ -53,11 +53,18 @@ class ExpertSwitch:
                              "call the pipeline without an ExpertSwitch")
         attr = experts["backbone"]
         base = getattr(pipe, attr)
+        model_class = type(getattr(base, "_orig_mod", base))  # the module class under a torch.compile wrapper
         backbones = [base]
         for sub in experts["subfolders"]:
-            model = type(base).from_pretrained(str(folder), subfolder=sub, torch_dtype=base.dtype)
+            model = model_class.from_pretrained(str(folder), subfolder=sub, torch_dtype=base.dtype)
             backbones.append(model.to(base.device).eval())
         return cls(backbones, experts["timesteps"], attr)
+
+    def map_experts(self, fn) -> ExpertSwitch:
+        """Replace experts 1..k-1 by ``fn(expert)`` (e.g. ``torch.compile``); expert 0 is the pipeline's own
+        backbone, which the caller treats as it treats the pipeline."""
+        self.backbones[1:] = [fn(b) for b in self.backbones[1:]]
+        return self
 
     def to(self, *args, **kwargs) -> ExpertSwitch:
         """Move every expert (as ``pipe.to``) so they follow the pipeline."""
@@ -78,10 +85,10 @@ class SwitchedPipeline:
     generically, e.g. evaluation); every other attribute is the pipeline's own."""
 
     def __init__(self, pipe, switch: ExpertSwitch):
-        self._pipe, self._switch = pipe, switch
+        self._pipe, self.switch = pipe, switch
 
     def __call__(self, *args, **kwargs):
-        kwargs.setdefault("callback_on_step_end", self._switch)
+        kwargs.setdefault("callback_on_step_end", self.switch)
         return self._pipe(*args, **kwargs)
 
     def __getattr__(self, item):

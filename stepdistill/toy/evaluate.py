@@ -80,7 +80,9 @@ def evaluate_entries(entries: list[Entry], prompts: list[str], seeds: list[int],
     groups = [i for i in range(len(prompts)) for _ in seeds]  # one group per prompt (its seeds)
     caps = [p for p in prompts for _ in seeds]
     results, images, out = {}, {}, {}
-    if data_row and resolution == 32:  # the procedural data's own size (toy pipelines sample at 32 px)
+    from stepdistill.toy.data import RESOLUTION
+
+    if data_row and resolution == RESOLUTION:  # real images exist at the procedural data's own size only
         out["data_images"] = real_images(prompts, seeds)
         out["data"] = evaluate_by_split(out["data_images"], caps, ref_all, ref_held, groups)
     for entry in entries:

@@ -225,6 +225,14 @@ def alignment(images: Images, prompts: Sequence[str]) -> dict[str, float]:
     return result
 
 
+def _has_pair(group_ids: Sequence[Hashable]) -> bool:
+    """Some group holds two or more images (what a diversity needs)."""
+    counts: dict[Hashable, int] = defaultdict(int)
+    for group in group_ids:
+        counts[group] += 1
+    return max(counts.values(), default=0) >= 2
+
+
 def _correct(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """[N, 3] booleans: the classifier's colour, kind and position of each image equal its prompt's."""
     targets = torch.tensor([parse_caption(p).labels for p in prompts], device=images.device)
@@ -245,10 +253,7 @@ def aligned_diversity(images: Images, prompts: Sequence[str], group_ids: Sequenc
                          f"{len(groups)} group ids")
     keep = _correct(images, prompts).all(dim=1).cpu()
     kept = [g for g, k in zip(groups, keep.tolist()) if k]
-    counts: dict[Hashable, int] = defaultdict(int)
-    for group in kept:
-        counts[group] += 1
-    if max(counts.values(), default=0) < 2:
+    if not _has_pair(kept):
         return None
     return mean_pairwise_distance(toy_features(images[keep.to(images.device)]), kept, "l2")
 
@@ -306,10 +311,7 @@ def evaluate_images(
         **alignment(images, prompts),
     }
     groups = list(group_ids) if group_ids is not None else prompts
-    counts: dict[Hashable, int] = defaultdict(int)
-    for group in groups:
-        counts[group] += 1
-    result["diversity"] = diversity(images, groups) if max(counts.values(), default=0) >= 2 else None
+    result["diversity"] = diversity(images, groups) if _has_pair(groups) else None
     result["aligned_diversity"] = aligned_diversity(images, prompts, groups)
     return result
 
