@@ -24,6 +24,12 @@ def test_export_reproduces_the_student_sampler(family, num_steps, tmp_path):
     folder = tmp_path / "run" / "export"
     info = json.loads((folder / "stepdistill.json").read_text())
     assert info["num_inference_steps"] == num_steps and info["family"] == family
+    # Flow few-step exports re-noise from the global RNG in plain diffusers: the card says so, and how to seed.
+    from stepdistill.export.hub import model_card_text
+
+    global_rng = family in ("sd3", "flux") and num_steps > 1
+    assert info["global_rng_steps"] is global_rng
+    assert ("torch.manual_seed" in model_card_text(info)) is global_rng
 
     pipe = DiffusionPipeline.from_pretrained(folder)
     res = cfg.model.resolution

@@ -235,3 +235,36 @@ def test_flow_sample_timesteps_range_and_determinism():
     )
     assert torch.equal(t, again)
     assert schedule.sample_timesteps(3, device="cpu").device.type == "cpu"
+
+
+def test_seeded_steps_fix_a_flow_students_images_by_their_seeds():
+    """SD3's pipeline draws the re-noising noise of steps 2..N from the global RNG; generate_images (eval,
+    toy eval, bench quality) routes it through each image's generator: same seed, same image, whatever ran
+    before and whatever else is in the batch."""
+    from diffusers import DiffusionPipeline
+
+    from stepdistill.eval.evaluate import generate_images
+    from stepdistill.models.loading import resolve_pretrained
+    from stepdistill.sampling.schedulers import seeded_steps
+
+    pipe = DiffusionPipeline.from_pretrained(resolve_pretrained("tiny:sd3"))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
+    pipe.set_progress_bar_config(disable=True)
+    prompts, kwargs = ["a red circle", "a blue square"], {"steps": 3, "guidance": 1.0, "resolution": 32}
+
+    def plain():  # the pipeline alone: the same seeds give other images once the global RNG has moved
+        gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+        return pipe(prompts, generator=gens, num_inference_steps=3, guidance_scale=1.0, height=32, width=32,
+                    output_type="pt").images
+
+    assert (plain() - plain()).abs().max() > 1e-4
+    first, _ = generate_images(pipe, prompts, [5, 6], **kwargs)
+    torch.rand(100)  # move the global RNG
+    again, _ = generate_images(pipe, prompts, [5, 6], **kwargs)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    alone, _ = generate_images(pipe, prompts[1:], [6], **kwargs)  # another batch composition
+    torch.testing.assert_close(alone[0], first[1], atol=1e-5, rtol=0)
+    # The scheduler is left as it was: its class's step again, no generator bound.
+    with seeded_steps(pipe, [torch.Generator()]):
+        assert "step" in pipe.scheduler.__dict__
+    assert "step" not in pipe.scheduler.__dict__

@@ -61,6 +61,8 @@ from pathlib import Path
 
 import torch
 
+from stepdistill.sampling.schedulers import seeded_steps
+
 # Short sampler names -> diffusers scheduler classes (any other diffusers scheduler class name works too).
 SAMPLERS = {
     "ddim": "DDIMScheduler",
@@ -560,7 +562,7 @@ class Runner:
     def __call__(self, prompts: list[str], seed: int = 0, output_type: str = "pt"):
         generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
         kwargs = {"timesteps": self.timesteps} if self.timesteps else {}
-        with sdpa_context(self.sdpa):
+        with sdpa_context(self.sdpa), seeded_steps(self.pipe, generators):
             return self.pipe(prompts, num_inference_steps=self.steps, guidance_scale=self.guidance,
                              height=self.resolution, width=self.resolution, generator=generators,
                              output_type=output_type, **kwargs).images

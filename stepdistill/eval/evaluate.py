@@ -15,7 +15,9 @@ clean-fid resizing (``stepdistill.eval.fid``), reference statistics computed onc
 CLIP score as torchmetrics reports it, open_clip ViT-g-14 / laion2b_s34b_b88k by default
 (``stepdistill.eval.clip_score``); diversity = mean pairwise feature distance across the seeds of one
 prompt (``stepdistill.eval.diversity``). The noise of image (prompt i, seed s) is drawn from a CPU
-generator seeded with ``s * 1_000_000 + i``: the same for every model, different for every image.
+generator seeded with ``s * 1_000_000 + i``: the same for every model, different for every image. The
+re-noising steps of few-step flow students draw from it too (``sampling.schedulers.seeded_steps``: the SD3 and
+FLUX pipelines would draw them from torch's global RNG), so an image is fixed by its seed alone.
 
 The toy domain (the shipped toy-sd / toy-flow teachers and students exported from them) is evaluated in
 the toy classifier's feature space, with its prompt alignment in place of CLIP score and procedural
@@ -63,6 +65,8 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], steps: int | Non
     ``seeds[i]``, and seconds per image (CUDA-synchronised). None settings use the pipeline's defaults."""
     from tqdm.auto import tqdm
 
+    from stepdistill.sampling.schedulers import seeded_steps
+
     if len(prompts) != len(seeds):
         raise ValueError(f"generate_images: {len(prompts)} prompts but {len(seeds)} seeds")
     kwargs: dict = {"output_type": "pt"}
@@ -82,7 +86,8 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], steps: int | Non
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds[chunk]]
         _sync(device)
         t0 = time.perf_counter()
-        out = pipe(list(prompts[chunk]), generator=generators, **kwargs)
+        with seeded_steps(pipe, generators):  # flow pipelines' re-noising steps too (sampling/schedulers.py)
+            out = pipe(list(prompts[chunk]), generator=generators, **kwargs)
         _sync(device)
         elapsed += time.perf_counter() - t0
         images.append(out.images.float().cpu())

@@ -159,6 +159,11 @@ def model_card_text(info: dict, repo_id: str | None = None, license_: str | None
     if grid:
         lines += ["## Samples", "", f"![samples]({grid})", ""]
     lines += ["## Usage", "", "```python", _usage({**info, "base_model": _loadable(base)}, where), "```", ""]
+    if info.get("global_rng_steps"):
+        lines += ["Between steps the scheduler re-noises with fresh noise, which the SD3 / FLUX pipelines draw from "
+                  "torch's global random generator, not from `generator=`: call `torch.manual_seed(...)` before the "
+                  "pipeline for repeatable images (stepdistill's evaluation routes that noise through each image's "
+                  "generator).", ""]
     if metrics and metrics.get("results"):
         lines += [
             "## Evaluation",

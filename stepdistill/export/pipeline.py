@@ -105,7 +105,7 @@ def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32",
         export_lora(teacher, role, out)
         scheduler = method.export_scheduler()
         scheduler.save_pretrained(str(out / "scheduler"))
-        _write_info(out, teacher, method, type(scheduler).__name__, lora=".", config=config, lora_only=True)
+        _write_info(out, teacher, method, scheduler, lora=".", config=config, lora_only=True)
         write_model_card(out, run_dir, repo_id, license_)
         return out
     torch_dtype = _DTYPES[dtype]
@@ -128,7 +128,7 @@ def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32",
     if role.is_lora and not experts:
         # LoRA students are also written as LoRA weights for the teacher's own pipeline (LCM-LoRA style).
         lora_dir = export_lora(teacher, role, out / "lora")
-    _write_info(out, teacher, method, type(components["scheduler"]).__name__,
+    _write_info(out, teacher, method, components["scheduler"],
                 lora="lora" if lora_dir is not None else None, config=config, variant=variant,
                 experts=expert_info)
     write_model_card(out, run_dir, repo_id, license_)
@@ -154,7 +154,7 @@ def _export_experts(out: Path, teacher, experts: dict, torch_dtype) -> dict:
             "timesteps": [float(t) for t in experts["timesteps"]], "helper": "expert_switch.py"}
 
 
-def _write_info(out: Path, teacher, method, scheduler: str, lora: str | None, config: dict | None,
+def _write_info(out: Path, teacher, method, scheduler, lora: str | None, config: dict | None,
                 lora_only: bool = False, variant: str | None = None, experts: dict | None = None) -> None:
     """``stepdistill.json``: how to sample the export (steps, timesteps, guidance), method and config."""
     steps = method.num_inference_steps
@@ -176,7 +176,10 @@ def _write_info(out: Path, teacher, method, scheduler: str, lora: str | None, co
         "num_inference_steps": steps,
         "timesteps": timesteps,
         "guidance_scale": guidance,
-        "scheduler": scheduler,
+        "scheduler": type(scheduler).__name__,
+        # A re-noising flow scheduler draws steps 2..N's noise from torch's global RNG in the SD3 / FLUX
+        # pipelines (they do not pass `generator` to scheduler.step): the card says how to make images repeatable.
+        "global_rng_steps": bool(scheduler.config.get("stochastic_sampling", False)) and steps > 1,
         "experts": experts,
         "usage": usage_snippet(str(out), steps, timesteps, guidance, experts=bool(experts)),
         "config": config,

@@ -18,6 +18,9 @@ sampler, the consistency-model multistep sampler):
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+
 import numpy as np
 
 
@@ -73,3 +76,37 @@ def pipeline_timesteps(teacher, num_steps: int, resolution: int) -> list[float]:
     else:
         scheduler.set_timesteps(num_steps)
     return [float(t) for t in scheduler.timesteps]
+
+
+@contextlib.contextmanager
+def seeded_steps(pipe, generator):
+    """Make ``pipe``'s scheduler draw its per-step noise from ``generator`` during the block.
+
+    The SD / SDXL / PixArt / SANA pipelines hand ``generator`` to ``scheduler.step``, but the SD3 and FLUX
+    pipelines do not: a re-noising flow scheduler (``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``,
+    every few-step flow export) then draws the noise of steps 2..N from torch's global RNG, so an image is
+    not fixed by its seed and depends on what ran before it. Inside this block ``scheduler.step`` defaults
+    ``generator`` to the call's generator(s) (one per image, continuing the stream the initial latents were
+    drawn from, as the SD pipelines do); a pipeline that passes its own still wins. Schedulers whose ``step``
+    takes no generator, and pipelines without a scheduler, are left alone.
+    """
+    scheduler = getattr(pipe, "scheduler", None)
+    step = getattr(scheduler, "step", None)
+    if generator is None or step is None or "generator" not in inspect.signature(step).parameters:
+        yield
+        return
+
+    def step_with_generator(*args, **kwargs):
+        if kwargs.get("generator") is None:
+            kwargs["generator"] = generator
+        return step(*args, **kwargs)
+
+    own = scheduler.__dict__.get("step")  # an instance attribute someone set before us, if any
+    scheduler.step = step_with_generator
+    try:
+        yield
+    finally:
+        if own is None:
+            del scheduler.step  # the class's method shows through again
+        else:
+            scheduler.step = own
