@@ -321,8 +321,8 @@ def test_bad_inputs_fail_before_loading(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
     with pytest.raises(ValueError, match="holds a AutoencoderKL, not an AutoencoderTiny"):
         bench.validate(bench.parse_entry(f"toy-sd tiny_vae={tmp_path}"), settings)
-    with pytest.raises(ValueError, match="replays the re-noising sampler .*not sampler=ddim"):
-        bench.validate(bench.parse_entry("toy-sd fast=true sampler=ddim"), settings)
+    with pytest.raises(ValueError, match="replays sampler=lcm, ddim or flow_euler .*not sampler=euler"):
+        bench.validate(bench.parse_entry("toy-sd fast=true sampler=euler"), settings)
     with pytest.raises(ValueError, match="a hybrid entry runs two"):
         bench.validate(bench.parse_entry("hybrid teacher=toy-sd student=toy-sd teacher_steps=1 steps=2"),
                        bench.make_settings({**settings.__dict__, "fast": True}))

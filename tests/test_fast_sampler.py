@@ -59,31 +59,93 @@ def test_fast_sampler_trained_timesteps_and_guidance_embedding():
     assert (images[1.5] - images[4.0]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("family, scheduler, steps, guidance", [
+    ("sd15", "lcm", 2, 3.0),    # doubled-batch CFG on the re-noising sampler
+    ("sd2", "ddim", 3, 2.0),    # DDIM at eta 0 (PCM exports), v-prediction, CFG
+    ("sdxl", "ddim", 2, 2.5),   # force_zeros_for_empty_prompt: the negative embeddings are zeros
+    ("sdxl", "lcm", 1, 0.0),
+])
+def test_fast_sampler_cfg_and_ddim(family, scheduler, steps, guidance):
+    from diffusers import DDIMScheduler
+
+    pipe = _pipe(family)
+    if scheduler == "ddim":  # as sampling.schedulers.deterministic_scheduler exports it
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing",
+                                                   set_alpha_to_one=True, steps_offset=0, clip_sample=False)
+    kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "height": 64, "width": 64,
+              "output_type": "pt"}
+    expected = pipe(PROMPTS, generator=_gens(), **kwargs).images
+    got = FastSampler(pipe)(PROMPTS, generator=_gens(), **kwargs).images
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    if guidance > 1:  # guidance is applied: the unguided call gives other images
+        unguided = FastSampler(pipe)(PROMPTS, generator=_gens(), **{**kwargs, "guidance_scale": 1.0}).images
+        assert (unguided - got).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("stochastic, steps, guidance, t5", [(True, 2, 0.0, True), (True, 3, 2.0, True),
+                                                             (False, 3, 2.0, True), (False, 2, 2.0, False)])
+def test_fast_sampler_reproduces_sd3(stochastic, steps, guidance, t5):
+    """SD3 with flow Euler (deterministic: teachers, PCM; stochastic: re-noising flow students), CFG above 1,
+    with and without its T5 encoder (without: zeros in its place, as the pipeline does)."""
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    from stepdistill.models.loading import resolve_pretrained
+    from stepdistill.sampling.schedulers import seeded_steps
+
+    pipe = DiffusionPipeline.from_pretrained(resolve_pretrained("tiny:sd3"),
+                                             **({} if t5 else {"text_encoder_3": None, "tokenizer_3": None}))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config,
+                                                                 stochastic_sampling=stochastic)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "height": 32, "width": 32,
+              "output_type": "pt"}
+    gens = _gens()
+    with seeded_steps(pipe, gens):  # the re-noising noise from the generators, as FastSampler draws it
+        expected = pipe(PROMPTS, generator=gens, **kwargs).images
+    got = FastSampler(pipe)(PROMPTS, generator=_gens(), **kwargs).images
+    assert got.shape == expected.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
 def test_fast_sampler_bad_inputs():
-    from diffusers import DDIMScheduler, DiffusionPipeline
+    from diffusers import DDIMScheduler, DiffusionPipeline, EulerDiscreteScheduler
 
     from stepdistill.models.loading import resolve_pretrained
 
     pipe = _pipe("sd15")
-    with pytest.raises(ValueError, match="no doubled-batch CFG"):
-        FastSampler(pipe)(PROMPTS, guidance_scale=3.0)
     with pytest.raises(ValueError, match="output_type='pt'"):
         FastSampler(pipe)(PROMPTS, output_type="pil")
     with pytest.raises(ValueError, match="needs the pipeline on a CUDA device"):
         FastSampler(pipe, cuda_graph=True)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    with pytest.raises(ValueError, match="sampler=lcm"):
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match="LCMScheduler / DDIMScheduler for this pipeline, not EulerDiscreteScheduler"):
         FastSampler(pipe)
-    flow = DiffusionPipeline.from_pretrained(resolve_pretrained("tiny:sd3"))
-    with pytest.raises(ValueError, match="Stable Diffusion 1.x/2.x and SDXL"):
-        FastSampler(flow)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=True)
+    with pytest.raises(ValueError, match="without clip_sample"):
+        FastSampler(pipe)
+    sd3 = DiffusionPipeline.from_pretrained(resolve_pretrained("tiny:sd3"))
+    with pytest.raises(ValueError, match="takes no timesteps"):
+        FastSampler(sd3)(PROMPTS, num_inference_steps=2, timesteps=[999, 499])
+    flux = DiffusionPipeline.from_pretrained(resolve_pretrained("tiny:flux"))
+    with pytest.raises(ValueError, match="Stable Diffusion 1.x/2.x, SDXL and SD3"):
+        FastSampler(flux)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_replay_matches_eager():
-    pipe = _pipe("sdxl").to("cuda")
-    kwargs = {"num_inference_steps": 2, "guidance_scale": 0.0, "height": 64, "width": 64, "output_type": "pt"}
+@pytest.mark.parametrize("family, guidance", [("sdxl", 0.0), ("sdxl", 2.0), ("sd3", 2.0)])
+def test_cuda_graph_replay_matches_eager(family, guidance):
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    from stepdistill.models.loading import resolve_pretrained
+
+    if family == "sd3":
+        pipe = DiffusionPipeline.from_pretrained(resolve_pretrained("tiny:sd3"))
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
+    else:
+        pipe = _pipe(family)
+    pipe = pipe.to("cuda")
+    kwargs = {"num_inference_steps": 2, "guidance_scale": guidance, "height": 64, "width": 64, "output_type": "pt"}
     eager = FastSampler(pipe, cuda_graph=False)(PROMPTS, generator=_gens(), **kwargs).images
     graphed = FastSampler(pipe, cuda_graph=True)
     for _ in range(2):  # capture, then replay

@@ -35,7 +35,8 @@ flash, cudnn), ``xformers`` (``enable_xformers_memory_efficient_attention``, whe
 ``tiny_vae`` (an ``AutoencoderTiny`` folder, e.g. madebyollin/taesdxl downloaded by the user, or
 ``random``: the AutoencoderTiny architecture with random weights, for timing only), ``fast``
 (``stepdistill.sampling.fast.FastSampler``: text encoders, steps and decode as one program without host
-syncs, captured into a CUDA graph on CUDA; SD 1.x/2.x / SDXL with ``sampler=lcm``, no doubled-batch CFG).
+syncs, captured into a CUDA graph on CUDA; SD 1.x/2.x / SDXL with LCM or DDIM, SD3 with flow Euler, CFG
+included).
 
 Outputs in ``--out``: ``bench.md`` (markdown table), ``bench.csv``, ``bench.png`` (quality against
 latency, one point per entry) and ``bench.json``.
@@ -203,15 +204,19 @@ def _check_option(key: str, value):
 
 
 def _check_fast(options: dict, hybrid: bool, sampler: str | None, where: str) -> None:
-    """``fast=true`` (sampling/fast.py) replays one pipeline's re-noising sampler: not a hybrid, not another sampler.
-    Checked per entry when parsed and again in ``validate`` with the global settings merged in."""
+    """``fast=true`` (sampling/fast.py) replays one pipeline's sampler (LCM, DDIM or flow Euler): not a hybrid,
+    not another sampler. Checked per entry when parsed and again in ``validate`` with the global settings merged
+    in; which of the three fits which pipeline, FastSampler checks when it is built."""
+    from stepdistill.sampling.fast import SCHEDULERS
+
     if not options.get("fast"):
         return
     if hybrid:
         raise ValueError(f"{where}: fast=true replays one pipeline's sampler (sampling/fast.py); a hybrid entry "
                          "runs two: drop fast")
-    if sampler and _scheduler_class(str(sampler)).__name__ != "LCMScheduler":
-        raise ValueError(f"{where}: fast=true replays the re-noising sampler (sampler=lcm), not sampler={sampler}")
+    if sampler and _scheduler_class(str(sampler)).__name__ not in SCHEDULERS:
+        raise ValueError(f"{where}: fast=true replays sampler=lcm, ddim or flow_euler (sampling/fast.py), not "
+                         f"sampler={sampler}")
 
 
 def entries_from_dict(spec: dict, where: str = "entry") -> list[BenchEntry]:
@@ -1030,7 +1035,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xformers", action="store_true", default=None, help="xformers attention (must be installed)")
     p.add_argument("--tiny-vae", default=None, metavar="DIR", help="AutoencoderTiny folder for decoding (or random)")
     p.add_argument("--fast", action="store_true", default=None,
-                   help="one host-sync-free program per call, a CUDA graph on CUDA (SD/SDXL, sampler=lcm)")
+                   help="one host-sync-free program per call, a CUDA graph on CUDA (SD/SDXL: lcm, ddim; SD3: flow_euler)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (toy models on a shared CPU: 1 is much faster than 2)")
     p.add_argument("--out", default=None, help="output folder (default bench/)")

@@ -1,25 +1,30 @@
-"""A host-sync-free few-step sampler for exported UNet students, captured into one CUDA graph.
+"""A host-sync-free sampler for Stable Diffusion pipelines, captured into one CUDA graph.
 
-``FastSampler(pipe)`` runs what ``pipe(prompts, num_inference_steps=n, output_type="pt")`` runs for a
-Stable Diffusion 1.x/2.x or SDXL pipeline with an ``LCMScheduler`` (the re-noising scheduler every VP
-export of stepdistill carries) — text encoders, n UNet steps, VAE decode — as one device program:
+``FastSampler(pipe)`` runs what ``pipe(prompts, num_inference_steps=n, guidance_scale=w, output_type="pt")``
+runs for a Stable Diffusion 1.x/2.x, SDXL or SD3 pipeline — text encoders, n denoiser steps, VAE decode — as
+one device program:
 
 * the tokenizers run on the host, once per call (strings cannot live on a GPU); everything after them,
   the text encoders included ("fused text encoding"), is a fixed sequence of kernels over static
   buffers: token ids and the noise of every step in, images in [0, 1] out;
-* the scheduler's per-step numbers (its timesteps, ``alphas_cumprod`` at each of them and the boundary
-  scalings ``c_skip`` / ``c_out``) are read from the pipeline's own scheduler once, when the program is
+* the scheduler's per-step numbers are read from the pipeline's own scheduler once, when the program is
   built, so no scheduler bookkeeping (``step_index``, ``.item()``, Python-side indexing of device tensors)
-  runs per call;
-* on CUDA the program is captured into a ``torch.cuda.CUDAGraph`` per (batch size, steps, timesteps,
-  size) and replayed: one launch, no host synchronisation inside. Elsewhere it runs eagerly, the same
-  code, which is how it is tested against the pipeline (tests/test_fast_sampler.py: equal images).
+  runs per call. Three samplers are replayed, which cover every export of stepdistill and the usual teachers:
+  ``LCMScheduler`` (the re-noising sampler of VP students: x0, then fresh noise to the next timestep),
+  ``DDIMScheduler`` at eta 0 (PCM and ``transition: ddim`` exports) and ``FlowMatchEulerDiscreteScheduler``
+  (SD3: deterministic Euler, or ``stochastic_sampling``, the re-noising sampler of flow students);
+* classifier-free guidance runs as the pipelines run it, on a doubled batch, when ``guidance_scale > 1``; a
+  guidance-embedded UNet (``unet.config.time_cond_proj_dim``: LCM, guidance distillation) takes the scale as
+  an input instead, one pass per step, as diffusers does. The negative ("") prompt's embeddings are computed
+  once per program: they do not depend on the prompts;
+* on CUDA the program is captured into a ``torch.cuda.CUDAGraph`` per (batch size, steps, timesteps, size,
+  guidance) and replayed: one launch, no host synchronisation inside. Elsewhere it runs eagerly, the same
+  code, which is how it is tested against the pipelines (tests/test_fast_sampler.py: equal images).
 
-Noise is drawn on the host with ``diffusers.utils.torch_utils.randn_tensor`` in the pipeline's order
-(initial latents, then one draw per non-final step), so the same generators give the same images as the
-pipeline. Classifier-free guidance with a doubled batch is not run here: a guidance-embedded student
-(``unet.config.time_cond_proj_dim``, LCM / guidance distillation) takes its scale as an input, as
-diffusers' pipelines do; other students run at ``guidance_scale <= 1``.
+Noise is drawn on the host with ``diffusers.utils.torch_utils.randn_tensor`` in the order of the pipeline's
+own draws (initial latents, then one per re-noising step), so the same generators give the same images as
+the pipeline. (The SD3 pipeline itself draws its re-noising noise from torch's global RNG; here it comes from
+``generator``, as inside ``sampling.schedulers.seeded_steps``, which the evaluation uses.)
 
 ``stepdistill bench`` uses it for entries with ``fast=true`` (``configs/bench/sdxl_gpu.yaml``).
 """
@@ -31,7 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-FAMILIES = ("sd15", "sd2", "sdxl")
+FAMILIES = ("sd15", "sd2", "sdxl", "sd3")
+SCHEDULERS = ("LCMScheduler", "DDIMScheduler", "FlowMatchEulerDiscreteScheduler")
 
 
 @dataclass
@@ -41,62 +47,89 @@ class FastOutput:
     images: torch.Tensor
 
 
-def _is_sdxl(pipe) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None and getattr(pipe, "tokenizer_2", None) is not None
+def _kind(pipe) -> str:
+    """"sd" (SD 1.x/2.x), "sdxl" or "sd3"; ValueError for any other pipeline."""
+    components = getattr(pipe, "components", {})
+    if getattr(pipe, "transformer", None) is not None and "text_encoder_3" in components \
+            and getattr(pipe, "tokenizer_2", None) is not None:
+        return "sd3"
+    if getattr(pipe, "unet", None) is not None:
+        if getattr(pipe, "text_encoder_2", None) is not None and getattr(pipe, "tokenizer_2", None) is not None:
+            return "sdxl"
+        if getattr(pipe, "text_encoder", None) is not None:
+            return "sd"
+    raise ValueError(f"FastSampler runs Stable Diffusion 1.x/2.x, SDXL and SD3 pipelines; {type(pipe).__name__} "
+                     "is not one: call the pipeline itself (fast=false)")
+
+
+def _check_scheduler(scheduler, kind: str) -> str:
+    """The sampler to replay: "lcm", "ddim", "flow_renoise" or "flow_euler"."""
+    name = type(scheduler).__name__
+    allowed = ("FlowMatchEulerDiscreteScheduler",) if kind == "sd3" else ("LCMScheduler", "DDIMScheduler")
+    if name not in allowed:
+        raise ValueError(f"FastSampler replays {' / '.join(allowed)} for this pipeline, not {name}: use "
+                         f"sampler={'lcm or sampler=ddim' if kind != 'sd3' else 'flow_euler'} or fast=false")
+    cfg = scheduler.config
+    if name == "DDIMScheduler" and (cfg.get("clip_sample") or cfg.get("thresholding")):
+        raise ValueError("FastSampler replays DDIM without clip_sample / thresholding (latent models use neither); "
+                         "set them to false in the scheduler config or use fast=false")
+    if name == "FlowMatchEulerDiscreteScheduler":
+        return "flow_renoise" if cfg.get("stochastic_sampling") else "flow_euler"
+    return "lcm" if name == "LCMScheduler" else "ddim"
 
 
 class FastSampler:
-    """The few-step sampler of ``pipe`` (SD 1.x/2.x or SDXL, ``LCMScheduler``) as one replayable program.
+    """The sampler of ``pipe`` (SD 1.x/2.x or SDXL with LCM / DDIM, SD3 with flow Euler) as one replayable program.
 
-    ``cuda_graph``: capture on CUDA (default: when the UNet lives on a CUDA device). ``__call__`` takes the
+    ``cuda_graph``: capture on CUDA (default: when the denoiser lives on a CUDA device). ``__call__`` takes the
     arguments of the pipeline call it replaces and returns ``FastOutput(images)`` (``output_type="pt"``).
     """
 
     def __init__(self, pipe, cuda_graph: bool | None = None) -> None:
-        from diffusers import LCMScheduler
-
-        if getattr(pipe, "unet", None) is None or (getattr(pipe, "text_encoder", None) is None and not _is_sdxl(pipe)):
-            raise ValueError(f"FastSampler runs Stable Diffusion 1.x/2.x and SDXL pipelines (a UNet and CLIP text "
-                             f"encoders); {type(pipe).__name__} is not one: call the pipeline itself (fast=false)")
-        if not isinstance(pipe.scheduler, LCMScheduler):
-            raise ValueError(f"FastSampler replays the re-noising sampler of exported students (LCMScheduler); this "
-                             f"pipeline has a {type(pipe.scheduler).__name__}: use sampler=lcm or fast=false")
-        enc = getattr(pipe, "text_encoder", None)
-        if enc is not None and getattr(enc.config, "use_attention_mask", False):
+        self.kind = _kind(pipe)
+        self.sampler = _check_scheduler(pipe.scheduler, self.kind)
+        encoders = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
+        if any(e is not None and getattr(e.config, "use_attention_mask", False) for e in encoders):
             raise ValueError("this text encoder reads an attention mask (use_attention_mask), which FastSampler does "
                              "not pass: call the pipeline itself (fast=false)")
         vae = pipe.vae
-        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False) and self.kind == "sdxl":
             raise ValueError("this VAE is decoded in float32 by the pipeline (force_upcast with float16 weights); "
                              "run the fast sampler in bfloat16 or with a float16-safe VAE")
         self.pipe = pipe
-        self.sdxl = _is_sdxl(pipe)
-        self.device = pipe.unet.device
-        self.dtype = pipe.unet.dtype
+        self.denoiser = pipe.transformer if self.kind == "sd3" else pipe.unet
+        self.device = self.denoiser.device
+        self.dtype = self.denoiser.dtype
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError("cuda_graph=True needs the pipeline on a CUDA device")
         self._programs: dict[tuple, _Program] = {}
 
     @property
+    def sdxl(self) -> bool:
+        return self.kind == "sdxl"
+
+    @property
     def scheduler(self):
         """The pipeline's scheduler, whose timesteps and coefficients the program replays."""
         return self.pipe.scheduler
+
+    @property
+    def w_embedded(self) -> bool:
+        return self.kind != "sd3" and self.pipe.unet.config.time_cond_proj_dim is not None
 
     # ---- the call ------------------------------------------------------------------------------------
     def __call__(self, prompt, num_inference_steps: int = 1, guidance_scale: float = 0.0, height: int | None = None,
                  width: int | None = None, generator=None, output_type: str = "pt", timesteps=None):
         if output_type != "pt":
             raise ValueError(f"FastSampler returns image tensors (output_type='pt'), not {output_type!r}")
+        if timesteps and self.kind == "sd3":
+            raise ValueError("the SD3 pipeline takes no timesteps= (its schedule comes from the scheduler's sigmas)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor  # the pipelines' default
+        size = self.denoiser.config.sample_size * self.pipe.vae_scale_factor  # the pipelines' default
         height, width = int(height or size), int(width or size)
-        w_embedded = self.pipe.unet.config.time_cond_proj_dim is not None
-        if guidance_scale > 1 and not w_embedded:
-            raise ValueError(f"guidance_scale={guidance_scale}: FastSampler runs no doubled-batch CFG; use a "
-                             "guidance-embedded student (time_cond_proj_dim) or guidance_scale <= 1, or fast=false")
         key = (len(prompts), int(num_inference_steps), tuple(timesteps) if timesteps else None, height, width,
-               float(guidance_scale) if w_embedded else None)
+               float(guidance_scale))
         program = self._programs.get(key)
         if program is None:
             program = self._programs[key] = _Program(self, *key)
@@ -104,104 +137,209 @@ class FastSampler:
         noise = self._noise(program, generator)
         return FastOutput(program.run(ids, noise))
 
+    def _tokenizers(self) -> list:
+        pipe = self.pipe
+        if self.kind == "sd":
+            return [pipe.tokenizer]
+        if self.kind == "sdxl":
+            return [t for t in (pipe.tokenizer, pipe.tokenizer_2) if t is not None]
+        return [pipe.tokenizer, pipe.tokenizer_2] + ([pipe.tokenizer_3] if pipe.text_encoder_3 is not None else [])
+
     def _tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
-        tokenizers = [self.pipe.tokenizer, self.pipe.tokenizer_2] if self.sdxl else [self.pipe.tokenizer]
-        return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids for tok in tokenizers if tok is not None]
+        ids = []
+        for k, tok in enumerate(self._tokenizers()):
+            # SD3 pads its T5 prompt to max_sequence_length (256, the pipeline's default), CLIP to 77.
+            length = 256 if (self.kind == "sd3" and k == 2) else tok.model_max_length
+            ids.append(tok(prompts, padding="max_length", max_length=length, truncation=True,
+                           return_tensors="pt").input_ids)
+        return ids
 
     def _noise(self, program: _Program, generator) -> list[torch.Tensor]:
-        """The pipeline's draws, in its order: the initial latents, then one per non-final step."""
+        """The pipeline's draws, in its order: the initial latents, then one per re-noising step."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        return [randn_tensor(program.latent_shape, generator=generator, device=self.device, dtype=self.dtype)
-                for _ in range(program.num_steps)]
+        return [randn_tensor(program.latent_shape, generator=generator, device=self.device, dtype=dtype)
+                for dtype in program.draw_dtypes]
 
 
 class _Program:
     """One (batch, steps, timesteps, size, guidance) program: constants, static buffers, and on CUDA its graph."""
 
     def __init__(self, sampler: FastSampler, batch: int, num_steps: int, timesteps, height: int, width: int,
-                 guidance) -> None:
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
-
+                 guidance: float) -> None:
         self.s, pipe = sampler, sampler.pipe
         dev, dtype = sampler.device, sampler.dtype
-        scheduler = copy.deepcopy(pipe.scheduler)  # the pipeline's own timestep rules, without touching it
-        steps, _ = retrieve_timesteps(scheduler, None if timesteps else num_steps, "cpu",
-                                      list(timesteps) if timesteps else None)
-        steps = [int(t) for t in steps]
-        self.num_steps = len(steps)
-        ac = scheduler.alphas_cumprod.double()
-        self.consts = []
-        for k, t in enumerate(steps):
-            c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
-            nxt = steps[k + 1] if k + 1 < len(steps) else None
-            a_next = None if nxt is None else float(ac[nxt]) if nxt >= 0 else float(scheduler.final_alpha_cumprod)
-            self.consts.append({
-                "t": torch.tensor(t, device=dev),
-                "sqrt_a": float(ac[t].sqrt()), "sqrt_b": float((1 - ac[t]).sqrt()),
-                "c_skip": float(c_skip), "c_out": float(c_out),
-                "next": None if a_next is None else (a_next**0.5, (1 - a_next) ** 0.5),
-            })
-        self.prediction_type = scheduler.config.prediction_type
-        unet = pipe.unet
-        self.latent_shape = (batch, unet.config.in_channels, height // pipe.vae_scale_factor,
+        self.latent_shape = (batch, sampler.denoiser.config.in_channels, height // pipe.vae_scale_factor,
                              width // pipe.vae_scale_factor)
+        scheduler = copy.deepcopy(pipe.scheduler)  # the pipeline's own timestep rules, without touching it
+        self.steps = self._schedule(scheduler, num_steps, timesteps)
+        # Draws: initial latents (model dtype), then the re-noising noise of every non-final step (LCM draws it
+        # in the model dtype, the flow scheduler in float32; neither needs the final step's draw).
+        renoise = {"lcm": dtype, "flow_renoise": torch.float32}.get(sampler.sampler)
+        self.draw_dtypes = [dtype] + ([renoise] * (len(self.steps) - 1) if renoise is not None else [])
+        # Guidance as the pipelines apply it: an embedded scale (one pass) or CFG on a doubled batch above 1.
         self.timestep_cond = None
-        if guidance is not None:  # a guidance-embedded UNet reads w - 1 (diffusers' convention)
+        self.cfg_scale = None
+        if sampler.w_embedded:  # a guidance-embedded UNet reads w - 1 (diffusers' convention)
             w = torch.tensor(guidance - 1.0).repeat(batch)
             self.timestep_cond = pipe.get_guidance_scale_embedding(
-                w, embedding_dim=unet.config.time_cond_proj_dim).to(dev, dtype)
-        vae = pipe.vae
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        self.latents_mean_std = None
-        if sampler.sdxl and mean is not None and std is not None:  # as the SDXL pipeline decodes
-            self.latents_mean_std = (torch.tensor(mean).view(1, -1, 1, 1).to(dev, dtype),
-                                     torch.tensor(std).view(1, -1, 1, 1).to(dev, dtype))
+                w, embedding_dim=pipe.unet.config.time_cond_proj_dim).to(dev, dtype)
+        elif guidance > 1:
+            self.cfg_scale = float(guidance)
+        self.negative = self._negative(batch) if self.cfg_scale is not None else None
         self.add_time_ids = None
-        if sampler.sdxl:
+        if sampler.kind == "sdxl":
             proj = pipe.text_encoder_2.config.projection_dim
             ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype,
                                          text_encoder_projection_dim=proj)
-            self.add_time_ids = ids.to(dev).repeat(batch, 1)
+            self.add_time_ids = ids.to(dev).repeat(batch * (2 if self.cfg_scale else 1), 1)
+        vae = pipe.vae
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        self.latents_mean_std = None
+        if sampler.kind == "sdxl" and mean is not None and std is not None:  # as the SDXL pipeline decodes
+            self.latents_mean_std = (torch.tensor(mean).view(1, -1, 1, 1).to(dev, dtype),
+                                     torch.tensor(std).view(1, -1, 1, 1).to(dev, dtype))
         self.graph = None
         self.static_in: tuple | None = None
         self.static_out: torch.Tensor | None = None
 
+    # ---- constants, read once --------------------------------------------------------------------
+    def _schedule(self, scheduler, num_steps: int, timesteps) -> list[dict]:
+        """Per step: the denoiser's timestep and the numbers of the scheduler's update (python floats)."""
+        s = self.s
+        dev = s.device
+        if s.kind == "sd3":
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+                calculate_shift,
+                retrieve_timesteps,
+            )
+
+            cfg, kwargs = scheduler.config, {}
+            if cfg.get("use_dynamic_shifting", None):  # as StableDiffusion3Pipeline.__call__
+                patch = s.denoiser.config.patch_size
+                seq = (self.latent_shape[2] // patch) * (self.latent_shape[3] // patch)
+                kwargs["mu"] = calculate_shift(seq, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                                               cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16))
+            steps, _ = retrieve_timesteps(scheduler, num_steps, "cpu", **kwargs)
+            sigmas = [float(x) for x in scheduler.sigmas]
+            return [{"t": steps[k].to(dev), "sigma": sigmas[k], "sigma_next": sigmas[k + 1]}
+                    for k in range(len(steps))]
+
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+        steps, _ = retrieve_timesteps(scheduler, None if timesteps else num_steps, "cpu",
+                                      list(timesteps) if timesteps else None)
+        steps = [int(t) for t in steps]
+        ac = scheduler.alphas_cumprod.double()
+        final = float(scheduler.final_alpha_cumprod)
+        out = []
+        for k, t in enumerate(steps):
+            if s.sampler == "lcm":
+                nxt = steps[k + 1] if k + 1 < len(steps) else None
+                c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+                a_next = None if nxt is None else float(ac[nxt]) if nxt >= 0 else final
+                update = {"c_skip": float(c_skip), "c_out": float(c_out),
+                          "next": None if a_next is None else (a_next**0.5, (1 - a_next) ** 0.5)}
+            else:  # DDIM at eta 0: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps
+                prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+                a_prev = float(ac[prev]) if prev >= 0 else final
+                update = {"next": (a_prev**0.5, (1 - a_prev) ** 0.5)}
+            out.append({"t": torch.tensor(t, device=dev), "sqrt_a": float(ac[t].sqrt()),
+                        "sqrt_b": float((1 - ac[t]).sqrt()), **update})
+        return out
+
+    @torch.no_grad()
+    def _negative(self, batch: int):
+        """Embeddings of the empty negative prompt, as the pipeline's ``encode_prompt`` makes them (SDXL's
+        ``force_zeros_for_empty_prompt``: zeros of their shape)."""
+        s = self.s
+        embeds, pooled = self._encode([i.to(s.device) for i in s._tokenize([""] * batch)])
+        if s.kind == "sdxl" and s.pipe.config.force_zeros_for_empty_prompt:
+            return torch.zeros_like(embeds), torch.zeros_like(pooled)
+        return embeds, pooled
+
     # ---- the device program ----------------------------------------------------------------------
     def _encode(self, ids: list[torch.Tensor]):
-        """Prompt embeddings as the pipeline's ``encode_prompt`` computes them (checked against it in the tests)."""
-        pipe, dtype = self.s.pipe, self.s.dtype
-        if not self.s.sdxl:
-            enc = pipe.text_encoder
-            return enc(ids[0])[0].to(dtype), None
-        hidden, pooled = [], None
+        """(prompt embeddings, pooled embeddings or None) as the pipeline's ``encode_prompt`` computes them
+        (checked against it through equal images in the tests)."""
+        pipe, kind = self.s.pipe, self.s.kind
+        if kind == "sd":
+            return pipe.text_encoder(ids[0])[0].to(self.s.dtype), None
         encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
+        hidden, pooled = [], []
         for enc, tok_ids in zip(encoders, ids):
             out = enc(tok_ids, output_hidden_states=True)
-            if pooled is None and out[0].ndim == 2:
-                pooled = out[0]
+            if out[0].ndim == 2:
+                pooled.append(out[0])
             hidden.append(out.hidden_states[-2])
-        return torch.cat(hidden, dim=-1).to(dtype), pooled.to(dtype)
+        if kind == "sdxl":  # the first 2-D output (text_encoder_2's projection)
+            return torch.cat(hidden, dim=-1).to(self.s.dtype), pooled[0].to(self.s.dtype)
+        clip = torch.cat(hidden, dim=-1).to(pipe.text_encoder.dtype)
+        batch = ids[0].shape[0]
+        if pipe.text_encoder_3 is None:
+            t5 = torch.zeros(batch, 256, self.s.denoiser.config.joint_attention_dim, device=clip.device,
+                             dtype=pipe.text_encoder.dtype)
+        else:
+            t5 = pipe.text_encoder_3(ids[2])[0].to(pipe.text_encoder_3.dtype)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+    def _denoise(self, x, step, embeds, pooled):
+        """The denoiser's output at ``x``, guided as the pipeline guides it."""
+        s = self.s
+        if self.cfg_scale is not None:
+            neg_embeds, neg_pooled = self.negative
+            x_in, embeds = torch.cat([x, x]), torch.cat([neg_embeds, embeds])
+            pooled = None if pooled is None else torch.cat([neg_pooled, pooled])
+        else:
+            x_in = x
+        if s.kind == "sd3":
+            out = s.denoiser(hidden_states=x_in, timestep=step["t"].expand(x_in.shape[0]), encoder_hidden_states=embeds,
+                             pooled_projections=pooled, return_dict=False)[0]
+        else:
+            added = {"text_embeds": pooled, "time_ids": self.add_time_ids} if s.kind == "sdxl" else None
+            out = s.denoiser(x_in, step["t"], encoder_hidden_states=embeds, timestep_cond=self.timestep_cond,
+                             added_cond_kwargs=added, return_dict=False)[0]
+        if self.cfg_scale is not None:
+            uncond, cond = out.chunk(2)
+            out = uncond + self.cfg_scale * (cond - uncond)
+        return out
+
+    def _update(self, x, out, c, noise):
+        """One scheduler step from ``x`` with the denoiser's ``out`` (``noise``: this step's re-noising draw)."""
+        sampler = self.s.sampler
+        if sampler.startswith("flow"):  # computed in float32, as FlowMatchEulerDiscreteScheduler.step
+            sample = x.float()
+            if sampler == "flow_euler":
+                return (sample + (c["sigma_next"] - c["sigma"]) * out).to(out.dtype)
+            x0 = sample - c["sigma"] * out
+            return ((1.0 - c["sigma_next"]) * x0 + c["sigma_next"] * noise).to(out.dtype) if noise is not None \
+                else ((1.0 - c["sigma_next"]) * x0).to(out.dtype)
+        prediction = self.s.pipe.scheduler.config.prediction_type
+        if prediction == "epsilon":
+            x0 = (x - c["sqrt_b"] * out) / c["sqrt_a"]
+        elif prediction == "v_prediction":
+            x0 = c["sqrt_a"] * x - c["sqrt_b"] * out
+        else:
+            x0 = out
+        if sampler == "ddim":
+            eps = out if prediction == "epsilon" else c["sqrt_a"] * out + c["sqrt_b"] * x \
+                if prediction == "v_prediction" else (x - c["sqrt_a"] * x0) / c["sqrt_b"]
+            return c["next"][0] * x0 + c["next"][1] * eps
+        denoised = c["c_out"] * x0 + c["c_skip"] * x
+        return denoised if c["next"] is None else c["next"][0] * denoised + c["next"][1] * noise
 
     def _program(self, ids: list[torch.Tensor], noise: list[torch.Tensor]) -> torch.Tensor:
         pipe = self.s.pipe
         embeds, pooled = self._encode(ids)
-        added = {"text_embeds": pooled, "time_ids": self.add_time_ids} if self.s.sdxl else None
-        x = noise[0] * pipe.scheduler.init_noise_sigma
-        for k, c in enumerate(self.consts):
-            out = pipe.unet(x, c["t"], encoder_hidden_states=embeds, timestep_cond=self.timestep_cond,
-                            added_cond_kwargs=added, return_dict=False)[0]
-            if self.prediction_type == "epsilon":
-                x0 = (x - c["sqrt_b"] * out) / c["sqrt_a"]
-            elif self.prediction_type == "v_prediction":
-                x0 = c["sqrt_a"] * x - c["sqrt_b"] * out
-            else:
-                x0 = out
-            denoised = c["c_out"] * x0 + c["c_skip"] * x
-            x = denoised if c["next"] is None else c["next"][0] * denoised + c["next"][1] * noise[k + 1]
+        x = noise[0] * getattr(pipe.scheduler, "init_noise_sigma", 1.0)
+        for k, c in enumerate(self.steps):
+            out = self._denoise(x, c, embeds, pooled)
+            x = self._update(x, out, c, noise[k + 1] if k + 1 < len(noise) else None)
         vae = pipe.vae
-        if self.latents_mean_std is not None:
+        if self.s.kind == "sd3":
+            x = x / vae.config.scaling_factor + vae.config.shift_factor
+        elif self.latents_mean_std is not None:
             mean, std = self.latents_mean_std
             x = x * std / vae.config.scaling_factor + mean
         else:
@@ -240,4 +378,4 @@ class _Program:
         self.graph, self.static_in = graph, (static_ids, static_noise)
 
 
-__all__ = ["FAMILIES", "FastOutput", "FastSampler"]
+__all__ = ["FAMILIES", "SCHEDULERS", "FastOutput", "FastSampler"]
