@@ -60,7 +60,8 @@ def test_variant_export_and_card_metrics(lora_run, tmp_path):
     from diffusers import DiffusionPipeline
 
     # An evaluation's metrics.json in the run folder goes into the card as a table.
-    metrics = {"teacher": "toy-sd", "prompts": "builtin:toy_all", "seeds_per_prompt": 2, "results": {
+    metrics = {"teacher": "toy-sd", "prompts": "builtin:toy_all", "seeds_per_prompt": 2,
+               "command": "stepdistill toy eval runs/x --seeds-per-prompt 2 --student-steps 1", "results": {
         "student 1-step": {"steps": 1, "guidance_scale": 0.0, "latency_ms_per_image": 5.0,
                            "all": {"fid": 1.5, "alignment": 0.97, "diversity": 2.0, "aligned_diversity": 1.75},
                            "held_out": {"fid": 2.5, "alignment": 0.95}}}}
@@ -77,6 +78,7 @@ def test_variant_export_and_card_metrics(lora_run, tmp_path):
     text = (out / "README.md").read_text()
     assert "| student 1-step | 1 | 1.50 | 97.0% | 2.50 | 95.0% | 2.000 | 1.750 | 5.0 |" in text
     assert "max_steps: 1" in text  # the resolved training config
+    assert "Measured with `stepdistill toy eval runs/x --seeds-per-prompt 2 --student-steps 1`." in text
 
 
 class RecordingApi:

@@ -38,6 +38,9 @@ def test_two_step_dmd2_on_toy_sd_exports_evaluates_and_loads(tmp_path):
     # The export's model card carries the evaluation and the comparison grid.
     card = (out / "export" / "README.md").read_text()
     assert "| teacher 4-step |" in card and "![samples](samples.png)" in card
+    # ... and the command that measures the numbers again.
+    assert metrics["command"] == f"stepdistill toy eval {out} --seeds-per-prompt 1 --student-steps 1"
+    assert f"Measured with `{metrics['command']}`." in card
     assert (out / "export" / "samples.png").read_bytes() == (out / "comparison.png").read_bytes()
     # Plain diffusers (a process that never imports stepdistill) loads the export and generates.
     code = (

@@ -174,6 +174,8 @@ def model_card_text(info: dict, repo_id: str | None = None, license_: str | None
             _metrics_table(metrics),
             "",
         ]
+        if metrics.get("command"):  # the toy evaluation and `stepdistill eval` record how they were run
+            lines += [f"Measured with `{metrics['command']}`.", ""]
     if config:
         lines += [
             "## Training",

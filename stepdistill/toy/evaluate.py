@@ -171,8 +171,11 @@ def evaluate_run(run_dir: str | Path, teacher: str, teacher_steps: int, teacher_
     grid.save(run_dir / "comparison.png")
     table = summary_table(out["results"], out.get("data"))
     (run_dir / "summary.md").write_text(table + "\n")
+    # The command that measures these numbers again (settings not in the run's config.yaml are spelled out).
+    command = (f"stepdistill toy eval {run_dir} --seeds-per-prompt {seeds_per_prompt} --student-steps "
+               + " ".join(str(k) for k in student_steps))
     metrics = {"teacher": teacher, "prompts": prompts_source, "seeds_per_prompt": seeds_per_prompt,
-               "results": out["results"], "data": out.get("data")}
+               "command": command, "results": out["results"], "data": out.get("data")}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(table, flush=True)
     return metrics
