@@ -97,3 +97,16 @@ def test_one_step_export_runs_at_more_steps(tmp_path):
         image = pipe("a red circle", num_inference_steps=steps, guidance_scale=0, height=64, width=64,
                      output_type="np").images[0]
         assert image.shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("method", ["dmd2", "phased_dmd"])
+def test_hand_set_timesteps_are_refused_where_the_pipeline_cannot_take_them(method, tmp_path):
+    """SD3 / FLUX pipelines have no timesteps= argument: an export could not run hand-set generator timesteps."""
+    cfg = tiny_config(tmp_path / "a", method, "model.pretrained=tiny:sd3", "model.family=sd3", "method.num_steps=2",
+                      "method.generator_timesteps=[999,400]", "export.enabled=false")
+    with pytest.raises(ValueError, match=r"generator_timesteps=\[999, 400\]: the sd3 pipeline takes no timesteps="):
+        Trainer(cfg)
+    # VP pipelines take them (the export says timesteps=[999, 400] in its usage).
+    cfg = tiny_config(tmp_path / "b", method, "method.num_steps=2", "method.generator_timesteps=[999,400]",
+                      "export.enabled=false")
+    assert Trainer(cfg).method.export_timesteps() == [999.0, 400.0]

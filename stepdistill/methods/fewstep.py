@@ -76,6 +76,17 @@ class ScoreDistillConfig:
         check_generator_schedule(self)
 
 
+def check_exportable_timesteps(method, default: list[float]) -> None:
+    """Hand-set generator timesteps are exported as the pipeline call's ``timesteps=``, an argument the SD3 and
+    FLUX pipelines do not have (they take ``sigmas``, which their schedulers shift again): refuse them there."""
+    if method.export_timesteps() is not None and method.teacher.schedule.kind == "flow":
+        raise ValueError(
+            f"method.generator_timesteps={list(method.cfg.generator_timesteps)}: the {method.teacher.family} "
+            "pipeline takes no timesteps= argument, so an export could not run hand-set timesteps; drop "
+            "method.generator_timesteps (the default, the exported scheduler's own "
+            f"{[round(t, 1) for t in default]}, needs none)")
+
+
 class FewStepGenerator(DistillMethod):
     """Generator timesteps, training inputs, the re-noising sampler and its export.
 
@@ -86,6 +97,7 @@ class FewStepGenerator(DistillMethod):
         super().__init__(cfg, ctx)
         # Default: exactly the timesteps the exported pipeline will run (sampling/schedulers.py).
         self.timesteps = [float(t) for t in (cfg.generator_timesteps or self._default_timesteps(cfg.num_steps))]
+        check_exportable_timesteps(self, self._default_timesteps(cfg.num_steps))
         self.latent_shape = tuple(self.teacher.latent_shape(ctx.resolution))
         self._fake_cache: tuple | None = None  # (step, prompts, x0) of the step's generator samples
 

@@ -69,7 +69,7 @@ from stepdistill.losses.subinterval import (
 )
 from stepdistill.methods.base import DistillMethod, MethodContext
 from stepdistill.methods.dmd import real_and_fake_x0
-from stepdistill.methods.fewstep import ScoreDistillConfig
+from stepdistill.methods.fewstep import ScoreDistillConfig, check_exportable_timesteps
 from stepdistill.methods.registry import register
 
 DMD_T_RANGES = ("subinterval", "full")
@@ -148,6 +148,7 @@ class PhasedDMD(DistillMethod):
 
         self._default = pipeline_timesteps(self.teacher, cfg.num_steps, ctx.resolution)
         self.timesteps = [float(t) for t in (cfg.generator_timesteps or self._default)]
+        check_exportable_timesteps(self, self._default)
         if cfg.transition == "ddim" and self.export_timesteps() is not None:
             raise ValueError(
                 f"method.generator_timesteps={list(cfg.generator_timesteps)} with method.transition=ddim: the "
