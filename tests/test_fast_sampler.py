@@ -107,6 +107,31 @@ def test_fast_sampler_reproduces_sd3(stochastic, steps, guidance, t5):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("stochastic, steps, guidance", [(True, 2, 1.0), (False, 3, 3.5)])
+def test_fast_sampler_reproduces_flux(stochastic, steps, guidance):
+    """FLUX: packed 2x2-patch tokens, sigmas with a token-count shift, the guidance embedding (no CFG)."""
+    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    from stepdistill.models.loading import resolve_pretrained
+    from stepdistill.sampling.schedulers import seeded_steps
+
+    pipe = DiffusionPipeline.from_pretrained(resolve_pretrained("tiny:flux"))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config,
+                                                                 stochastic_sampling=stochastic)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "height": 32, "width": 32,
+              "output_type": "pt"}
+    gens = _gens()
+    with seeded_steps(pipe, gens):
+        expected = pipe(PROMPTS, generator=gens, **kwargs).images
+    fast = FastSampler(pipe)
+    got = fast(PROMPTS, generator=_gens(), **kwargs).images
+    assert got.shape == expected.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    other = fast(PROMPTS, generator=_gens(), **{**kwargs, "guidance_scale": guidance + 4}).images
+    assert (other - got).abs().max() > 1e-4  # the embedded guidance is read
+
+
 def test_fast_sampler_bad_inputs():
     from diffusers import DDIMScheduler, DiffusionPipeline, EulerDiscreteScheduler
 
@@ -126,21 +151,22 @@ def test_fast_sampler_bad_inputs():
     sd3 = DiffusionPipeline.from_pretrained(resolve_pretrained("tiny:sd3"))
     with pytest.raises(ValueError, match="takes no timesteps"):
         FastSampler(sd3)(PROMPTS, num_inference_steps=2, timesteps=[999, 499])
-    flux = DiffusionPipeline.from_pretrained(resolve_pretrained("tiny:flux"))
-    with pytest.raises(ValueError, match="Stable Diffusion 1.x/2.x, SDXL and SD3"):
-        FastSampler(flux)
+    sana_like = DiffusionPipeline.from_pretrained(resolve_pretrained("tiny:sd15"))
+    sana_like.text_encoder = None  # no text encoder: not a pipeline FastSampler knows
+    with pytest.raises(ValueError, match="Stable Diffusion 1.x/2.x, SDXL, SD3 and FLUX"):
+        FastSampler(sana_like)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("family, guidance", [("sdxl", 0.0), ("sdxl", 2.0), ("sd3", 2.0)])
+@pytest.mark.parametrize("family, guidance", [("sdxl", 0.0), ("sdxl", 2.0), ("sd3", 2.0), ("flux", 3.5)])
 def test_cuda_graph_replay_matches_eager(family, guidance):
     from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
     from stepdistill.models.loading import resolve_pretrained
 
-    if family == "sd3":
-        pipe = DiffusionPipeline.from_pretrained(resolve_pretrained("tiny:sd3"))
+    if family in ("sd3", "flux"):
+        pipe = DiffusionPipeline.from_pretrained(resolve_pretrained(f"tiny:{family}"))
         pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
     else:
         pipe = _pipe(family)

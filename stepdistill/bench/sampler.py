@@ -35,8 +35,8 @@ flash, cudnn), ``xformers`` (``enable_xformers_memory_efficient_attention``, whe
 ``tiny_vae`` (an ``AutoencoderTiny`` folder, e.g. madebyollin/taesdxl downloaded by the user, or
 ``random``: the AutoencoderTiny architecture with random weights, for timing only), ``fast``
 (``stepdistill.sampling.fast.FastSampler``: text encoders, steps and decode as one program without host
-syncs, captured into a CUDA graph on CUDA; SD 1.x/2.x / SDXL with LCM or DDIM, SD3 with flow Euler, CFG
-included).
+syncs, captured into a CUDA graph on CUDA; SD 1.x/2.x / SDXL with LCM or DDIM, SD3 / FLUX with flow Euler,
+CFG included).
 
 Outputs in ``--out``: ``bench.md`` (markdown table), ``bench.csv``, ``bench.png`` (quality against
 latency, one point per entry) and ``bench.json``.
@@ -1035,7 +1035,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xformers", action="store_true", default=None, help="xformers attention (must be installed)")
     p.add_argument("--tiny-vae", default=None, metavar="DIR", help="AutoencoderTiny folder for decoding (or random)")
     p.add_argument("--fast", action="store_true", default=None,
-                   help="one host-sync-free program per call, a CUDA graph on CUDA (SD/SDXL: lcm, ddim; SD3: flow_euler)")
+                   help="one host-sync-free program per call, a CUDA graph on CUDA (SD/SDXL: lcm, ddim; SD3/FLUX: flow_euler)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (toy models on a shared CPU: 1 is much faster than 2)")
     p.add_argument("--out", default=None, help="output folder (default bench/)")

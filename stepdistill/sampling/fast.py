@@ -1,8 +1,8 @@
 """A host-sync-free sampler for Stable Diffusion pipelines, captured into one CUDA graph.
 
 ``FastSampler(pipe)`` runs what ``pipe(prompts, num_inference_steps=n, guidance_scale=w, output_type="pt")``
-runs for a Stable Diffusion 1.x/2.x, SDXL or SD3 pipeline — text encoders, n denoiser steps, VAE decode — as
-one device program:
+runs for a Stable Diffusion 1.x/2.x, SDXL, SD3 or FLUX pipeline — text encoders, n denoiser steps, VAE decode —
+as one device program:
 
 * the tokenizers run on the host, once per call (strings cannot live on a GPU); everything after them,
   the text encoders included ("fused text encoding"), is a fixed sequence of kernels over static
@@ -12,10 +12,11 @@ one device program:
   runs per call. Three samplers are replayed, which cover every export of stepdistill and the usual teachers:
   ``LCMScheduler`` (the re-noising sampler of VP students: x0, then fresh noise to the next timestep),
   ``DDIMScheduler`` at eta 0 (PCM and ``transition: ddim`` exports) and ``FlowMatchEulerDiscreteScheduler``
-  (SD3: deterministic Euler, or ``stochastic_sampling``, the re-noising sampler of flow students);
+  (SD3, FLUX: deterministic Euler, or ``stochastic_sampling``, the re-noising sampler of flow students);
 * classifier-free guidance runs as the pipelines run it, on a doubled batch, when ``guidance_scale > 1``; a
   guidance-embedded UNet (``unet.config.time_cond_proj_dim``: LCM, guidance distillation) takes the scale as
-  an input instead, one pass per step, as diffusers does. The negative ("") prompt's embeddings are computed
+  an input instead, one pass per step, as diffusers does; so does FLUX (``guidance_embeds``), whose pipeline
+  runs no CFG without a negative prompt. The negative ("") prompt's embeddings are computed
   once per program: they do not depend on the prompts;
 * on CUDA the program is captured into a ``torch.cuda.CUDAGraph`` per (batch size, steps, timesteps, size,
   guidance) and replayed: one launch, no host synchronisation inside. Elsewhere it runs eagerly, the same
@@ -23,8 +24,8 @@ one device program:
 
 Noise is drawn on the host with ``diffusers.utils.torch_utils.randn_tensor`` in the order of the pipeline's
 own draws (initial latents, then one per re-noising step), so the same generators give the same images as
-the pipeline. (The SD3 pipeline itself draws its re-noising noise from torch's global RNG; here it comes from
-``generator``, as inside ``sampling.schedulers.seeded_steps``, which the evaluation uses.)
+the pipeline. (The SD3 and FLUX pipelines themselves draw their re-noising noise from torch's global RNG; here
+it comes from ``generator``, as inside ``sampling.schedulers.seeded_steps``, which the evaluation uses.)
 
 ``stepdistill bench`` uses it for entries with ``fast=true`` (``configs/bench/sdxl_gpu.yaml``).
 """
@@ -34,9 +35,10 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-FAMILIES = ("sd15", "sd2", "sdxl", "sd3")
+FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux")
 SCHEDULERS = ("LCMScheduler", "DDIMScheduler", "FlowMatchEulerDiscreteScheduler")
 
 
@@ -48,27 +50,30 @@ class FastOutput:
 
 
 def _kind(pipe) -> str:
-    """"sd" (SD 1.x/2.x), "sdxl" or "sd3"; ValueError for any other pipeline."""
+    """"sd" (SD 1.x/2.x), "sdxl", "sd3" or "flux"; ValueError for any other pipeline."""
     components = getattr(pipe, "components", {})
-    if getattr(pipe, "transformer", None) is not None and "text_encoder_3" in components \
-            and getattr(pipe, "tokenizer_2", None) is not None:
-        return "sd3"
+    if getattr(pipe, "transformer", None) is not None and getattr(pipe, "tokenizer_2", None) is not None:
+        if "text_encoder_3" in components:
+            return "sd3"
+        if type(pipe).__name__ == "FluxPipeline":
+            return "flux"
     if getattr(pipe, "unet", None) is not None:
         if getattr(pipe, "text_encoder_2", None) is not None and getattr(pipe, "tokenizer_2", None) is not None:
             return "sdxl"
         if getattr(pipe, "text_encoder", None) is not None:
             return "sd"
-    raise ValueError(f"FastSampler runs Stable Diffusion 1.x/2.x, SDXL and SD3 pipelines; {type(pipe).__name__} "
-                     "is not one: call the pipeline itself (fast=false)")
+    raise ValueError(f"FastSampler runs Stable Diffusion 1.x/2.x, SDXL, SD3 and FLUX pipelines; "
+                     f"{type(pipe).__name__} is not one: call the pipeline itself (fast=false)")
 
 
 def _check_scheduler(scheduler, kind: str) -> str:
     """The sampler to replay: "lcm", "ddim", "flow_renoise" or "flow_euler"."""
     name = type(scheduler).__name__
-    allowed = ("FlowMatchEulerDiscreteScheduler",) if kind == "sd3" else ("LCMScheduler", "DDIMScheduler")
+    flow = kind in ("sd3", "flux")
+    allowed = ("FlowMatchEulerDiscreteScheduler",) if flow else ("LCMScheduler", "DDIMScheduler")
     if name not in allowed:
         raise ValueError(f"FastSampler replays {' / '.join(allowed)} for this pipeline, not {name}: use "
-                         f"sampler={'lcm or sampler=ddim' if kind != 'sd3' else 'flow_euler'} or fast=false")
+                         f"sampler={'flow_euler' if flow else 'lcm or sampler=ddim'} or fast=false")
     cfg = scheduler.config
     if name == "DDIMScheduler" and (cfg.get("clip_sample") or cfg.get("thresholding")):
         raise ValueError("FastSampler replays DDIM without clip_sample / thresholding (latent models use neither); "
@@ -97,7 +102,7 @@ class FastSampler:
             raise ValueError("this VAE is decoded in float32 by the pipeline (force_upcast with float16 weights); "
                              "run the fast sampler in bfloat16 or with a float16-safe VAE")
         self.pipe = pipe
-        self.denoiser = pipe.transformer if self.kind == "sd3" else pipe.unet
+        self.denoiser = pipe.transformer if self.kind in ("sd3", "flux") else pipe.unet
         self.device = self.denoiser.device
         self.dtype = self.denoiser.dtype
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
@@ -116,6 +121,9 @@ class FastSampler:
 
     @property
     def w_embedded(self) -> bool:
+        """The guidance scale is an input of the denoiser (one pass), not CFG on a doubled batch."""
+        if self.kind == "flux":
+            return True  # FluxPipeline runs no CFG without a negative prompt; guidance_embeds reads the scale
         return self.kind != "sd3" and self.pipe.unet.config.time_cond_proj_dim is not None
 
     # ---- the call ------------------------------------------------------------------------------------
@@ -123,10 +131,12 @@ class FastSampler:
                  width: int | None = None, generator=None, output_type: str = "pt", timesteps=None):
         if output_type != "pt":
             raise ValueError(f"FastSampler returns image tensors (output_type='pt'), not {output_type!r}")
-        if timesteps and self.kind == "sd3":
-            raise ValueError("the SD3 pipeline takes no timesteps= (its schedule comes from the scheduler's sigmas)")
+        if timesteps and self.kind in ("sd3", "flux"):
+            raise ValueError(f"the {self.kind.upper()} pipeline takes no timesteps= (its schedule comes from the "
+                             "scheduler's sigmas)")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        size = self.denoiser.config.sample_size * self.pipe.vae_scale_factor  # the pipelines' default
+        default = getattr(self.pipe, "default_sample_size", None) or self.denoiser.config.sample_size
+        size = default * self.pipe.vae_scale_factor  # the pipelines' default
         height, width = int(height or size), int(width or size)
         key = (len(prompts), int(num_inference_steps), tuple(timesteps) if timesteps else None, height, width,
                float(guidance_scale))
@@ -141,15 +151,15 @@ class FastSampler:
         pipe = self.pipe
         if self.kind == "sd":
             return [pipe.tokenizer]
-        if self.kind == "sdxl":
+        if self.kind in ("sdxl", "flux"):
             return [t for t in (pipe.tokenizer, pipe.tokenizer_2) if t is not None]
         return [pipe.tokenizer, pipe.tokenizer_2] + ([pipe.tokenizer_3] if pipe.text_encoder_3 is not None else [])
 
     def _tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
         ids = []
         for k, tok in enumerate(self._tokenizers()):
-            # SD3 pads its T5 prompt to max_sequence_length (256, the pipeline's default), CLIP to 77.
-            length = 256 if (self.kind == "sd3" and k == 2) else tok.model_max_length
+            # SD3 / FLUX pad their T5 prompt to max_sequence_length (the pipelines' defaults 256 / 512), CLIP to 77.
+            length = {("sd3", 2): 256, ("flux", 1): 512}.get((self.kind, k), tok.model_max_length)
             ids.append(tok(prompts, padding="max_length", max_length=length, truncation=True,
                            return_tensors="pt").input_ids)
         return ids
@@ -158,8 +168,8 @@ class FastSampler:
         """The pipeline's draws, in its order: the initial latents, then one per re-noising step."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        return [randn_tensor(program.latent_shape, generator=generator, device=self.device, dtype=dtype)
-                for dtype in program.draw_dtypes]
+        return [randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+                for shape, dtype in zip(program.draw_shapes, program.draw_dtypes)]
 
 
 class _Program:
@@ -171,16 +181,30 @@ class _Program:
         dev, dtype = sampler.device, sampler.dtype
         self.latent_shape = (batch, sampler.denoiser.config.in_channels, height // pipe.vae_scale_factor,
                              width // pipe.vae_scale_factor)
+        self.size = (height, width)
+        self.flux_ids = None
+        if sampler.kind == "flux":  # FLUX draws 2x2-patch latents and packs them into tokens (FluxPipeline)
+            h, w = 2 * (height // (pipe.vae_scale_factor * 2)), 2 * (width // (pipe.vae_scale_factor * 2))
+            self.latent_shape = (batch, sampler.denoiser.config.in_channels // 4, h, w)
+            self.packed_shape = (batch, (h // 2) * (w // 2), sampler.denoiser.config.in_channels)
+            self.flux_ids = (torch.zeros(512, 3, device=dev, dtype=dtype),  # text ids (512: the T5 length)
+                             pipe._prepare_latent_image_ids(batch, h // 2, w // 2, dev, dtype))
         scheduler = copy.deepcopy(pipe.scheduler)  # the pipeline's own timestep rules, without touching it
         self.steps = self._schedule(scheduler, num_steps, timesteps)
         # Draws: initial latents (model dtype), then the re-noising noise of every non-final step (LCM draws it
         # in the model dtype, the flow scheduler in float32; neither needs the final step's draw).
         renoise = {"lcm": dtype, "flow_renoise": torch.float32}.get(sampler.sampler)
         self.draw_dtypes = [dtype] + ([renoise] * (len(self.steps) - 1) if renoise is not None else [])
+        step_shape = self.packed_shape if sampler.kind == "flux" else self.latent_shape
+        self.draw_shapes = [self.latent_shape] + [step_shape] * (len(self.draw_dtypes) - 1)
         # Guidance as the pipelines apply it: an embedded scale (one pass) or CFG on a doubled batch above 1.
         self.timestep_cond = None
         self.cfg_scale = None
-        if sampler.w_embedded:  # a guidance-embedded UNet reads w - 1 (diffusers' convention)
+        self.flux_guidance = None
+        if sampler.kind == "flux":
+            if sampler.denoiser.config.guidance_embeds:
+                self.flux_guidance = torch.full([batch], guidance, device=dev, dtype=torch.float32)
+        elif sampler.w_embedded:  # a guidance-embedded UNet reads w - 1 (diffusers' convention)
             w = torch.tensor(guidance - 1.0).repeat(batch)
             self.timestep_cond = pipe.get_guidance_scale_embedding(
                 w, embedding_dim=pipe.unet.config.time_cond_proj_dim).to(dev, dtype)
@@ -208,14 +232,20 @@ class _Program:
         """Per step: the denoiser's timestep and the numbers of the scheduler's update (python floats)."""
         s = self.s
         dev = s.device
-        if s.kind == "sd3":
+        if s.kind in ("sd3", "flux"):
             from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
                 calculate_shift,
                 retrieve_timesteps,
             )
 
             cfg, kwargs = scheduler.config, {}
-            if cfg.get("use_dynamic_shifting", None):  # as StableDiffusion3Pipeline.__call__
+            if s.kind == "flux":  # as FluxPipeline.__call__: explicit sigmas, a shift from the token count
+                if not cfg.get("use_flow_sigmas", False):
+                    kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
+                kwargs["mu"] = calculate_shift(self.packed_shape[1], cfg.get("base_image_seq_len", 256),
+                                               cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
+                                               cfg.get("max_shift", 1.15))
+            elif cfg.get("use_dynamic_shifting", None):  # as StableDiffusion3Pipeline.__call__
                 patch = s.denoiser.config.patch_size
                 seq = (self.latent_shape[2] // patch) * (self.latent_shape[3] // patch)
                 kwargs["mu"] = calculate_shift(seq, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
@@ -265,6 +295,9 @@ class _Program:
         pipe, kind = self.s.pipe, self.s.kind
         if kind == "sd":
             return pipe.text_encoder(ids[0])[0].to(self.s.dtype), None
+        if kind == "flux":  # CLIP's pooled output, T5's last hidden state
+            pooled = pipe.text_encoder(ids[0], output_hidden_states=False).pooler_output.to(pipe.text_encoder.dtype)
+            return pipe.text_encoder_2(ids[1], output_hidden_states=False)[0].to(pipe.text_encoder_2.dtype), pooled
         encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
         hidden, pooled = [], []
         for enc, tok_ids in zip(encoders, ids):
@@ -293,7 +326,13 @@ class _Program:
             pooled = None if pooled is None else torch.cat([neg_pooled, pooled])
         else:
             x_in = x
-        if s.kind == "sd3":
+        if s.kind == "flux":
+            text_ids, image_ids = self.flux_ids
+            t = step["t"].expand(x_in.shape[0]).to(x_in.dtype)
+            out = s.denoiser(hidden_states=x_in, timestep=t / 1000, guidance=self.flux_guidance,
+                             pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+                             img_ids=image_ids, return_dict=False)[0]
+        elif s.kind == "sd3":
             out = s.denoiser(hidden_states=x_in, timestep=step["t"].expand(x_in.shape[0]), encoder_hidden_states=embeds,
                              pooled_projections=pooled, return_dict=False)[0]
         else:
@@ -333,11 +372,15 @@ class _Program:
         pipe = self.s.pipe
         embeds, pooled = self._encode(ids)
         x = noise[0] * getattr(pipe.scheduler, "init_noise_sigma", 1.0)
+        if self.s.kind == "flux":
+            x = pipe._pack_latents(x, *self.latent_shape)
         for k, c in enumerate(self.steps):
             out = self._denoise(x, c, embeds, pooled)
             x = self._update(x, out, c, noise[k + 1] if k + 1 < len(noise) else None)
         vae = pipe.vae
-        if self.s.kind == "sd3":
+        if self.s.kind == "flux":
+            x = pipe._unpack_latents(x, *self.size, pipe.vae_scale_factor)
+        if self.s.kind in ("sd3", "flux"):
             x = x / vae.config.scaling_factor + vae.config.shift_factor
         elif self.latents_mean_std is not None:
             mean, std = self.latents_mean_std
