@@ -82,53 +82,50 @@ def test_fast_sampler_cfg_and_ddim(family, scheduler, steps, guidance):
         assert (unguided - got).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("stochastic, steps, guidance, t5", [(True, 2, 0.0, True), (True, 3, 2.0, True),
-                                                             (False, 3, 2.0, True), (False, 2, 2.0, False)])
-def test_fast_sampler_reproduces_sd3(stochastic, steps, guidance, t5):
-    """SD3 with flow Euler (deterministic: teachers, PCM; stochastic: re-noising flow students), CFG above 1,
-    with and without its T5 encoder (without: zeros in its place, as the pipeline does)."""
+def _flow_pipe(family: str, stochastic: bool, **components):
     from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 
     from stepdistill.models.loading import resolve_pretrained
-    from stepdistill.sampling.schedulers import seeded_steps
 
-    pipe = DiffusionPipeline.from_pretrained(resolve_pretrained("tiny:sd3"),
-                                             **({} if t5 else {"text_encoder_3": None, "tokenizer_3": None}))
+    pipe = DiffusionPipeline.from_pretrained(resolve_pretrained(f"tiny:{family}"), **components)
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config,
                                                                  stochastic_sampling=stochastic)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "height": 32, "width": 32,
-              "output_type": "pt"}
-    gens = _gens()
-    with seeded_steps(pipe, gens):  # the re-noising noise from the generators, as FastSampler draws it
-        expected = pipe(PROMPTS, generator=gens, **kwargs).images
-    got = FastSampler(pipe)(PROMPTS, generator=_gens(), **kwargs).images
-    assert got.shape == expected.shape == (2, 3, 32, 32)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    return pipe
 
 
-@pytest.mark.parametrize("stochastic, steps, guidance", [(True, 2, 1.0), (False, 3, 3.5)])
-def test_fast_sampler_reproduces_flux(stochastic, steps, guidance):
-    """FLUX: packed 2x2-patch tokens, sigmas with a token-count shift, the guidance embedding (no CFG)."""
-    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
-
-    from stepdistill.models.loading import resolve_pretrained
+def _check_flow(pipe, steps: int, guidance: float) -> FastSampler:
+    """FastSampler's images equal the pipeline's, its re-noising noise drawn from the same generators."""
     from stepdistill.sampling.schedulers import seeded_steps
 
-    pipe = DiffusionPipeline.from_pretrained(resolve_pretrained("tiny:flux"))
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config,
-                                                                 stochastic_sampling=stochastic)
-    pipe.set_progress_bar_config(disable=True)
     kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "height": 32, "width": 32,
               "output_type": "pt"}
     gens = _gens()
-    with seeded_steps(pipe, gens):
+    with seeded_steps(pipe, gens):  # the pipeline would draw it from the global RNG
         expected = pipe(PROMPTS, generator=gens, **kwargs).images
     fast = FastSampler(pipe)
     got = fast(PROMPTS, generator=_gens(), **kwargs).images
     assert got.shape == expected.shape == (2, 3, 32, 32)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    other = fast(PROMPTS, generator=_gens(), **{**kwargs, "guidance_scale": guidance + 4}).images
+    return fast
+
+
+@pytest.mark.parametrize("stochastic, steps, guidance, t5", [(True, 2, 0.0, True), (True, 3, 2.0, True),
+                                                             (False, 3, 2.0, True), (False, 2, 2.0, False)])
+def test_fast_sampler_reproduces_sd3(stochastic, steps, guidance, t5):
+    """SD3 with flow Euler (deterministic: teachers, PCM; stochastic: re-noising flow students), CFG above 1,
+    with and without its T5 encoder (without: zeros in its place, as the pipeline does)."""
+    _check_flow(_flow_pipe("sd3", stochastic, **({} if t5 else {"text_encoder_3": None, "tokenizer_3": None})),
+                steps, guidance)
+
+
+@pytest.mark.parametrize("stochastic, steps, guidance", [(True, 2, 1.0), (False, 3, 3.5)])
+def test_fast_sampler_reproduces_flux(stochastic, steps, guidance):
+    """FLUX: packed 2x2-patch tokens, sigmas with a token-count shift, the guidance embedding (no CFG)."""
+    fast = _check_flow(_flow_pipe("flux", stochastic), steps, guidance)
+    kwargs = {"num_inference_steps": steps, "height": 32, "width": 32, "output_type": "pt"}
+    got = fast(PROMPTS, generator=_gens(), guidance_scale=guidance, **kwargs).images
+    other = fast(PROMPTS, generator=_gens(), guidance_scale=guidance + 4, **kwargs).images
     assert (other - got).abs().max() > 1e-4  # the embedded guidance is read
 
 
@@ -161,16 +158,7 @@ def test_fast_sampler_bad_inputs():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("family, guidance", [("sdxl", 0.0), ("sdxl", 2.0), ("sd3", 2.0), ("flux", 3.5)])
 def test_cuda_graph_replay_matches_eager(family, guidance):
-    from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
-
-    from stepdistill.models.loading import resolve_pretrained
-
-    if family in ("sd3", "flux"):
-        pipe = DiffusionPipeline.from_pretrained(resolve_pretrained(f"tiny:{family}"))
-        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
-    else:
-        pipe = _pipe(family)
-    pipe = pipe.to("cuda")
+    pipe = (_flow_pipe(family, stochastic=True) if family in ("sd3", "flux") else _pipe(family)).to("cuda")
     kwargs = {"num_inference_steps": 2, "guidance_scale": guidance, "height": 64, "width": 64, "output_type": "pt"}
     eager = FastSampler(pipe, cuda_graph=False)(PROMPTS, generator=_gens(), **kwargs).images
     graphed = FastSampler(pipe, cuda_graph=True)
