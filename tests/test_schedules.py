@@ -264,7 +264,18 @@ def test_seeded_steps_fix_a_flow_students_images_by_their_seeds():
     torch.testing.assert_close(again, first, atol=0, rtol=0)
     alone, _ = generate_images(pipe, prompts[1:], [6], **kwargs)  # another batch composition
     torch.testing.assert_close(alone[0], first[1], atol=1e-5, rtol=0)
-    # The scheduler is left as it was: its class's step again, no generator bound.
-    with seeded_steps(pipe, [torch.Generator()]):
-        assert "step" in pipe.scheduler.__dict__
-    assert "step" not in pipe.scheduler.__dict__
+    # A copy made inside the block steps its own state (HybridSampler copies its scheduler per call) and
+    # draws from the generator too; afterwards the scheduler is its own class again, with no generator bound.
+    import copy
+
+    sample = torch.randn(1, 4, 8, 8)
+    outs = []
+    for _ in range(2):
+        with seeded_steps(pipe, torch.Generator().manual_seed(3)):
+            twin = copy.deepcopy(pipe.scheduler)
+            twin.set_timesteps(2)
+            outs.append(twin.step(torch.zeros_like(sample), twin.timesteps[0], sample, return_dict=False)[0])
+            assert twin.step_index == 1 and pipe.scheduler.step_index != 1
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    assert type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler
+    assert not hasattr(pipe.scheduler, "_seeded_generator")

@@ -87,26 +87,36 @@ def seeded_steps(pipe, generator):
     every few-step flow export) then draws the noise of steps 2..N from torch's global RNG, so an image is
     not fixed by its seed and depends on what ran before it. Inside this block ``scheduler.step`` defaults
     ``generator`` to the call's generator(s) (one per image, continuing the stream the initial latents were
-    drawn from, as the SD pipelines do); a pipeline that passes its own still wins. Schedulers whose ``step``
-    takes no generator, and pipelines without a scheduler, are left alone.
+    drawn from, as the SD pipelines do); a caller that passes its own still wins. The scheduler becomes an
+    instance of a subclass of its class for the block, so a copy made inside it (``HybridSampler`` copies its
+    scheduler per call) steps its own state. Schedulers whose ``step`` takes no generator, and pipelines
+    without a scheduler, are left alone.
     """
     scheduler = getattr(pipe, "scheduler", None)
     step = getattr(scheduler, "step", None)
     if generator is None or step is None or "generator" not in inspect.signature(step).parameters:
         yield
         return
-
-    def step_with_generator(*args, **kwargs):
-        if kwargs.get("generator") is None:
-            kwargs["generator"] = generator
-        return step(*args, **kwargs)
-
-    own = scheduler.__dict__.get("step")  # an instance attribute someone set before us, if any
-    scheduler.step = step_with_generator
+    original = type(scheduler)
+    scheduler.__class__ = _seeded_class(original)
+    scheduler._seeded_generator = generator
     try:
         yield
     finally:
-        if own is None:
-            del scheduler.step  # the class's method shows through again
-        else:
-            scheduler.step = own
+        scheduler.__class__ = original
+        del scheduler._seeded_generator
+
+
+_SEEDED_CLASSES: dict[type, type] = {}
+
+
+def _seeded_class(cls: type) -> type:
+    """``cls`` with a ``step`` whose ``generator`` defaults to the instance's ``_seeded_generator``."""
+    if cls not in _SEEDED_CLASSES:
+        def step(self, *args, **kwargs):
+            if kwargs.get("generator") is None:
+                kwargs["generator"] = self._seeded_generator
+            return cls.step(self, *args, **kwargs)
+
+        _SEEDED_CLASSES[cls] = type(cls.__name__, (cls,), {"step": step, "__module__": cls.__module__})
+    return _SEEDED_CLASSES[cls]
