@@ -55,6 +55,21 @@ def test_toy_eval_end_to_end(tmp_path):
     assert grid.height == 6 * 32 * 3  # one row per prompt, 3x enlarged
 
 
+@pytest.mark.parametrize("teacher", ["toy-sd", "toy-flow"])
+def test_fast_eval_gives_the_pipelines_numbers(tmp_path, teacher):
+    """--fast (sampling/fast.py) generates the pipeline's own images: the same metrics to float precision."""
+    results = {}
+    for fast in (False, True):
+        out = tmp_path / f"fast_{fast}"
+        args = ["eval", teacher, "--steps", "3", "--guidance", "1.5", "--seeds", "0", "1", "--num-images", "8",
+                "--no-fid", "--num-reference", "32", "--batch-size", "4", "--out", str(out)]
+        assert cli_main(args + (["--fast"] if fast else [])) == 0
+        results[fast] = json.loads((out / "metrics.json").read_text())
+    assert results[True]["fast"] is True and results[False]["fast"] is False
+    for key in ("alignment", "diversity", "kid_mean"):
+        assert results[True]["metrics"][key] == pytest.approx(results[False]["metrics"][key], abs=1e-4)
+
+
 def test_toy_fid_needs_enough_images(tmp_path, capsys, forbid_generation):
     err = _eval_error(capsys, ["toy-sd", "--num-images", "16", "--out", str(tmp_path)])
     assert "at least 129 generated images" in err and "--no-fid" in err

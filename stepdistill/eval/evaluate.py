@@ -152,6 +152,7 @@ class EvalSettings:
     clip_transformers: str | None = None
     no_clip: bool = False
     dtype: str = "auto"
+    fast: bool = False
     domain: str = "auto"
     grid_prompts: int = 8
     command: str = ""
@@ -441,6 +442,13 @@ def evaluate(s: EvalSettings) -> dict | None:
     steps = s.steps if s.steps is not None else info.get("num_inference_steps")
     guidance = s.guidance if s.guidance is not None else info.get("guidance_scale")
     timesteps = info.get("timesteps") if info.get("timesteps") and steps == info.get("num_inference_steps") else None
+    if s.fast:  # text encoders, steps and decode as one program (a CUDA graph on CUDA): the same images
+        from stepdistill.sampling.fast import FastSampler
+
+        if getattr(pipe, "switch", None) is not None:
+            raise ValueError("--fast replays one backbone's sampler; this export switches experts per step "
+                             "(Phased DMD): drop --fast")
+        pipe = FastSampler(pipe)
 
     # 4. Reference statistics (also checks the reference images) and the sample-size requirement.
     ref_stats, ref_info = None, {}
@@ -533,6 +541,7 @@ def evaluate(s: EvalSettings) -> dict | None:
         "guidance_scale": guidance,
         "resolution": resolution,
         "dtype": str(dtype).replace("torch.", ""),
+        "fast": s.fast,
         "feature_space": space.name if space is not None else None,
         "reference": ref_info or None,
         "metrics": metrics,
@@ -632,6 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the pipeline's)")
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                    help="pipeline weights (auto: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--fast", action="store_true",
+                   help="generate with stepdistill.sampling.fast.FastSampler (one host-sync-free program per "
+                        "batch, a CUDA graph on CUDA; the pipeline's own images): SD 1.x/2.x, SDXL with "
+                        "LCM / DDIM, SD3 / FLUX with flow Euler")
     g = p.add_argument_group("FID / KID")
     g.add_argument("--reference", metavar="DIR_OR_NPZ",
                    help="real images (a folder; statistics cached as .npz) or saved statistics (.npz with mu, "

@@ -127,8 +127,17 @@ class FastSampler:
         return self.kind != "sd3" and self.pipe.unet.config.time_cond_proj_dim is not None
 
     # ---- the call ------------------------------------------------------------------------------------
-    def __call__(self, prompt, num_inference_steps: int = 1, guidance_scale: float = 0.0, height: int | None = None,
-                 width: int | None = None, generator=None, output_type: str = "pt", timesteps=None):
+    def __call__(self, prompt, num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 height: int | None = None, width: int | None = None, generator=None, output_type: str = "pt",
+                 timesteps=None):
+        """As the pipeline's call; ``num_inference_steps`` / ``guidance_scale`` default to the pipeline's own."""
+        if num_inference_steps is None or guidance_scale is None:
+            import inspect
+
+            params = inspect.signature(type(self.pipe).__call__).parameters
+            num_inference_steps = params["num_inference_steps"].default if num_inference_steps is None \
+                else num_inference_steps
+            guidance_scale = params["guidance_scale"].default if guidance_scale is None else guidance_scale
         if output_type != "pt":
             raise ValueError(f"FastSampler returns image tensors (output_type='pt'), not {output_type!r}")
         if timesteps and self.kind in ("sd3", "flux"):
