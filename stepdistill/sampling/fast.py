@@ -33,6 +33,7 @@ it comes from ``generator``, as inside ``sampling.schedulers.seeded_steps``, whi
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,10 +112,6 @@ class FastSampler:
         self._programs: dict[tuple, _Program] = {}
 
     @property
-    def sdxl(self) -> bool:
-        return self.kind == "sdxl"
-
-    @property
     def scheduler(self):
         """The pipeline's scheduler, whose timesteps and coefficients the program replays."""
         return self.pipe.scheduler
@@ -132,8 +129,6 @@ class FastSampler:
                  timesteps=None):
         """As the pipeline's call; ``num_inference_steps`` / ``guidance_scale`` default to the pipeline's own."""
         if num_inference_steps is None or guidance_scale is None:
-            import inspect
-
             params = inspect.signature(type(self.pipe).__call__).parameters
             num_inference_steps = params["num_inference_steps"].default if num_inference_steps is None \
                 else num_inference_steps
