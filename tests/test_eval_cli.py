@@ -56,8 +56,13 @@ def test_toy_eval_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("teacher", ["toy-sd", "toy-flow"])
-def test_fast_eval_gives_the_pipelines_numbers(tmp_path, teacher):
+def test_fast_eval_gives_the_pipelines_numbers(tmp_path, teacher, monkeypatch):
     """--fast (sampling/fast.py) generates the pipeline's own images: the same metrics to float precision."""
+    from stepdistill.sampling.fast import FastSampler
+
+    calls = []
+    real_call = FastSampler.__call__
+    monkeypatch.setattr(FastSampler, "__call__", lambda self, *a, **k: calls.append(1) or real_call(self, *a, **k))
     results = {}
     for fast in (False, True):
         out = tmp_path / f"fast_{fast}"
@@ -66,6 +71,7 @@ def test_fast_eval_gives_the_pipelines_numbers(tmp_path, teacher):
         assert cli_main(args + (["--fast"] if fast else [])) == 0
         results[fast] = json.loads((out / "metrics.json").read_text())
     assert results[True]["fast"] is True and results[False]["fast"] is False
+    assert len(calls) == 2  # the --fast run generated its two batches through FastSampler, the other run none
     for key in ("alignment", "diversity", "kid_mean"):
         assert results[True]["metrics"][key] == pytest.approx(results[False]["metrics"][key], abs=1e-4)
 

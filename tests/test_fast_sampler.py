@@ -139,6 +139,10 @@ def test_fast_sampler_bad_inputs():
         FastSampler(pipe)(PROMPTS, output_type="pil")
     with pytest.raises(ValueError, match="needs the pipeline on a CUDA device"):
         FastSampler(pipe, cuda_graph=True)
+    from stepdistill.export.experts import SwitchedPipeline
+
+    with pytest.raises(ValueError, match="switches experts per step"):
+        FastSampler(SwitchedPipeline(pipe, switch=object()))
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     with pytest.raises(ValueError, match="LCMScheduler / DDIMScheduler for this pipeline, not EulerDiscreteScheduler"):
         FastSampler(pipe)

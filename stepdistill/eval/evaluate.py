@@ -445,9 +445,6 @@ def evaluate(s: EvalSettings) -> dict | None:
     if s.fast:  # text encoders, steps and decode as one program (a CUDA graph on CUDA): the same images
         from stepdistill.sampling.fast import FastSampler
 
-        if getattr(pipe, "switch", None) is not None:
-            raise ValueError("--fast replays one backbone's sampler; this export switches experts per step "
-                             "(Phased DMD): drop --fast")
         pipe = FastSampler(pipe)
 
     # 4. Reference statistics (also checks the reference images) and the sample-size requirement.

@@ -92,6 +92,9 @@ class FastSampler:
     """
 
     def __init__(self, pipe, cuda_graph: bool | None = None) -> None:
+        if getattr(pipe, "switch", None) is not None:  # export.experts.SwitchedPipeline (Phased DMD)
+            raise ValueError("FastSampler replays one backbone's sampler; this export switches experts per step "
+                             "(Phased DMD): call the pipeline itself (fast=false / no --fast)")
         self.kind = _kind(pipe)
         self.sampler = _check_scheduler(pipe.scheduler, self.kind)
         encoders = [getattr(pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
