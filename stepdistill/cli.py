@@ -47,7 +47,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                     raise ValueError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN")
             out = export_from_run(path, args.out, dtype=args.dtype, use_ema=not args.no_ema,
                                   lora_only=args.lora, variant=args.variant, repo_id=args.push_to_hub,
-                                  license_=args.license)
+                                  license_=args.license, allow_nonfinite=args.allow_nonfinite)
             print(f"exported to {out}")
         if args.push_to_hub:
             url = push_to_hub(out, args.push_to_hub, private=args.private, dry_run=args.dry_run)
@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="store_true",
                    help="write only the LoRA weights of a LoRA student (pipe.load_lora_weights) and its scheduler")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA weights")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="write weights that hold NaN / inf (refused by default: the run diverged)")
     p.add_argument("--license", default=None, help="license id for the model card (default: the base model's)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
                    help="upload the folder to this model repo (token from HF_TOKEN or `hf auth login`)")

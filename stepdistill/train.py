@@ -5,8 +5,10 @@
 
 ``--config`` takes a YAML path or a bare name from configs/; trailing ``key=value`` arguments override
 any key. ``--dryrun`` prints the fully resolved config (every role included) and exits before any
-model is loaded. User errors (unknown keys, wrong types, missing files) print ``error: ...`` and exit
-with status 2, without a traceback.
+model is loaded. User errors (unknown keys, wrong types, missing files, a run folder that holds another
+run, a resume that changes what cannot change) print ``error: ...`` and exit with status 2, without a
+traceback. A run stopped to protect the user's work (a non-finite loss or gradient, a checkpoint that
+could not be written) exits with status 3; SIGTERM / SIGINT checkpoint and exit 0.
 """
 
 from __future__ import annotations
@@ -84,14 +86,29 @@ def run(args: argparse.Namespace) -> int:
             print(OmegaConf.to_yaml(cfg, resolve=True), end="")
             return 0
         validate_paths(cfg)
+        from stepdistill.harness.preflight import preflight
+
+        preflight(cfg)  # the run folder and a resume, before any model loads
     except ValueError as e:
         return _fail(str(e))
 
-    from stepdistill.harness.trainer import train
+    from stepdistill.harness.checkpoint import CheckpointWriteError
+    from stepdistill.harness.guard import NonFiniteError
+    from stepdistill.harness.trainer import Trainer
 
-    run_dir = train(cfg)
-    if run_dir is not None:
-        print(f"run folder: {run_dir}")
+    try:
+        trainer = Trainer(cfg)
+        run_dir = trainer.train()
+    except ValueError as e:
+        return _fail(str(e))
+    except (NonFiniteError, CheckpointWriteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if trainer.stopped_by:
+        print(f"stopped by {trainer.stopped_by}: checkpoint written in {run_dir / 'checkpoints'}; "
+              f"resume with train.resume=latest")
+        return 0
+    print(f"run folder: {run_dir}")
     return 0
 
 

@@ -32,6 +32,9 @@ class RunConfig:
     # wandb runs offline unless wandb_mode=online; "none" keeps only the CSV/JSONL metrics in the run folder.
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     wandb_mode: str = "offline"
+    # A fresh run (train.resume=null) into a folder that holds another run's checkpoints or export stops
+    # before anything loads; true moves the old contents to <output_dir>.previous-<time> (never deleted).
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         for t in self.trackers:
@@ -140,9 +143,17 @@ class TrainConfig:
     # CPU only: torch threads per process; 0 = the available cores / local processes. (`accelerate launch`
     # exports OMP_NUM_THREADS=1 when it is unset, which would leave all but one core idle.)
     cpu_threads: int = 0
+    # A NaN / inf loss or gradient norm: "stop" (no update applied; the run ends with a non-zero exit naming
+    # the step, phase, role and the last finite checkpoint) or "skip" (the update is dropped and counted in
+    # nonfinite/skipped; more than max_nonfinite_skips in a row stop the run as "stop" does).
+    on_nonfinite: str = "stop"
+    max_nonfinite_skips: int = 10
 
     def __post_init__(self) -> None:
         _check_choice("train", "mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check_choice("train", "on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        if self.max_nonfinite_skips < 0:
+            raise ValueError(f"train.max_nonfinite_skips={self.max_nonfinite_skips} must be >= 0")
         if self.cpu_threads < 0:
             raise ValueError(f"train.cpu_threads={self.cpu_threads} must be >= 0 (0: all available cores)")
         for key in ("max_steps", "gradient_accumulation_steps", "log_every"):

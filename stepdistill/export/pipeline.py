@@ -7,12 +7,16 @@ trained sampler. ``stepdistill.json`` beside it records the method, steps, times
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
+from stepdistill.harness.checkpoint import damage, fsync_dir, fsync_tree, latest_checkpoint, load_extra_states
 from stepdistill.models.lora import merged_copy
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,6 +58,47 @@ def usage_snippet(folder: str, num_steps: int, timesteps, guidance_scale: float,
     )
 
 
+def nonfinite_parameters(module: torch.nn.Module, limit: int = 5) -> tuple[int, list[str]]:
+    """``(count, first names)`` of the parameters of ``module`` that hold a NaN or inf."""
+    bad = [name for name, p in module.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+    return len(bad), bad[:limit]
+
+
+def check_finite(roles: dict) -> None:
+    """Refuse to export weights that hold NaN / inf (a diverged run): one error naming the roles."""
+    problems = []
+    for name, role in roles.items():
+        count, names = nonfinite_parameters(_unwrap(role.module))
+        if count:
+            problems.append(f"{name} ({count} tensors, e.g. {', '.join(names)})")
+    if problems:
+        raise ValueError(f"the weights to export hold NaN or inf values: {'; '.join(problems)}. The run diverged; "
+                         "export an earlier checkpoint (stepdistill export RUN/checkpoints/checkpoint-N), or pass "
+                         "--allow-nonfinite to write them anyway")
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path):
+    """Yield a fresh folder named like ``out`` inside ``<parent>/.tmp-<name>-<pid>/``; on success it replaces
+    ``out`` in one rename (files fsynced first), so ``out`` is the old export or the new one, never half of
+    either. On failure the temporary folder is removed and ``out`` is untouched."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    holder = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    shutil.rmtree(holder, ignore_errors=True)
+    tmp = holder / out.name
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if out.exists():
+            os.replace(out, holder / f"{out.name}.old")
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
+
+
 def export_lora(teacher, role, out: str | Path) -> Path:
     """Save a LoRA student as diffusers LoRA weights (``pipe.load_lora_weights(out)`` on the teacher).
 
@@ -78,13 +123,14 @@ def export_lora(teacher, role, out: str | Path) -> Path:
 
 def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32", config: dict | None = None,
                     lora_only: bool = False, variant: str | None = None, run_dir: str | Path | None = None,
-                    repo_id: str | None = None, license_: str | None = None) -> Path:
+                    repo_id: str | None = None, license_: str | None = None, allow_nonfinite: bool = False) -> Path:
     """Write the student to ``out`` with ``stepdistill.json`` and a model card (README.md).
 
     Default: the whole pipeline (weights in ``dtype``; with ``variant`` = "fp16"/"bf16" they are saved as
     that diffusers variant, ``*.fp16.safetensors``). ``lora_only``: just the LoRA weights of a LoRA
     student (``pipe.load_lora_weights(out)`` on the base pipeline) and the scheduler to sample them with.
-    ``run_dir`` supplies the card's metrics and sample grid; ``repo_id`` its usage snippet.
+    ``run_dir`` supplies the card's metrics and sample grid; ``repo_id`` its usage snippet. Weights with
+    NaN / inf are refused unless ``allow_nonfinite``. The folder is written whole, then renamed into place.
     """
     from stepdistill.export.hub import write_model_card
 
@@ -101,13 +147,21 @@ def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32",
         if not role.is_lora:
             raise ValueError(f"--lora: the {method.name} student is full weights, not a LoRA; export the whole "
                              "pipeline (drop --lora) or train with roles.generator.lora_rank > 0")
-        out.mkdir(parents=True, exist_ok=True)
+    if not allow_nonfinite:
+        check_finite({"student": role, **(experts["roles"] if experts else {})})
+    with atomic_folder(out) as tmp:
+        _write_export(tmp, teacher, method, role, experts, dtype, config, lora_only, variant)
+        write_model_card(tmp, run_dir, repo_id, license_)
+    return out
+
+
+def _write_export(out: Path, teacher, method, role, experts, dtype, config, lora_only, variant) -> None:
+    if lora_only:
         export_lora(teacher, role, out)
         scheduler = method.export_scheduler()
         scheduler.save_pretrained(str(out / "scheduler"))
         _write_info(out, teacher, method, scheduler, lora=".", config=config, lora_only=True)
-        write_model_card(out, run_dir, repo_id, license_)
-        return out
+        return
     torch_dtype = _DTYPES[dtype]
     student = student_backbone(role).eval()
     if student.dtype != torch_dtype:
@@ -131,8 +185,6 @@ def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32",
     _write_info(out, teacher, method, components["scheduler"],
                 lora="lora" if lora_dir is not None else None, config=config, variant=variant,
                 experts=expert_info)
-    write_model_card(out, run_dir, repo_id, license_)
-    return out
 
 
 def _export_experts(out: Path, teacher, experts: dict, torch_dtype) -> dict:
@@ -189,25 +241,29 @@ def _write_info(out: Path, teacher, method, scheduler, lora: str | None, config:
 
 def export_from_run(path: str | Path, out: str | Path, dtype: str = "fp32", use_ema: bool = True,
                     **export_kwargs) -> Path:
-    """Export from a run folder (its newest checkpoint) or from one checkpoint folder.
+    """Export from a run folder (its newest complete checkpoint) or from one checkpoint folder.
 
-    ``export_kwargs``: ``lora_only``, ``variant``, ``repo_id``, ``license_`` of ``export_pipeline``.
+    ``export_kwargs``: ``lora_only``, ``variant``, ``repo_id``, ``license_``, ``allow_nonfinite`` of
+    ``export_pipeline``.
     """
     from stepdistill.config.load import load_config
-    from stepdistill.harness.checkpoint import list_checkpoints
     from stepdistill.harness.trainer import Trainer
 
     path = Path(path)
-    if (path / "stepdistill_state.json").is_file():
+    if (path / "stepdistill_state.json").is_file() or path.parent.name == "checkpoints":
+        problem = damage(path)
+        if problem is not None:
+            raise ValueError(f"{path} is not a complete checkpoint: {problem}; export the run folder (its newest "
+                             "complete checkpoint) or another checkpoint")
         checkpoint, run_dir = path, path.parent.parent
     elif (path / "config.yaml").is_file():
-        found = list_checkpoints(path)
-        if not found:
-            raise ValueError(f"{path} has no checkpoints/checkpoint-* folder to export from")
-        checkpoint, run_dir = found[-1], path
+        checkpoint, run_dir = latest_checkpoint(path), path
+        if checkpoint is None:
+            raise ValueError(f"{path} has no complete checkpoints/checkpoint-* folder to export from")
     else:
         raise ValueError(f"{path} is neither a run folder (config.yaml) nor a checkpoint (stepdistill_state.json)")
     cfg = load_config(str(run_dir / "config.yaml"), ["run.trackers=[none]", "train.resume=null"])
     trainer = Trainer(cfg)
     trainer.accelerator.load_state(str(checkpoint))
+    load_extra_states(checkpoint, trainer.extra_states)
     return trainer.export(out, dtype=dtype, use_ema=use_ema, **export_kwargs)

@@ -1,21 +1,156 @@
-"""Checkpoints: ``accelerator.save_state`` into a temporary folder, renamed into place when complete.
+"""Checkpoints that are complete or absent, hold no pickles, and say what run they belong to.
 
-A run folder holds ``checkpoints/checkpoint-<step>``; a crash mid-save leaves only a ``.tmp-`` folder
-that is ignored and cleaned up, never a half-written checkpoint that ``resume=latest`` would pick.
+A run folder holds ``checkpoints/checkpoint-<step>``. Writing one:
+
+1. ``accelerator.save_state`` into ``.tmp-checkpoint-<step>`` (weights as safetensors; optimizer, LR
+   scheduler and RNG states as torch files that accelerate reads back with ``weights_only=True``);
+2. the harness's own extra states (EMA shadows, shared-base LoRA parameters, EMA target roles) as one
+   ``extra_state.safetensors`` (scalars as JSON metadata): never ``register_for_checkpointing``, whose
+   ``custom_checkpoint_*.pkl`` accelerate unpickles with ``weights_only=False``;
+3. every file fsynced, then ``stepdistill_state.json`` written last: the step, the resolved config of
+   the run and a manifest of every file with its size;
+4. the folder renamed into place and the parent folder fsynced.
+
+A checkpoint is *complete* when its state file parses and every file of its manifest is there with its
+size; ``latest`` is the newest complete one, and newer damaged ones are skipped with a warning naming
+them. A crash at any point leaves at most a ``.tmp-`` folder, removed at the next start.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from accelerate.utils import gather_object
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger("stepdistill")
+
+STATE_FILE = "stepdistill_state.json"
+EXTRA_FILE = "extra_state.safetensors"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_TMP_PREFIX = ".tmp-"
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (the previous one is kept)."""
+
+
+# ---- the harness's extra states ------------------------------------------------------------------
+class ExtraState:
+    """A named piece of training state outside accelerate's models/optimizers: tensors + JSON scalars."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def scalars(self) -> dict:
+        return {}
+
+    def load(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
+        raise NotImplementedError
+
+
+class ParamsState(ExtraState):
+    """A list of parameters trained in place (a shared-base LoRA role: no accelerate-wrapped module)."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+
+    def tensors(self):
+        return {str(i): p.detach() for i, p in enumerate(self.params)}
+
+    @torch.no_grad()
+    def load(self, tensors, scalars):
+        _check_keys(tensors, [str(i) for i in range(len(self.params))])
+        for i, p in enumerate(self.params):
+            p.copy_(tensors[str(i)])
+
+
+class ModuleState(ExtraState):
+    """A whole module's state dict (a frozen EMA target role)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def tensors(self):
+        return {k: v.detach() for k, v in self.module.state_dict().items()}
+
+    def load(self, tensors, scalars):
+        self.module.load_state_dict(tensors)
+
+
+class EMAState(ExtraState):
+    """diffusers' ``EMAModel``: its shadow parameters as tensors, its counters and decay as scalars."""
+
+    _SCALARS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma",
+                "power")
+
+    def __init__(self, ema):
+        self.ema = ema
+
+    def tensors(self):
+        return {f"shadow.{i}": p.detach() for i, p in enumerate(self.ema.shadow_params)}
+
+    def scalars(self):
+        return {k: getattr(self.ema, k) for k in self._SCALARS}
+
+    @torch.no_grad()
+    def load(self, tensors, scalars):
+        _check_keys(tensors, [f"shadow.{i}" for i in range(len(self.ema.shadow_params))])
+        for i, p in enumerate(self.ema.shadow_params):
+            p.copy_(tensors[f"shadow.{i}"])
+        for k in self._SCALARS:
+            if k in scalars:
+                setattr(self.ema, k, scalars[k])
+
+
+def _check_keys(tensors: dict, expected: list[str]) -> None:
+    if sorted(tensors) != sorted(expected):
+        raise ValueError(f"checkpoint extra state holds {len(tensors)} tensors where this run has {len(expected)}")
+
+
+def save_extra_states(folder: Path, states: dict[str, ExtraState]) -> None:
+    tensors, scalars = {}, {}
+    for name, state in states.items():
+        for key, value in state.tensors().items():
+            tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+        scalars[name] = state.scalars()
+    save_file(tensors, str(folder / EXTRA_FILE), metadata={"scalars": json.dumps(scalars)})
+
+
+def load_extra_states(folder: Path, states: dict[str, ExtraState]) -> None:
+    path = folder / EXTRA_FILE
+    if not states:
+        return
+    if not path.is_file():
+        raise ValueError(f"{folder} has no {EXTRA_FILE}: it was written by an older stepdistill or another run")
+    with safe_open(str(path), "pt") as f:
+        scalars = json.loads((f.metadata() or {}).get("scalars", "{}"))
+    flat = load_file(str(path))
+    missing = [name for name in states if name not in scalars]
+    if missing:
+        raise ValueError(f"{path} has no state for {', '.join(missing)} (it holds {', '.join(scalars) or 'none'})")
+    for name, state in states.items():
+        prefix = f"{name}/"
+        state.load({k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}, scalars[name])
+
+
+# ---- finding checkpoints -------------------------------------------------------------------------
+@dataclass
+class Found:
+    complete: list[Path]
+    damaged: list[tuple[Path, str]]  # (folder, what is wrong)
+
+
+def _numbered(run_dir: str | Path) -> list[Path]:
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
@@ -23,44 +158,195 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def damage(checkpoint: Path) -> str | None:
+    """What makes ``checkpoint`` unusable (``None`` when it is complete)."""
+    state_file = checkpoint / STATE_FILE
+    if not state_file.is_file():
+        return f"no {STATE_FILE} (empty, or a save that never finished)"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as e:
+        return f"{STATE_FILE} is unreadable ({e})"
+    manifest = state.get("files")
+    if not isinstance(manifest, dict) or not manifest:
+        return f"{STATE_FILE} lists no files (written by an older stepdistill?)"
+    for name, size in manifest.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is truncated or changed ({path.stat().st_size} bytes, {size} written)"
+    return None
+
+
+def scan_checkpoints(run_dir: str | Path) -> Found:
+    found = Found([], [])
+    for path in _numbered(run_dir):
+        problem = damage(path)
+        if problem is None:
+            found.complete.append(path)
+        else:
+            found.damaged.append((path, problem))
+    return found
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first."""
+    return scan_checkpoints(run_dir).complete
+
+
+def latest_checkpoint(run_dir: str | Path, warn: bool = True) -> Path | None:
+    """The newest complete checkpoint; damaged newer ones are skipped with a warning naming them."""
+    found = scan_checkpoints(run_dir)
+    newest = found.complete[-1] if found.complete else None
+    if warn:
+        for path, problem in found.damaged:
+            if newest is None or _step(path) > _step(newest):
+                logger.warning("skipping damaged checkpoint %s: %s", path, problem)
+    return newest
+
+
+def _step(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
 def resolve_resume(run_dir: str | Path, resume: str | None) -> Path | None:
     """``None`` → fresh run; ``latest`` → newest complete checkpoint (or fresh if none); else a folder."""
     if not resume:
         return None
     if resume == "latest":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
+        return latest_checkpoint(run_dir)
     path = Path(resume)
-    if not (path / "stepdistill_state.json").is_file():
-        raise ValueError(
-            f"train.resume={resume!r} is not a stepdistill checkpoint folder (no stepdistill_state.json); "
-            f"use 'latest' or one of: {[str(p) for p in list_checkpoints(run_dir)] or 'none saved yet'}"
-        )
+    if not path.is_dir():
+        raise ValueError(f"train.resume={resume!r}: no such folder; use 'latest' or one of: "
+                         f"{[str(p) for p in list_checkpoints(run_dir)] or 'none saved yet'}")
+    problem = damage(path)
+    if problem is not None:
+        raise ValueError(f"train.resume={resume!r} is not a complete stepdistill checkpoint: {problem}; use "
+                         f"'latest' (the newest complete one) or one of: "
+                         f"{[str(p) for p in list_checkpoints(run_dir)] or 'none saved yet'}")
     return path
 
 
 def read_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / "stepdistill_state.json").read_text())
+    return json.loads((checkpoint / STATE_FILE).read_text())
 
 
-def save_checkpoint(accelerator, run_dir: str | Path, step: int, extra: dict, keep: int) -> Path | None:
-    """Save the accelerator state for ``step`` (the next step to run) atomically; keep the last ``keep``."""
+# ---- writing -------------------------------------------------------------------------------------
+def fsync_tree(folder: Path) -> None:
+    """fsync every file below ``folder`` and the folders themselves (data before the state file)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2, default=str))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point holding ``path`` (named in "no space left on ..." errors)."""
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    dev = path.stat().st_dev
+    while path.parent != path and path.parent.stat().st_dev == dev:
+        path = path.parent
+    return path
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC, however the writer reports it (OSError, safetensors' IoError, torch's stream errors)."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return any(s in text for s in ("No space left", "StorageFull", "os error 28", "Disk quota exceeded"))
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, step: int, extra: dict, keep: int,
+                    extra_states: dict[str, ExtraState] | None = None) -> Path:
+    """Save the training state for ``step`` (the next step to run), complete or not at all; keep the
+    newest ``keep`` complete checkpoints (0: all). Raises ``CheckpointWriteError`` (the folder removed,
+    earlier checkpoints untouched) when the disk is full or a write fails."""
     folder = Path(run_dir) / "checkpoints"
     final = folder / f"checkpoint-{step}"
-    tmp = folder / f".tmp-checkpoint-{step}"
+    tmp = folder / f"{_TMP_PREFIX}checkpoint-{step}"
+    error: BaseException | None = None
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every process writes its RNG state; main writes the weights
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "stepdistill_state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if keep > 0:
-            for old in list_checkpoints(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+    try:
+        accelerator.save_state(str(tmp))  # every process writes its RNG state; main writes the rest
+    except Exception as e:  # noqa: BLE001 - reported below, on every process, with the disk named
+        error = e
+    error = _first_error(accelerator, error)
+    if accelerator.is_main_process and error is None:
+        try:
+            save_extra_states(tmp, extra_states or {})
+            fsync_tree(tmp)
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            write_json_atomic(tmp / STATE_FILE, {"step": step, **extra, "files": files})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(folder)
+        except Exception as e:  # noqa: BLE001
+            error = e
+    error = _first_error(accelerator, error)
+    if error is not None:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir, warn=False)
+        kept = f"kept {previous}" if previous is not None else "no earlier checkpoint exists"
+        if is_disk_full(error):
+            raise CheckpointWriteError(
+                f"no space left on {mount_point(folder)} while writing checkpoint-{step} ({kept}); free space "
+                "and resume with train.resume=latest") from error
+        raise CheckpointWriteError(f"could not write checkpoint-{step} in {folder}: {error} ({kept})") from error
+    if accelerator.is_main_process and keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _first_error(accelerator, error: BaseException | None) -> BaseException | None:
+    """Every process learns whether any process failed (so none waits at a barrier for a dead one)."""
+    if accelerator.num_processes == 1:
+        return error
+    texts = gather_object([None if error is None else str(error)])
+    if error is None and any(t is not None for t in texts):
+        return OSError(next(t for t in texts if t is not None))
+    return error
+
+
+def clean_stale_temps(run_dir: str | Path) -> list[Path]:
+    """Remove the ``.tmp-`` folders a crashed save or export left behind; returns what was removed."""
+    run_dir = Path(run_dir)
+    stale = [p for parent in (run_dir, run_dir / "checkpoints") if parent.is_dir()
+             for p in parent.iterdir() if p.name.startswith(_TMP_PREFIX)]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale

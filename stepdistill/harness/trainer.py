@@ -26,8 +26,22 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from stepdistill.config.schema import RoleConfig
-from stepdistill.harness.checkpoint import read_state, resolve_resume, save_checkpoint
+from stepdistill.harness.checkpoint import (
+    EMAState,
+    ExtraState,
+    ModuleState,
+    ParamsState,
+    clean_stale_temps,
+    latest_checkpoint,
+    list_checkpoints,
+    load_extra_states,
+    read_state,
+    save_checkpoint,
+)
+from stepdistill.harness.guard import NonFiniteError, NonFiniteGuard
 from stepdistill.harness.logging import MetricsWriter, image_grid
+from stepdistill.harness.preflight import Plan, move_aside, preflight, record_resume
+from stepdistill.harness.signals import GracefulStop
 from stepdistill.harness.roles import Role, build_roles
 from stepdistill.methods import MethodContext, get_method
 
@@ -43,21 +57,6 @@ def resolve_precision(mixed_precision: str, weight_dtype: str) -> tuple[str, tor
     if weight_dtype == "auto":
         weight_dtype = {"bf16": "bf16", "fp16": "fp16"}.get(mixed_precision, "fp32")
     return mixed_precision, _DTYPES[weight_dtype]
-
-
-class _ParamsState:
-    """Checkpointable holder of a shared-base LoRA role's parameters (not wrapped by accelerate)."""
-
-    def __init__(self, params: list[torch.nn.Parameter]):
-        self.params = params
-
-    def state_dict(self) -> dict:
-        return {str(i): p.detach().clone() for i, p in enumerate(self.params)}
-
-    def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            for i, p in enumerate(self.params):
-                p.copy_(state[str(i)])
 
 
 def cpu_threads(requested: int, num_processes: int) -> int:
@@ -83,6 +82,14 @@ def _flat_config(tree: dict, prefix: str = "") -> dict:
         else:
             flat[name] = str(value)
     return flat
+
+
+def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    """In-place all-reduce of a small tensor over every process (``op``: min, max or sum)."""
+    ops = {"min": torch.distributed.ReduceOp.MIN, "max": torch.distributed.ReduceOp.MAX,
+           "sum": torch.distributed.ReduceOp.SUM}
+    torch.distributed.all_reduce(tensor, op=ops[op])
+    return tensor
 
 
 def _role_configs(cfg: DictConfig, method_cls, method_cfg) -> dict[str, RoleConfig]:
@@ -156,6 +163,13 @@ class Trainer:
         self._batch_cache: tuple[int, dict] | None = None
         self._prepare_optimizers()
         self._prepare_ema_targets()
+        acc = self.accelerator
+        self.guard = NonFiniteGuard(
+            cfg.train.on_nonfinite, cfg.train.max_nonfinite_skips, self.device,
+            device_side=self.device.type != "cpu" and self.all_fused,
+            reduce=_all_reduce if acc.num_processes > 1 else None,
+            last_checkpoint=lambda: latest_checkpoint(self.run_dir, warn=False),
+        )
         set_seed(cfg.run.seed, device_specific=True)  # different noise on every rank from here on
 
     # ---- setup --------------------------------------------------------------------------------
@@ -164,6 +178,9 @@ class Trainer:
         from diffusers.training_utils import EMAModel
 
         self.optimizers, self.schedulers, self.emas = {}, {}, {}
+        self.all_fused = True
+        # Training state outside accelerate's models / optimizers, checkpointed as safetensors by name.
+        self.extra_states: dict[str, ExtraState] = {}
         acc = self.accelerator
         for name, role in self.roles.items():
             if not role.trainable:
@@ -172,7 +189,9 @@ class Trainer:
             if not params:
                 raise ValueError(f"role {name!r} is trainable but has no parameters to train")
             rc = role.cfg
-            fused = all(p.is_cuda for p in params)  # one kernel per step instead of a loop over tensors
+            # One kernel per step instead of a loop over tensors; fused AdamW also takes the guard's found_inf.
+            fused = all(p.is_cuda for p in params)
+            self.all_fused = self.all_fused and fused
             opt = torch.optim.AdamW(params, lr=rc.lr, betas=tuple(rc.betas), weight_decay=rc.weight_decay,
                                     eps=rc.adam_eps, fused=fused or None)
             sched = get_scheduler(rc.lr_scheduler, opt, num_warmup_steps=rc.lr_warmup_steps,
@@ -183,7 +202,7 @@ class Trainer:
                 # heads (a heads-only role's whole trainable part) are DDP-wrapped on their own.
                 opt, sched = acc.prepare(opt, sched)
                 if role.adapter is not None:
-                    acc.register_for_checkpointing(_ParamsState(role.trainable_parameters()))
+                    self.extra_states[f"lora.{name}"] = ParamsState(role.trainable_parameters())
                 if role.head is not None:
                     role.wrapped_head = acc.prepare(role.head)
             elif role.head is not None:
@@ -194,7 +213,7 @@ class Trainer:
             if rc.ema_decay > 0:
                 ema = EMAModel([p for p in role.trainable_parameters()], decay=rc.ema_decay, foreach=True)
                 ema.to(self.device)
-                acc.register_for_checkpointing(ema)
+                self.extra_states[f"ema.{name}"] = EMAState(ema)
                 self.emas[name] = ema
 
     def _prepare_ema_targets(self) -> None:
@@ -220,7 +239,7 @@ class Trainer:
             with torch.no_grad():  # theta^- starts as theta (a resumed run then loads its checkpointed target)
                 for q, p in zip(tp, sp):
                     q.copy_(p.detach())
-            self.accelerator.register_for_checkpointing(tgt.module)
+            self.extra_states[f"ema_target.{target}"] = ModuleState(tgt.module)
             self.ema_targets[target] = (source, float(decay), tp, sp)
 
     @torch.no_grad()
@@ -274,10 +293,10 @@ class Trainer:
             for key, value in losses.items():
                 value = value.detach().float()
                 logs[f"{phase}/{key}"] = logs.get(f"{phase}/{key}", 0) + value / accum
-        for name in phase_roles:
+        trained = [name for name in phase_roles if self.roles[name].trainable]
+        grad_norms = {}
+        for name in trained:
             role = self.roles[name]
-            if not role.trainable:
-                continue
             params = role.trainable_parameters()
             if role.wrapped is None and acc.num_processes > 1:
                 in_head = {id(p) for p in role.head.parameters()} if role.wrapped_head is not None else set()
@@ -285,10 +304,21 @@ class Trainer:
                     if p.grad is not None and id(p) not in in_head:  # the head's DDP wrapper averaged those
                         p.grad = acc.reduce(p.grad, reduction="mean")
             max_norm = role.cfg.max_grad_norm if role.cfg.max_grad_norm > 0 else math.inf
-            logs[f"grad_norm/{name}"] = acc.clip_grad_norm_(params, max_norm).detach().float()
-            self.optimizers[name].step()
+            grad_norms[name] = acc.clip_grad_norm_(params, max_norm).detach().float()
+            logs[f"grad_norm/{name}"] = grad_norms[name]
+        # Nothing non-finite reaches the weights (train.on_nonfinite; harness/guard.py).
+        verdict = self.guard.check(step, phase, logs[f"{phase}/loss"], grad_norms)
+        for name in trained:
+            optimizer = self.optimizers[name]
+            if verdict is False:  # host path, skip: the update is dropped
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            if verdict is not True:  # device path: the fused optimizer skips where found_inf is 1
+                optimizer.optimizer.found_inf, optimizer.optimizer.grad_scale = verdict, None
+            params = self.roles[name].trainable_parameters()
+            optimizer.step()
             self.schedulers[name].step()
-            self.optimizers[name].zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             if name in self.emas:
                 self.emas[name].step(params)
             self.update_ema_targets(name)
@@ -363,43 +393,117 @@ class Trainer:
                             teacher_baselines=baseline_rows(ev))
 
     # ---- the loop -----------------------------------------------------------------------------
-    def train(self) -> Path:
-        cfg, acc = self.cfg, self.accelerator
-        start = 0
-        checkpoint = resolve_resume(self.run_dir, cfg.train.resume)
-        if checkpoint is not None:
-            acc.load_state(str(checkpoint))
+    def _resume(self, plan: Plan) -> int:
+        """Load ``plan.checkpoint`` (with ``resume=latest``, fall back to older complete ones if it fails to
+        load) and apply this launch's learning rates and schedules; returns the step to continue from."""
+        if plan.checkpoint is None:
+            return 0
+        candidates = [plan.checkpoint]
+        if self.cfg.train.resume == "latest":
+            candidates = [c for c in reversed(list_checkpoints(self.run_dir))
+                          if read_state(c)["step"] <= read_state(plan.checkpoint)["step"]]
+        for i, checkpoint in enumerate(candidates):
+            try:
+                self.accelerator.load_state(str(checkpoint))
+                load_extra_states(checkpoint, self.extra_states)
+            except Exception as e:  # noqa: BLE001 - a damaged file: say which, try the one before
+                if i + 1 == len(candidates):
+                    raise ValueError(f"could not load checkpoint {checkpoint}: {e}; resume from another one "
+                                     "(train.resume=<folder>) or start fresh in a new run.output_dir") from e
+                logger.warning("could not load checkpoint %s (%s); falling back to %s", checkpoint, e, candidates[i + 1])
+                continue
+            plan.checkpoint = checkpoint
+            self._apply_optimizer_settings()
             start = read_state(checkpoint)["step"]
             logger.info("resumed from %s at step %d", checkpoint, start)
+            return start
+        raise AssertionError("unreachable")
+
+    def _apply_optimizer_settings(self) -> None:
+        """Set every optimizer's hyper-parameters from this launch's config (a resumed run's optimizer state
+        carries the old ones): learning rate through the current LR schedule at its current step, betas,
+        weight decay, eps. A no-op when nothing changed."""
+        for name, optimizer in self.optimizers.items():
+            rc, sched = self.roles[name].cfg, self.schedulers[name].scheduler
+            groups = optimizer.param_groups
+            for i, group in enumerate(groups):
+                group.update(initial_lr=rc.lr, betas=tuple(rc.betas), weight_decay=rc.weight_decay, eps=rc.adam_eps)
+                group["lr"] = rc.lr * sched.lr_lambdas[i](sched.last_epoch)
+            sched.base_lrs = [rc.lr] * len(groups)
+            sched._last_lr = [g["lr"] for g in groups]
+
+    def _checkpoint(self, step: int) -> None:
+        self.guard.poll()  # never write a checkpoint after a non-finite update (device path)
+        save_checkpoint(self.accelerator, self.run_dir, step,
+                        {"method": self.cfg.method.name, "config": OmegaConf.to_container(self.cfg, resolve=True)},
+                        self.cfg.train.checkpoints_total_limit, extra_states=self.extra_states)
+
+    def train(self) -> Path:
+        """Train to ``train.max_steps``, then export / evaluate. Raises ``NonFiniteError`` (no update applied,
+        no checkpoint written after it) or ``CheckpointWriteError``; after SIGTERM / SIGINT it checkpoints and
+        returns early with ``self.stopped_by`` set to the signal's name."""
+        cfg, acc = self.cfg, self.accelerator
+        self.stopped_by: str | None = None
+        plan = preflight(cfg)  # also run by train.py before any model loaded; here for API callers
+        acc.wait_for_everyone()
         if acc.is_main_process:
+            if plan.used_by_another_run:
+                logger.warning("run.overwrite=true: moved the earlier run in %s to %s", self.run_dir,
+                               move_aside(self.run_dir))
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in clean_stale_temps(self.run_dir):
+                logger.info("removed %s, left by an interrupted save", stale)
+        acc.wait_for_everyone()
+        start = self._resume(plan)
+        if acc.is_main_process:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        writer = MetricsWriter(self.run_dir, resume_step=start if checkpoint else None) if acc.is_main_process else None
+            if plan.checkpoint is not None:
+                record_resume(self.run_dir, plan, start)
+                for key, change in plan.changes.items():
+                    logger.warning("resumed with %s = %r (was %r)", key, change["to"], change["from"])
+        resumed = plan.checkpoint is not None
+        writer = MetricsWriter(self.run_dir, resume_step=start if resumed else None) if acc.is_main_process else None
         if acc.log_with:
             acc.init_trackers(cfg.run.name, config=_flat_config(OmegaConf.to_container(cfg, resolve=True)))
 
         bar = tqdm(range(start, cfg.train.max_steps), initial=start, total=cfg.train.max_steps,
                    disable=not (acc.is_main_process and cfg.train.progress_bar), desc=f"{cfg.method.name}")
-        for step in bar:
-            logs: dict[str, torch.Tensor] = {}
-            for phase in self.method.phases(step):
-                logs.update(self.run_phase(phase, step))
-            last = step + 1 == cfg.train.max_steps
-            if step % cfg.train.log_every == 0 or last:
-                # One device-to-host copy for all metrics (each float() would wait for the GPU).
-                values = torch.stack([v.detach().float().reshape(()).to(self.device) for v in logs.values()]).tolist()
-                metrics = dict(zip(logs, values))
-                if acc.is_main_process:
-                    writer.write(step, metrics)
-                    bar.set_postfix({k.split("/", 1)[1] if k.endswith("/loss") else k: f"{v:.4g}"
-                                     for k, v in metrics.items() if k.endswith("loss")})
-                acc.log(metrics, step=step)
-            if cfg.train.sample_every and ((step + 1) % cfg.train.sample_every == 0 or last):
-                self.save_samples(step + 1)
-            if (step + 1) % cfg.train.checkpoint_every == 0 or last:
-                save_checkpoint(acc, self.run_dir, step + 1, {"method": cfg.method.name},
-                                cfg.train.checkpoints_total_limit)
-        bar.close()
+        try:
+            with GracefulStop(acc) as stop:
+                for step in bar:
+                    logs: dict[str, torch.Tensor] = {}
+                    for phase in self.method.phases(step):
+                        logs.update(self.run_phase(phase, step))
+                    last = step + 1 == cfg.train.max_steps
+                    if step % cfg.train.log_every == 0 or last:
+                        # One device-to-host copy for all metrics (each float() would wait for the GPU).
+                        values = torch.stack([v.detach().float().reshape(()).to(self.device)
+                                              for v in logs.values()]).tolist()
+                        metrics = dict(zip(logs, values))
+                        metrics.update(self.guard.poll())
+                        if acc.is_main_process:
+                            writer.write(step, metrics)
+                            bar.set_postfix({k.split("/", 1)[1] if k.endswith("/loss") else k: f"{v:.4g}"
+                                             for k, v in metrics.items() if k.endswith("loss")})
+                        acc.log(metrics, step=step)
+                    if cfg.train.sample_every and ((step + 1) % cfg.train.sample_every == 0 or last):
+                        self.save_samples(step + 1)
+                    self.stopped_by = stop.requested()
+                    if (step + 1) % cfg.train.checkpoint_every == 0 or last or self.stopped_by:
+                        self._checkpoint(step + 1)
+                    if self.stopped_by:
+                        logger.warning("%s: stopped after step %d with a checkpoint; resume with "
+                                       "train.resume=latest", self.stopped_by, step + 1)
+                        break
+                self.guard.poll()
+        except NonFiniteError:
+            acc.end_training()
+            raise
+        finally:
+            bar.close()
+        if self.stopped_by:
+            acc.end_training()
+            return self.run_dir
         if cfg.export.enabled:
             out = self.export()
             if acc.is_main_process:

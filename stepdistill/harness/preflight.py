@@ -1,0 +1,246 @@
+"""Checks a run passes before any model loads: the folder is its own, writable and big enough, and a
+resumed run is the run its checkpoint recorded.
+
+``preflight(cfg)`` is called by ``train.py`` before the ``Trainer`` is built (so a mistake costs seconds,
+not the minutes of loading a teacher) and again by ``Trainer.train`` for API users. It reads files
+only; what it must change (moving an old run aside for ``run.overwrite=true``) is done by the trainer's
+main process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from stepdistill.harness.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    mount_point,
+    read_state,
+    resolve_resume,
+)
+from stepdistill.models.loading import resolve_pretrained
+
+# Config keys a resumed run may not change: they define what the checkpoint's tensors are (or, for the
+# seed, batch size and accumulation, which data and noise each step sees). Everything else may change
+# on resume and is applied for real (learning rates and schedules, max_steps, cadences, logging, export).
+_FIXED_SECTIONS = ("method.", "model.")
+_FIXED_KEYS = {"run.seed", "data.batch_size", "train.gradient_accumulation_steps", "train.mixed_precision"}
+_FIXED_ROLE_FIELDS = {"init_from", "trainable", "lora_rank", "lora_alpha", "lora_target_modules",
+                      "share_teacher_base", "heads_only", "guidance_embedding_dim", "ema_decay"}
+# Where the run is and how this launch was told to start: never a change of the run.
+_IGNORED = {"run.output_dir", "train.resume", "run.overwrite"}
+
+
+@dataclass
+class Plan:
+    """What preflight found: where a resumed run starts and what its config changes."""
+
+    checkpoint: Path | None = None
+    changes: dict[str, dict] = field(default_factory=dict)  # key -> {"from": old, "to": new}
+    used_by_another_run: bool = False  # a fresh run with run.overwrite=true: the old contents move aside
+
+
+def flat(tree, prefix: str = "") -> dict:
+    """``{"train": {"max_steps": 4}}`` -> ``{"train.max_steps": 4}`` (lists kept whole)."""
+    out = {}
+    for key, value in (tree or {}).items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _fixed(key: str) -> bool:
+    if key in _FIXED_KEYS or key.startswith(_FIXED_SECTIONS):
+        return True
+    parts = key.split(".")
+    return parts[0] == "roles" and (len(parts) == 2 or parts[-1] in _FIXED_ROLE_FIELDS)
+
+
+def config_changes(recorded: dict, current: dict) -> tuple[dict, dict]:
+    """``(fixed, free)`` differences between a checkpoint's recorded config and this launch's."""
+    old, new = flat(recorded), flat(current)
+    fixed, free = {}, {}
+    for key in sorted(set(old) | set(new)):
+        if key in _IGNORED or old.get(key, "<unset>") == new.get(key, "<unset>"):
+            continue
+        change = {"from": old.get(key, "<unset>"), "to": new.get(key, "<unset>")}
+        (fixed if _fixed(key) else free)[key] = change
+    return fixed, free
+
+
+def _resolved(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+# ---- the folder ----------------------------------------------------------------------------------
+def holds_a_run(run_dir: Path) -> list[str]:
+    """What in ``run_dir`` belongs to an earlier run (checkpoints, an export, a finished marker)."""
+    found = []
+    if list_checkpoints(run_dir):
+        found.append(f"{len(list_checkpoints(run_dir))} checkpoint(s)")
+    for name in ("DONE.json", "export"):
+        if (run_dir / name).exists():
+            found.append(name)
+    return found
+
+
+def move_aside(run_dir: Path) -> Path:
+    """``run.overwrite=true``: the old contents go to ``<run_dir>.previous-<time>`` (never deleted)."""
+    target = run_dir.with_name(f"{run_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while target.exists():
+        target = run_dir.with_name(f"{run_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+        n += 1
+    os.replace(run_dir, target)
+    run_dir.mkdir(parents=True)
+    return target
+
+
+def check_writable(run_dir: Path) -> None:
+    key = "run.output_dir"
+    existing = run_dir
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ValueError(f"{key}={str(run_dir)!r}: {existing} is a file, not a folder; choose another {key}")
+    probe = existing / f".tmp-write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{key}={str(run_dir)!r} is not writable ({e.strerror} at {existing}); choose a folder "
+                         f"you can write, e.g. {key}=runs/<name>") from None
+
+
+# ---- disk room -----------------------------------------------------------------------------------
+def _safetensors_params(path: Path) -> int:
+    """Number of parameters in a safetensors file, from its header alone."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    total = 0
+    for name, info in header.items():
+        if name != "__metadata__":
+            n = 1
+            for d in info["shape"]:
+                n *= d
+            total += n
+    return total
+
+
+def backbone_params(pretrained: str) -> int | None:
+    """Parameters of the teacher's UNet / transformer from its weight headers, or None if not local."""
+    try:
+        folder = Path(resolve_pretrained(pretrained))
+    except ValueError:
+        return None
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(pretrained, local_files_only=True,
+                                            allow_patterns=["unet/*.json", "transformer/*.json"]))
+        except Exception:  # noqa: BLE001 - not in the local cache: no estimate
+            return None
+    for sub in ("unet", "transformer"):
+        files = sorted((folder / sub).glob("*.safetensors"))
+        if files:
+            return sum(_safetensors_params(f) for f in files)
+    return None
+
+
+def checkpoint_bytes(cfg: DictConfig, params: int) -> int:
+    """Bytes one checkpoint takes: fp32 weights + AdamW's two moments per trainable full-weight role, an
+    EMA copy where kept, frozen full copies (EMA targets) once; LoRA and head-only roles ~1 % of that."""
+    total = 0
+    for name, role in cfg.roles.items():
+        if name == "teacher":
+            continue
+        if role.trainable:
+            per = 12 + (4 if role.ema_decay > 0 else 0)
+            share = 0.01 if (role.lora_rank or role.heads_only) else 1.0
+            total += int(params * per * share)
+        elif not role.lora_rank and not role.heads_only:
+            total += params * 4
+    return total
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def check_room(cfg: DictConfig, run_dir: Path) -> None:
+    params = backbone_params(str(cfg.model.pretrained))
+    if params is None:
+        return
+    need = 2 * checkpoint_bytes(cfg, params)
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise ValueError(f"not enough disk space for two checkpoints in run.output_dir={str(run_dir)!r}: they need "
+                         f"about {_gb(need)}, {mount_point(existing)} has {_gb(free)} free; free space or choose "
+                         "another run.output_dir")
+
+
+# ---- the whole check -----------------------------------------------------------------------------
+def preflight(cfg: DictConfig) -> Plan:
+    """Check the run folder and a resume against the recorded run; returns the plan. Raises ValueError."""
+    run_dir = Path(cfg.run.output_dir)
+    check_writable(run_dir)
+    plan = Plan()
+    resume = cfg.train.resume
+    if not resume:
+        used = holds_a_run(run_dir)
+        if used and not cfg.run.overwrite:
+            raise ValueError(
+                f"run.output_dir={str(run_dir)!r} already holds another run ({', '.join(used)}); a fresh run there "
+                "would mix its metrics with the old ones and have keep-last-K delete its new checkpoints. "
+                "Continue that run with train.resume=latest, start this one in a new run.output_dir (or run.name), "
+                "or pass run.overwrite=true to move the old contents aside (nothing is deleted)")
+        plan.used_by_another_run = bool(used)
+    else:
+        plan.checkpoint = resolve_resume(run_dir, resume)
+        if plan.checkpoint is None and resume == "latest" and holds_a_run(run_dir):
+            raise ValueError(f"train.resume=latest: {run_dir} holds no complete checkpoint to resume (see the "
+                             "warnings above); pass train.resume=<checkpoint folder>, or start fresh in a new "
+                             "run.output_dir")
+        if plan.checkpoint is not None:
+            recorded = read_state(plan.checkpoint).get("config")
+            if recorded is not None:
+                fixed, plan.changes = config_changes(recorded, _resolved(cfg))
+                if fixed:
+                    if "method.name" in fixed:  # another method: its settings differ wholesale
+                        fixed = {"method.name": fixed["method.name"],
+                                 **{k: v for k, v in fixed.items() if not k.startswith("method.")}}
+                    shown = [f"{k}: {v['from']!r} -> {v['to']!r}" for k, v in fixed.items()]
+                    lines = "; ".join(shown[:8]) + (f"; and {len(shown) - 8} more" if len(shown) > 8 else "")
+                    raise ValueError(
+                        f"train.resume: {plan.checkpoint} was trained with another setting of keys a resumed run "
+                        f"cannot change: {lines}. Resume with the recorded values (they are in "
+                        f"{run_dir / 'config.yaml'}), or start a new run in another run.output_dir")
+    check_room(cfg, run_dir)
+    return plan
+
+
+def record_resume(run_dir: Path, plan: Plan, step: int) -> None:
+    """Append this resume and what it changed to ``<run>/resumes.jsonl`` (read by the model card)."""
+    row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": plan.checkpoint.name, "step": step,
+           "changed": plan.changes}
+    with open(run_dir / "resumes.jsonl", "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+
+
+__all__ = ["Plan", "check_room", "config_changes", "holds_a_run", "latest_checkpoint", "move_aside", "preflight",
+           "record_resume"]
