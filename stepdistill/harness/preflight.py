@@ -70,8 +70,14 @@ def config_changes(recorded: dict, current: dict) -> tuple[dict, dict]:
     """``(fixed, free)`` differences between a checkpoint's recorded config and this launch's."""
     old, new = flat(recorded), flat(current)
     fixed, free = {}, {}
+    old_roles, new_roles = set(recorded.get("roles") or {}), set(current.get("roles") or {})
+    for role in sorted(old_roles ^ new_roles):  # a role added or removed: one entry, not one per field
+        fixed[f"roles.{role}"] = {"from": "a role" if role in old_roles else "<unset>",
+                                  "to": "a role" if role in new_roles else "<unset>"}
     for key in sorted(set(old) | set(new)):
         if key in _IGNORED or old.get(key, "<unset>") == new.get(key, "<unset>"):
+            continue
+        if key.startswith("roles.") and key.split(".")[1] in old_roles ^ new_roles:
             continue
         change = {"from": old.get(key, "<unset>"), "to": new.get(key, "<unset>")}
         (fixed if _fixed(key) else free)[key] = change
