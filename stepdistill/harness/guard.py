@@ -36,13 +36,15 @@ class NonFiniteGuard:
         self.mode, self.max_skips, self.device_side = mode, max_skips, device_side
         self.reduce = reduce  # all ranks agree (an all-reduce of the flag) in multi-process runs
         self.last_checkpoint = last_checkpoint or (lambda: None)
-        self.skipped = 0  # host side: dropped updates in all, and in a row
-        self.in_a_row = 0
+        self.skipped = 0  # host side: dropped updates in all, and per phase in a row
+        self.in_a_row: dict[str, int] = {}
         self._roles: dict[str, tuple[str, ...]] = {}  # phase -> the roles it trains
         if device_side:
-            # [first bad step, its phase index, updates dropped, dropped in a row, longest run in a row]
-            self._state = torch.tensor([-1.0, -1.0, 0.0, 0.0, 0.0], device=device)
+            # [first bad step, its phase index]; per phase [dropped, dropped in a row, longest run in a row]
+            self._first = torch.tensor([-1.0, -1.0], device=device)
+            self._counts: dict[str, torch.Tensor] = {}
             self._phases: list[str] = []
+            self._device = device
 
     # ---- per phase ------------------------------------------------------------------------------
     def check(self, step: int, phase: str, loss: torch.Tensor, grad_norms: dict[str, torch.Tensor]):
@@ -57,30 +59,31 @@ class NonFiniteGuard:
         if self.device_side:
             return self._device_check(step, phase, finite)
         if bool(finite):
-            self.in_a_row = 0
+            self.in_a_row[phase] = 0
             return True
         what = self._describe(phase, loss, grad_norms)
         if self.mode == "stop":
             raise NonFiniteError(self._message(step, phase, what))
         self.skipped += 1
-        self.in_a_row += 1
-        if self.in_a_row > self.max_skips:
-            raise NonFiniteError(self._message(step, phase, what, in_a_row=self.in_a_row))
+        self.in_a_row[phase] = self.in_a_row.get(phase, 0) + 1
+        if self.in_a_row[phase] > self.max_skips:
+            raise NonFiniteError(self._message(step, phase, what, in_a_row=self.in_a_row[phase]))
         return False
 
     def _device_check(self, step, phase, finite):
         if phase not in self._phases:
             self._phases.append(phase)
-        s = self._state
+            self._counts[phase] = torch.zeros(3, device=self._device)
+        f, c = self._first, self._counts[phase]
         bad = (~finite).float()
-        first = (s[0] < 0) & finite.logical_not()
-        s[0] = torch.where(first, float(step), s[0])
-        s[1] = torch.where(first, float(self._phases.index(phase)), s[1])
-        s[2] += bad
-        s[3] = (s[3] + bad) * bad
-        s[4] = torch.maximum(s[4], s[3])
+        first = (f[0] < 0) & ~finite
+        f[0] = torch.where(first, float(step), f[0])
+        f[1] = torch.where(first, float(self._phases.index(phase)), f[1])
+        c[0] += bad
+        c[1] = (c[1] + bad) * bad
+        c[2] = torch.maximum(c[2], c[1])
         if self.mode == "stop":
-            return (s[0] >= 0).float()  # sticky: nothing is applied after the first non-finite update
+            return (f[0] >= 0).float()  # sticky: nothing is applied after the first non-finite update
         return bad
 
     # ---- where the host synchronises anyway ----------------------------------------------------
@@ -88,13 +91,21 @@ class NonFiniteGuard:
         """Raise if the device path saw what ends the run; returns the counters to log."""
         if not self.device_side:
             return {"nonfinite/skipped": float(self.skipped)} if self.mode == "skip" else {}
-        first, phase_index, skipped, _, longest = self._state.tolist()
-        if first >= 0 and (self.mode == "stop" or longest > self.max_skips):
+        values = torch.cat([self._first, *self._counts.values()]).tolist() if self._counts else [-1.0, -1.0]
+        first, phase_index = values[:2]
+        counts = {ph: values[2 + 3 * i: 5 + 3 * i] for i, ph in enumerate(self._counts)}
+        skipped = sum(c[0] for c in counts.values())
+        longest = {ph: c[2] for ph, c in counts.items()}
+        worst = max(longest, key=longest.get) if longest else None
+        if first >= 0 and self.mode == "stop":
             phase = self._phases[int(phase_index)]
-            what = f"a non-finite loss or gradient norm of {', '.join(self._roles[phase]) or 'no role'}"
-            raise NonFiniteError(self._message(int(first), phase, what,
-                                               in_a_row=int(longest) if self.mode == "skip" else None))
+            raise NonFiniteError(self._message(int(first), phase, self._unknown(phase)))
+        if worst is not None and longest[worst] > self.max_skips:
+            raise NonFiniteError(self._message(None, worst, self._unknown(worst), in_a_row=int(longest[worst])))
         return {"nonfinite/skipped": skipped} if self.mode == "skip" else {}
+
+    def _unknown(self, phase: str) -> str:
+        return f"a non-finite loss or gradient norm of {', '.join(self._roles[phase]) or 'no role'}"
 
     # ---- messages -------------------------------------------------------------------------------
     @staticmethod
@@ -104,14 +115,15 @@ class NonFiniteGuard:
         bad = [f"grad_norm/{r} = {float(g)}" for r, g in grad_norms.items() if not math.isfinite(float(g))]
         return ", ".join(bad) or "a non-finite value on another process"
 
-    def _message(self, step: int, phase: str, what: str, in_a_row: int | None = None) -> str:
+    def _message(self, step: int | None, phase: str, what: str, in_a_row: int | None = None) -> str:
         roles = ", ".join(self._roles.get(phase, ()))
         checkpoint = self.last_checkpoint()
         last = (f"the last finite checkpoint is {checkpoint} (resume from it with train.resume=latest)"
                 if checkpoint is not None else "no checkpoint was written before it")
-        head = (f"{in_a_row} non-finite updates in a row (train.max_nonfinite_skips={self.max_skips}), the first "
+        head = (f"{in_a_row} non-finite updates in a row (train.max_nonfinite_skips={self.max_skips}), the last "
                 if in_a_row is not None else "non-finite training ")
-        where = f"at step {step}, phase {phase!r}" + (f" (roles {roles})" if roles else "")
+        where = (f"at step {step}, " if step is not None else "") + f"phase {phase!r}" + (
+            f" (roles {roles})" if roles else "")
         return (f"{head}{where}: {what}; the update was not applied and training stopped; {last}. Usual fixes: "
                 "a lower learning rate (roles.<role>.lr), gradient clipping (roles.<role>.max_grad_norm), "
                 "fp32 or bf16 instead of fp16 (train.mixed_precision), or train.on_nonfinite=skip to drop such "

@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+logger = logging.getLogger("stepdistill")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a line a crash cut short (or any unreadable one) is dropped with a warning."""
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        elif line.strip():
+            logger.warning("%s line %d is incomplete or unreadable (an interrupted write?); dropped", path, number)
+    return rows
 
 
 class MetricsWriter:
@@ -21,7 +39,7 @@ class MetricsWriter:
         self.rows: list[dict] = []
         if resume_step is not None and self.jsonl.exists():
             # Drop rows the resumed run is about to write again (they came after the checkpoint).
-            kept = [r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r["step"] < resume_step]
+            kept = [r for r in _read_rows(self.jsonl) if r["step"] < resume_step]
             self.rows = kept
             self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in kept))
         elif self.jsonl.exists():

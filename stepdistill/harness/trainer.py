@@ -41,8 +41,8 @@ from stepdistill.harness.checkpoint import (
 from stepdistill.harness.guard import NonFiniteError, NonFiniteGuard
 from stepdistill.harness.logging import MetricsWriter, image_grid
 from stepdistill.harness.preflight import Plan, move_aside, preflight, record_resume
-from stepdistill.harness.signals import GracefulStop
 from stepdistill.harness.roles import Role, build_roles
+from stepdistill.harness.signals import GracefulStop
 from stepdistill.methods import MethodContext, get_method
 
 logger = logging.getLogger("stepdistill")

@@ -1,0 +1,311 @@
+"""Fault injection: a diverged, interrupted, damaged or mis-configured run never silently loses or corrupts
+the user's work (issue 14).
+
+Each test breaks one thing the way it breaks in practice (a learning rate that diverges, a second run
+into the same folder, a killed save, a full disk, a planted pickle, SIGTERM) and checks what the user
+gets: the exit code, the one message, which files exist, and that a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stepdistill.harness.checkpoint import (
+    CheckpointWriteError,
+    latest_checkpoint,
+    list_checkpoints,
+    scan_checkpoints,
+)
+from stepdistill.harness.guard import NonFiniteError, NonFiniteGuard
+from stepdistill.harness.preflight import preflight
+from stepdistill.harness.trainer import Trainer
+from tests.helpers import PYTHON, REPO, tiny_config
+
+FAST = ["train.sample_every=0", "train.log_every=1", "export.enabled=false"]
+
+
+def _train(run_dir: Path, *overrides: str, method: str = "dmd2") -> Trainer:
+    trainer = Trainer(tiny_config(run_dir, method, *FAST, *overrides))
+    trainer.train()
+    return trainer
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([PYTHON, "train.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def _tiny_cli(run_dir: Path, *overrides: str) -> list[str]:
+    return ["--config", "configs/tests/tiny_dmd2.yaml", f"run.output_dir={run_dir}", "run.trackers=[none]",
+            "train.progress_bar=false", "train.cpu_threads=1", *overrides]
+
+
+# ---- divergence ----------------------------------------------------------------------------------
+def test_divergence_stops_loudly_and_keeps_the_last_finite_checkpoint(tmp_path):
+    """lr=1e6 gives NaN at step 1: exit 3, one message naming step, phase, role and the checkpoint; no
+    NaN checkpoint, no DONE.json, no export; keep-last-K=1 keeps the finite one."""
+    run = tmp_path / "run"
+    proc = _cli(*_tiny_cli(run, "roles.generator.lr=1e6", "train.max_steps=6", "train.checkpoint_every=1",
+                           "train.checkpoints_total_limit=1", "train.sample_every=0"))
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert "non-finite" in errors[0] and "at step 1" in errors[0] and "phase 'critic'" in errors[0]
+    assert "roles critic" in errors[0] and "checkpoint-1" in errors[0]
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-1"]
+    assert not (run / "DONE.json").exists() and not (run / "export").exists()
+    state = torch.load(run / "checkpoints" / "checkpoint-1" / "optimizer.bin", weights_only=True)
+    assert all(torch.isfinite(v).all() for s in state["state"].values() for v in s.values() if torch.is_tensor(v))
+
+
+def _inject_nan(trainer: Trainer, phase: str, steps: set[int]) -> None:
+    """Make ``phase``'s loss NaN at ``steps`` (the rest of the step runs as usual)."""
+    losses = trainer.method.losses
+
+    def poisoned(ph, batch, step):
+        out = losses(ph, batch, step)
+        if ph == phase and step in steps:
+            out = {**out, "loss": out["loss"] * float("nan")}
+        return out
+
+    trainer.method.losses = poisoned
+
+
+def test_skip_drops_the_update_counts_it_and_stops_after_too_many_in_a_row(tmp_path):
+    cfg = tiny_config(tmp_path / "skip", "dmd2", *FAST, "train.max_steps=5", "train.on_nonfinite=skip",
+                      "train.max_nonfinite_skips=2")
+    trainer = Trainer(cfg)
+    _inject_nan(trainer, "critic", {1, 2})
+    critic = trainer.roles["critic"].trainable_parameters()
+    before_step_1 = {}
+
+    run_phase = trainer.run_phase
+
+    def spy(phase, step):
+        if phase == "critic" and step == 1:
+            before_step_1["w"] = [p.detach().clone() for p in critic]
+        logs = run_phase(phase, step)
+        if phase == "critic" and step == 2:  # two dropped updates: the critic has not moved since step 1
+            assert all(torch.equal(a, p) for a, p in zip(before_step_1["w"], critic))
+        return logs
+
+    trainer.run_phase = spy
+    trainer.train()
+    rows = _rows(tmp_path / "skip")
+    assert [r["nonfinite/skipped"] for r in rows] == [0, 1, 2, 2, 2]
+    assert all(torch.isfinite(p).all() for p in critic)
+    assert (tmp_path / "skip" / "DONE.json").exists()
+
+    trainer = Trainer(tiny_config(tmp_path / "many", "dmd2", *FAST, "train.max_steps=5", "train.on_nonfinite=skip",
+                                  "train.max_nonfinite_skips=1"))
+    _inject_nan(trainer, "critic", {1, 2})
+    with pytest.raises(NonFiniteError, match=r"2 non-finite updates in a row .*at step 2, phase .critic."):
+        trainer.train()
+    assert not (tmp_path / "many" / "DONE.json").exists()
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_device_side_guard_skips_inside_the_fused_optimizer(mode):
+    """The accelerator path: no host read per phase; the fused AdamW skips on found_inf, poll() raises."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    guard = NonFiniteGuard(mode, max_skips=0 if mode == "skip" else 10, device=torch.device("cpu"),
+                           device_side=True)
+    for step, loss in enumerate([1.0, float("nan"), 1.0]):
+        p.grad = torch.ones(3)
+        found_inf = guard.check(step, "generator", torch.tensor(loss), {"generator": torch.tensor(1.0)})
+        assert torch.is_tensor(found_inf)
+        opt.found_inf, opt.grad_scale = found_inf, None
+        opt.step()
+        if step == 0:
+            after_first = p.detach().clone()
+    if mode == "stop":  # sticky: neither step 1 nor step 2 was applied
+        assert torch.equal(p.detach(), after_first)
+    else:  # only step 1 dropped
+        assert not torch.equal(p.detach(), after_first) and int(opt.state[p]["step"]) == 2
+    with pytest.raises(NonFiniteError, match="at step 1, phase 'generator'"):
+        guard.poll()
+
+
+def test_export_refuses_nonfinite_weights_unless_allowed(tmp_path):
+    trainer = _train(tmp_path / "run", "train.max_steps=1")
+    with torch.no_grad():
+        next(iter(trainer.roles["generator"].trainable_parameters())).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf values: student"):
+        trainer.export(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert (trainer.export(tmp_path / "out", allow_nonfinite=True) / "model_index.json").is_file()
+
+
+# ---- the run folder ------------------------------------------------------------------------------
+def test_fresh_run_into_a_used_folder_is_refused_before_loading(tmp_path):
+    run = tmp_path / "run"
+    _train(run, "train.max_steps=1")
+    started = time.perf_counter()
+    proc = _cli(*_tiny_cli(run, "train.max_steps=1"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "already holds another run" in proc.stderr and "train.resume=latest" in proc.stderr
+    assert "run.overwrite=true" in proc.stderr and "Loading pipeline" not in proc.stderr
+    assert time.perf_counter() - started < 60
+
+    old = (run / "checkpoints" / "checkpoint-1" / "model.safetensors").read_bytes()
+    _train(run, "train.max_steps=1", "run.overwrite=true", "run.seed=1")
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.previous-")]
+    assert len(aside) == 1, "the old run must be moved aside, not deleted"
+    assert (aside[0] / "checkpoints" / "checkpoint-1" / "model.safetensors").read_bytes() == old
+    assert len(_rows(run)) == 1
+
+
+# ---- resume --------------------------------------------------------------------------------------
+def test_resume_applies_a_changed_learning_rate_and_records_it(tmp_path):
+    run = tmp_path / "run"
+    _train(run, "train.max_steps=2")
+    _train(run, "train.max_steps=4", "train.resume=latest", "roles.generator.lr=3e-5", "roles.critic.lr=2e-5")
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    lrs = {r["step"]: r["lr/critic"] for r in rows}
+    assert lrs[1] == pytest.approx(1e-4) and lrs[2] == pytest.approx(2e-5) and lrs[3] == pytest.approx(2e-5)
+    assert [r["lr/generator"] for r in rows if "lr/generator" in r][-1] == pytest.approx(3e-5)
+    resumes = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
+    assert resumes[0]["checkpoint"] == "checkpoint-2" and resumes[0]["step"] == 2
+    assert resumes[0]["changed"]["roles.critic.lr"] == {"from": 1e-4, "to": 2e-5}
+    assert resumes[0]["changed"]["train.max_steps"] == {"from": 2, "to": 4}
+    assert "lr: 2.0e-05" in (run / "config.yaml").read_text()
+
+
+def test_resume_with_another_method_or_role_layout_is_refused(tmp_path):
+    run = tmp_path / "run"
+    _train(run, "train.max_steps=1")
+    with pytest.raises(ValueError, match=r"cannot change: method.name: 'dmd2' -> 'lcm'"):
+        preflight(tiny_config(run, "lcm", "train.resume=latest"))
+    with pytest.raises(ValueError, match=r"roles.generator.lora_rank: 0 -> 4"):
+        preflight(tiny_config(run, "dmd2", "train.resume=latest", "roles.generator.lora_rank=4"))
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+class _Payload:
+    """Unpickling this creates a file: the proof that a pickle was executed."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_planted_pickles_are_never_executed(tmp_path):
+    from stepdistill.export.pipeline import export_from_run
+
+    run = tmp_path / "run"
+    _train(run, "train.max_steps=2", "roles.generator.ema_decay=0.9")
+    ckpt = run / "checkpoints" / "checkpoint-2"
+    assert not list(ckpt.glob("custom_checkpoint_*")), "extra states must not be pickles"
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Payload(marker))
+    for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"):
+        (ckpt / name).write_bytes(payload)
+    export_from_run(run, tmp_path / "export")
+    _train(run, "train.max_steps=3", "train.resume=latest", "roles.generator.ema_decay=0.9")
+    assert not marker.exists()
+    # The RNG state file accelerate does read: a payload in its place is refused by weights_only=True.
+    rng = run / "checkpoints" / "checkpoint-3" / "random_states_0.pkl"
+    size = rng.stat().st_size
+    rng.write_bytes(payload.ljust(size, b"\0"))  # same size: it passes the manifest, then must fail to load
+    with pytest.raises(ValueError, match="could not load checkpoint"):
+        _train(run, "train.max_steps=4", f"train.resume={run / 'checkpoints' / 'checkpoint-3'}",
+               "roles.generator.ema_decay=0.9")
+    assert not marker.exists()
+
+
+def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
+    run = tmp_path / "run"
+    _train(run, "train.max_steps=2", "train.checkpoint_every=1", "train.checkpoints_total_limit=0")
+    (run / "checkpoints" / "checkpoint-99").mkdir()  # empty: a save that never started
+    with open(run / "checkpoints" / "checkpoint-2" / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    found = scan_checkpoints(run)
+    assert [p.name for p in found.complete] == ["checkpoint-1"]
+    assert {p.name: why for p, why in found.damaged}.keys() == {"checkpoint-2", "checkpoint-99"}
+    with caplog.at_level("WARNING", logger="stepdistill"):
+        assert latest_checkpoint(run).name == "checkpoint-1"
+    assert "checkpoint-99" in caplog.text and "model.safetensors is truncated" in caplog.text
+    # A line cut short by a crash at the end of metrics.jsonl is dropped, not fatal.
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "critic/lo')
+    _train(run, "train.max_steps=3", "train.resume=latest")
+    assert [r["step"] for r in _rows(run)] == [0, 1, 2]
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_config(run, "dmd2", *FAST, "train.max_steps=3", "train.checkpoint_every=1"))
+    save_state = trainer.accelerator.save_state
+
+    def full_disk(output_dir, **kwargs):
+        if output_dir.endswith("checkpoint-2"):
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_state(output_dir, **kwargs)
+
+    monkeypatch.setattr(trainer.accelerator, "save_state", full_disk)
+    with pytest.raises(CheckpointWriteError, match=r"no space left on /.*checkpoint-2 \(kept .*checkpoint-1\)"):
+        trainer.train()
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-1"]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_stale_temp_folders_are_removed_at_start(tmp_path):
+    run = tmp_path / "run"
+    _train(run, "train.max_steps=1")
+    (run / "checkpoints" / ".tmp-checkpoint-7").mkdir()
+    (run / ".tmp-export-123").mkdir()
+    _train(run, "train.max_steps=2", "train.resume=latest")
+    assert not [p for p in [*run.iterdir(), *(run / "checkpoints").iterdir()] if p.name.startswith(".tmp-")]
+
+
+# ---- graceful stop -------------------------------------------------------------------------------
+def test_sigterm_checkpoints_and_the_resumed_run_continues_exactly(tmp_path):
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    proc = subprocess.Popen([PYTHON, "train.py", *_tiny_cli(run, "train.max_steps=100000", "train.log_every=1",
+                                                             "train.checkpoint_every=100000", "train.sample_every=0",
+                                                             "export.enabled=false")],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        rows = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+        if len(rows) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM" in out and "train.resume=latest" in out
+    (checkpoint,) = list_checkpoints(run)
+    stopped_at = int(checkpoint.name.split("-")[1])
+    assert stopped_at >= 2 and not (run / "DONE.json").exists()
+
+    total = stopped_at + 2
+    args = ["train.log_every=1", "train.sample_every=0", "export.enabled=false", f"train.max_steps={total}"]
+    assert _cli(*_tiny_cli(run, *args, "train.resume=latest")).returncode == 0
+    assert _cli(*_tiny_cli(straight, *args)).returncode == 0
+    done = [json.loads((d / "DONE.json").read_text())["weight_sha256"] for d in (run, straight)]
+    assert done[0] == done[1], "the resumed run must end with the uninterrupted run's weights"
+    shutil.rmtree(run)
