@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from stepdistill.config.load import load_config
+from stepdistill.data.pairs import cache_pairs
 from stepdistill.harness.trainer import Trainer
 
 GOLDEN_DIR = Path(__file__).resolve().parent
@@ -34,7 +35,7 @@ COMMON = [
     "train.log_every=1", "train.sample_every=0", "train.cpu_threads=1", "export.enabled=false",
     "eval.enabled=false",
 ]
-# Per-config extras. DMD's regression term reads teacher pairs: made once per call ({pairs}).
+# Per-config extras. DMD's regression term reads teacher pairs (cache-pairs): made fresh for each run.
 EXTRA = {"tiny_dmd": ["method.regression_pairs={pairs}"]}
 PAIRS = {"num": 4, "steps": 2, "batch_size": 2}
 
@@ -62,8 +63,6 @@ def _fresh_dir(root: Path, prefix: str) -> Path:
 
 
 def _pairs(root: Path) -> Path:
-    from stepdistill.data.pairs import cache_pairs
-
     out = _fresh_dir(root, "pairs_")
     cfg = load_config(CONFIG_DIR / "tiny_dmd.yaml", [f"run.output_dir={_fresh_dir(root, 'pairs_run_')}",
                                                     "run.trackers=[none]"])
