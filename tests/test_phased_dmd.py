@@ -138,10 +138,11 @@ def test_phases_train_one_expert_per_stage_with_ttur(tmp_path):
     ]
     # Subintervals (lo, hi] of the three stages (timesteps 999, 666, 333; clip 0.02-0.98 of T=1000).
     assert m.timesteps == [999.0, 666.0, 333.0]
-    assert m.t_ranges == [(666.0, 979.0), (333.0, 666.0), (19.0, 333.0)]
+    # The clip is VPSchedule.sample_timesteps' (20..980 inclusive): stage 0 reaches 980, the last stage 20.
+    assert m.t_ranges == [(666.0, 980.0), (333.0, 666.0), (19.0, 333.0)]
     for i, (lo, hi) in enumerate(m.t_ranges):
-        t = m._sample_t(i, 2000)
-        assert t.min().item() > lo and t.max().item() <= hi and torch.equal(t, t.round())
+        t = m._sample_t(i, 20000)
+        assert t.min().item() == lo + 1 and t.max().item() == hi and torch.equal(t, t.round())
     with pytest.raises(ValueError, match="does not train at step 3"):
         m.losses("generator", trainer.make_batch(3), 3)
 

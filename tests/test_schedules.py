@@ -206,7 +206,7 @@ def test_vp_sample_timesteps_range_and_determinism():
     )
     assert t.dtype == torch.float32 and t.shape == (20000,)
     assert torch.equal(t, t.round()), "VP timesteps are integers"
-    assert int(t.min()) == 20 and int(t.max()) == 979
+    assert int(t.min()) == 20 and int(t.max()) == 980
     again = schedule.sample_timesteps(
         20000, min_frac=0.02, max_frac=0.98, generator=torch.Generator().manual_seed(0)
     )
@@ -218,6 +218,30 @@ def test_vp_sample_timesteps_range_and_determinism():
     assert int(full.min()) == 0 and int(full.max()) == 999
     with pytest.raises(ValueError):
         schedule.sample_timesteps(4, min_frac=0.5, max_frac=0.5)
+
+
+@pytest.mark.parametrize("min_frac, max_frac, lo, hi", [
+    (0.02, 0.98, 20, 980),  # DMD Sec. 3.2 [0.02T, 0.98T]; DMD2 randint(20, min(980 + 1, 1000))
+    (0.0, 1.0, 0, 999),     # the default: the whole training range, never T itself
+    (0.5, 1.0, 500, 999),
+    (0.0, 0.5, 0, 500),
+])
+def test_vp_sample_timesteps_hits_both_documented_ends(min_frac, max_frac, lo, hi):
+    """Both ends of ``[round(min*T), min(round(max*T), T-1)]`` are drawn, nothing outside (T = 1000)."""
+    schedule = NoiseSchedule.from_scheduler(_ddpm("scaled_linear"))
+    t = schedule.sample_timesteps(
+        200_000, min_frac=min_frac, max_frac=max_frac, generator=torch.Generator().manual_seed(0)
+    )
+    assert (int(t.min()), int(t.max())) == (lo, hi)
+    assert torch.unique(t).numel() == hi - lo + 1, "every integer of the range is drawn"
+
+
+def test_default_max_frac_keeps_its_draws():
+    """max_frac = 1 (the critic's and most methods' default) draws exactly the numbers it drew before the
+    top became inclusive: randint(0, T) with the same generator."""
+    schedule = NoiseSchedule.from_scheduler(_ddpm("scaled_linear"))
+    t = schedule.sample_timesteps(5000, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(t, torch.randint(0, 1000, (5000,), generator=torch.Generator().manual_seed(3)).float())
 
 
 def test_flow_sample_timesteps_range_and_determinism():

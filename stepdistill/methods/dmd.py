@@ -62,7 +62,8 @@ class DMDConfig(ScoreDistillConfig):
     # GAN term on the critic's bottleneck features (DMD2 Sec. 4.3); 0 disables it.
     gan_generator_weight: float = 0.0
     gan_critic_weight: float = 0.0
-    # The GAN classifier sees latents noised to t ~ U[0, gan_max_t_frac * T) (DMD2 "diffusion GAN").
+    # The GAN classifier sees latents noised to integer t in [0, min(round(gan_max_t_frac * T), T - 1)]
+    # (DMD2 "diffusion GAN"; 1.0 = its diffusion_gan_max_timestep 1000 of 1000: t in 0..999).
     gan_max_t_frac: float = 1.0
     # LADD term (methods/adversarial.py): trainable heads on the frozen teacher's multi-level features,
     # updated every iteration like the critic; weight 0 = off. DMD2 + LADD = this with weight > 0.

@@ -209,10 +209,12 @@ class PhasedDMD(DistillMethod):
         return a.view(n, 1, 1, 1), s.view(n, 1, 1, 1)
 
     def _t_range(self, i: int) -> tuple[float, float]:
-        """``(lo, hi)``: stage i samples t in (lo, hi] (VP: integers lo+1..hi)."""
+        """``(lo, hi)``: stage i samples t in (lo, hi] (VP: integers lo+1..hi). The global clip is the one of
+        ``VPSchedule.sample_timesteps``: VP integers round(min_t_frac*T)..min(round(max_t_frac*T), T-1)
+        inclusive (20..980 of 1000 for 0.02 / 0.98); flow (min_t_frac*T, max_t_frac*T]."""
         cfg, T = self.cfg, self.schedule.num_train_timesteps
         vp = self.schedule.kind == "vp"
-        top = (round(cfg.max_t_frac * T) - 1) if vp else cfg.max_t_frac * T
+        top = min(round(cfg.max_t_frac * T), T - 1) if vp else cfg.max_t_frac * T
         bottom = (round(cfg.min_t_frac * T) - 1) if vp else cfg.min_t_frac * T
         hi = min(self.timesteps[i], top) if cfg.dmd_t_range == "subinterval" else top
         lo = self.timesteps[i + 1] if i + 1 < len(self.timesteps) else bottom

@@ -89,7 +89,8 @@ class NoiseSchedule:
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
     ) -> Tensor:
-        """``n`` training timesteps drawn uniformly from ``[min_frac, max_frac]`` of the training range."""
+        """``n`` training timesteps drawn uniformly from ``[min_frac, max_frac]`` of the training range
+        (the exact ends per schedule: VP integers, flow continuous; see the subclasses)."""
         raise NotImplementedError
 
     def timesteps_for_steps(self, num_steps: int) -> list[float]:
@@ -227,10 +228,13 @@ class VPSchedule(NoiseSchedule):
         return a2.sqrt(), (1 - a2).clamp_min(0).sqrt()
 
     def sample_timesteps(self, n, *, min_frac=0.0, max_frac=1.0, generator=None, device=None) -> Tensor:
-        """Integer timesteps in ``[round(min_frac*T), round(max_frac*T) - 1]``, as a float tensor."""
+        """Integer timesteps uniform in ``[round(min_frac*T), min(round(max_frac*T), T - 1)]``, both ends
+        included, as a float tensor: 0.02 / 0.98 of T = 1000 draw 20..980 (the DMD paper's ``[0.02T, 0.98T]``
+        and DMD2's ``randint(min_step, min(max_step + 1, T))``); max_frac = 1 draws up to T - 1."""
         self._check_fracs(min_frac, max_frac)
         T = self.num_train_timesteps
-        lo, hi = round(min_frac * T), max(round(max_frac * T) - 1, round(min_frac * T))
+        lo = min(round(min_frac * T), T - 1)
+        hi = max(min(round(max_frac * T), T - 1), lo)
         gen_device = generator.device if generator is not None else (device or "cpu")
         t = torch.randint(lo, hi + 1, (n,), generator=generator, device=gen_device)
         return t.float().to(device if device is not None else gen_device)
@@ -268,7 +272,8 @@ class FlowSchedule(NoiseSchedule):
         return 1 - sigma, sigma
 
     def sample_timesteps(self, n, *, min_frac=0.0, max_frac=1.0, generator=None, device=None) -> Tensor:
-        """``t = shift(u) * T`` with ``u ~ U[min_frac, max_frac]`` (continuous)."""
+        """Continuous ``t = shift(u) * T`` with ``u ~ U[min_frac, max_frac)``: ``shift(min_frac) * T <= t <
+        shift(max_frac) * T`` (max_frac = 1: t < T; the open top is a measure-zero difference)."""
         self._check_fracs(min_frac, max_frac)
         gen_device = generator.device if generator is not None else (device or "cpu")
         u = torch.rand((n,), generator=generator, device=gen_device) * (max_frac - min_frac) + min_frac
