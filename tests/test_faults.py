@@ -209,19 +209,23 @@ class _Payload:
         return (Path.touch, (self.marker,))
 
 
-def test_planted_pickles_are_never_executed(tmp_path):
+def test_planted_pickles_are_never_executed(tmp_path, caplog):
     from stepdistill.export.pipeline import export_from_run
 
     run = tmp_path / "run"
-    _train(run, "train.max_steps=2", "roles.generator.ema_decay=0.9")
-    ckpt = run / "checkpoints" / "checkpoint-2"
-    assert not list(ckpt.glob("custom_checkpoint_*")), "extra states must not be pickles"
+    _train(run, "train.max_steps=2", "train.checkpoint_every=1", "roles.generator.ema_decay=0.9")
+    assert not list(run.rglob("*.pkl.*")) and not list(run.rglob("custom_checkpoint_*")), "extra states are no pickles"
     marker = tmp_path / "pwned"
     payload = pickle.dumps(_Payload(marker))
-    for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"):
-        (ckpt / name).write_bytes(payload)
-    export_from_run(run, tmp_path / "export")
-    _train(run, "train.max_steps=3", "train.resume=latest", "roles.generator.ema_decay=0.9")
+    newest = run / "checkpoints" / "checkpoint-2"
+    (newest / "custom_checkpoint_0.pkl").write_bytes(payload)  # what accelerate would unpickle, weights_only=False
+    with caplog.at_level("WARNING", logger="stepdistill"):
+        export_from_run(run, tmp_path / "export")  # the tampered checkpoint is skipped, named, never read
+    assert "skipping damaged checkpoint" in caplog.text and "custom_checkpoint_0.pkl" in caplog.text
+    with pytest.raises(ValueError, match="files it was not written with .custom_checkpoint_0.pkl"):
+        preflight(tiny_config(run, "dmd2", f"train.resume={newest}", "roles.generator.ema_decay=0.9"))
+    _train(run, "train.max_steps=3", "train.resume=latest", "roles.generator.ema_decay=0.9")  # from checkpoint-1
+    assert json.loads((run / "resumes.jsonl").read_text())["checkpoint"] == "checkpoint-1"
     assert not marker.exists()
     # The RNG state file accelerate does read: a payload in its place is refused by weights_only=True.
     rng = run / "checkpoints" / "checkpoint-3" / "random_states_0.pkl"
@@ -309,3 +313,26 @@ def test_sigterm_checkpoints_and_the_resumed_run_continues_exactly(tmp_path):
     done = [json.loads((d / "DONE.json").read_text())["weight_sha256"] for d in (run, straight)]
     assert done[0] == done[1], "the resumed run must end with the uninterrupted run's weights"
     shutil.rmtree(run)
+
+
+# ---- preflight -----------------------------------------------------------------------------------
+def test_preflight_refuses_a_disk_without_room_for_two_checkpoints(tmp_path, monkeypatch):
+    import stepdistill.harness.preflight as pf
+
+    cfg = tiny_config(tmp_path / "run", "dmd2")
+    params = pf.backbone_params(str(cfg.model.pretrained))
+    assert params and params > 1000  # read from the teacher's safetensors headers, no weights loaded
+    need = 2 * pf.checkpoint_bytes(cfg, params)
+    assert need >= 2 * 2 * 12 * params  # generator and critic: fp32 weights + two AdamW moments each
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(pf.shutil, "disk_usage", lambda p: usage._replace(free=need - 1))
+    with pytest.raises(ValueError, match=r"not enough disk space for two checkpoints .* need about"):
+        preflight(cfg)
+    monkeypatch.setattr(pf.shutil, "disk_usage", lambda p: usage._replace(free=need + 1))
+    preflight(cfg)
+
+
+def test_preflight_refuses_an_output_dir_inside_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"run.output_dir=.*is a file, not a folder"):
+        preflight(tiny_config(tmp_path / "file" / "run", "dmd2"))

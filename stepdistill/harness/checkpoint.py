@@ -176,6 +176,10 @@ def damage(checkpoint: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} is truncated or changed ({path.stat().st_size} bytes, {size} written)"
+    added = sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*")
+                   if p.is_file() and p.name != STATE_FILE and str(p.relative_to(checkpoint)) not in manifest)
+    if added:  # e.g. a custom_checkpoint_*.pkl planted for accelerate to unpickle: never load such a folder
+        return f"it holds files it was not written with ({', '.join(added[:3])}); refusing to load it"
     return None
 
 

@@ -101,7 +101,8 @@ class NonFiniteGuard:
             phase = self._phases[int(phase_index)]
             raise NonFiniteError(self._message(int(first), phase, self._unknown(phase)))
         if worst is not None and longest[worst] > self.max_skips:
-            raise NonFiniteError(self._message(None, worst, self._unknown(worst), in_a_row=int(longest[worst])))
+            raise NonFiniteError(self._message(int(first), worst, self._unknown(worst), in_a_row=int(longest[worst]),
+                                               which="first"))
         return {"nonfinite/skipped": skipped} if self.mode == "skip" else {}
 
     def _unknown(self, phase: str) -> str:
@@ -115,16 +116,15 @@ class NonFiniteGuard:
         bad = [f"grad_norm/{r} = {float(g)}" for r, g in grad_norms.items() if not math.isfinite(float(g))]
         return ", ".join(bad) or "a non-finite value on another process"
 
-    def _message(self, step: int | None, phase: str, what: str, in_a_row: int | None = None) -> str:
+    def _message(self, step: int, phase: str, what: str, in_a_row: int | None = None, which: str = "last") -> str:
         roles = ", ".join(self._roles.get(phase, ()))
         checkpoint = self.last_checkpoint()
         last = (f"the last finite checkpoint is {checkpoint} (resume from it with train.resume=latest)"
                 if checkpoint is not None else "no checkpoint was written before it")
-        head = (f"{in_a_row} non-finite updates in a row (train.max_nonfinite_skips={self.max_skips}), the last "
+        head = (f"{in_a_row} non-finite updates in a row (train.max_nonfinite_skips={self.max_skips}), the {which} "
                 if in_a_row is not None else "non-finite training ")
-        where = (f"at step {step}, " if step is not None else "") + f"phase {phase!r}" + (
-            f" (roles {roles})" if roles else "")
+        where = f"at step {step}, phase {phase!r}" + (f" (roles {roles})" if roles else "")
+        skip = "" if self.mode == "skip" else ", or train.on_nonfinite=skip to drop such updates"
         return (f"{head}{where}: {what}; the update was not applied and training stopped; {last}. Usual fixes: "
                 "a lower learning rate (roles.<role>.lr), gradient clipping (roles.<role>.max_grad_norm), "
-                "fp32 or bf16 instead of fp16 (train.mixed_precision), or train.on_nonfinite=skip to drop such "
-                "updates")
+                f"fp32 or bf16 instead of fp16 (train.mixed_precision){skip}")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import load as accelerate_load
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -406,6 +407,8 @@ class Trainer:
             try:
                 self.accelerator.load_state(str(checkpoint))
                 load_extra_states(checkpoint, self.extra_states)
+                # accelerate only logs an RNG state it cannot read (a resume that is then not exact): refuse it.
+                accelerate_load(checkpoint / f"random_states_{self.accelerator.process_index}.pkl")
             except Exception as e:  # noqa: BLE001 - a damaged file: say which, try the one before
                 if i + 1 == len(candidates):
                     raise ValueError(f"could not load checkpoint {checkpoint}: {e}; resume from another one "
