@@ -104,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
     except (NonFiniteError, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    if not trainer.accelerator.is_main_process:
+        return 0
     if trainer.stopped_by:
         print(f"stopped by {trainer.stopped_by}: checkpoint written in {run_dir / 'checkpoints'}; "
               f"resume with train.resume=latest")

@@ -495,8 +495,9 @@ class Trainer:
                     if (step + 1) % cfg.train.checkpoint_every == 0 or last or self.stopped_by:
                         self._checkpoint(step + 1)
                     if self.stopped_by:
-                        logger.warning("%s: stopped after step %d with a checkpoint; resume with "
-                                       "train.resume=latest", self.stopped_by, step + 1)
+                        if acc.is_main_process:
+                            logger.warning("%s: stopped after step %d with a checkpoint; resume with "
+                                           "train.resume=latest", self.stopped_by, step + 1)
                         break
                 self.guard.poll()
         except NonFiniteError:
