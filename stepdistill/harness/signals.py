@@ -26,8 +26,7 @@ class GracefulStop:
 
     def __enter__(self) -> GracefulStop:
         if self.accelerator.num_processes > 1:
-            gloo = torch.distributed.get_backend() == "gloo"
-            self._group = None if gloo else torch.distributed.new_group(backend="gloo")
+            self._group = torch.distributed.new_group(backend="gloo")
         if threading.current_thread() is threading.main_thread():
             for sig in _SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -37,6 +36,9 @@ class GracefulStop:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self._group is not None:
+            torch.distributed.destroy_process_group(self._group)
+            self._group = None
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None:  # the second one: do what it would have done without us
