@@ -336,3 +336,34 @@ def test_preflight_refuses_an_output_dir_inside_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match=r"run.output_dir=.*is a file, not a folder"):
         preflight(tiny_config(tmp_path / "file" / "run", "dmd2"))
+
+
+@pytest.mark.slow
+def test_two_process_sigterm_all_ranks_stop_at_one_step_and_resume_exactly(tmp_path):
+    """SLURM preemption under `accelerate launch --multi_gpu --num_processes 2` (gloo): SIGTERM to the
+    launcher's process group; both ranks stop after the same step, one checkpoint; the resumed run ends
+    with the uninterrupted run's weights. (~90 s: slow.)"""
+    launch = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--mixed_precision", "no", "train.py"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    common = ["train.log_every=1", "train.sample_every=0", "export.enabled=false"]
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    proc = subprocess.Popen([*launch, *_tiny_cli(run, *common, "train.max_steps=100000",
+                                                 "train.checkpoint_every=100000")],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+            (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert out.count("stopped by SIGTERM") == 1  # printed by the main process only
+    (checkpoint,) = list_checkpoints(run)
+    assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    total = int(checkpoint.name.split("-")[1]) + 2
+    for folder, extra in ((run, ["train.resume=latest"]), (straight, [])):
+        subprocess.run([*launch, *_tiny_cli(folder, *common, f"train.max_steps={total}", *extra)], cwd=REPO,
+                       env=env, check=True, capture_output=True, timeout=300)
+    done = [json.loads((d / "DONE.json").read_text())["weight_sha256"] for d in (run, straight)]
+    assert done[0] == done[1]

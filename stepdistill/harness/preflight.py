@@ -21,10 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from stepdistill.harness.checkpoint import (
     latest_checkpoint,
-    list_checkpoints,
     mount_point,
     read_state,
     resolve_resume,
+    scan_checkpoints,
 )
 from stepdistill.models.loading import resolve_pretrained
 
@@ -92,8 +92,11 @@ def _resolved(cfg: DictConfig) -> dict:
 def holds_a_run(run_dir: Path) -> list[str]:
     """What in ``run_dir`` belongs to an earlier run (checkpoints, an export, a finished marker)."""
     found = []
-    if list_checkpoints(run_dir):
-        found.append(f"{len(list_checkpoints(run_dir))} checkpoint(s)")
+    scan = scan_checkpoints(run_dir)
+    if scan.complete:
+        found.append(f"{len(scan.complete)} checkpoint(s)")
+    if scan.damaged:
+        found.append(f"{len(scan.damaged)} damaged checkpoint(s)")
     for name in ("DONE.json", "export"):
         if (run_dir / name).exists():
             found.append(name)
@@ -218,10 +221,10 @@ def preflight(cfg: DictConfig) -> Plan:
         plan.used_by_another_run = bool(used)
     else:
         plan.checkpoint = resolve_resume(run_dir, resume)
-        if plan.checkpoint is None and resume == "latest" and holds_a_run(run_dir):
+        if plan.checkpoint is None and holds_a_run(run_dir):
             raise ValueError(f"train.resume=latest: {run_dir} holds no complete checkpoint to resume (see the "
-                             "warnings above); pass train.resume=<checkpoint folder>, or start fresh in a new "
-                             "run.output_dir")
+                             "warnings above); pass train.resume=<checkpoint folder>, start fresh in a new "
+                             "run.output_dir, or pass train.resume=null run.overwrite=true to move this one aside")
         if plan.checkpoint is not None:
             recorded = read_state(plan.checkpoint).get("config")
             if recorded is not None:
