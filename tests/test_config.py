@@ -398,3 +398,11 @@ def test_cli_bench_train_passes_arguments(monkeypatch):
     _fake_module(monkeypatch, "stepdistill.bench.train_step", main=lambda argv: seen.append(argv) or 0)
     assert cli.main(["bench-train", "--config", TINY, "--steps", "3", "--foo"]) == 0
     assert seen == [["--config", TINY, "--steps", "3", "--foo"]]
+
+
+def test_schema_lists_every_lr_scheduler_of_diffusers():
+    from diffusers.optimization import SchedulerType
+
+    from stepdistill.config.schema import LR_SCHEDULERS
+
+    assert sorted(LR_SCHEDULERS) == sorted(s.value for s in SchedulerType)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import typing
 from collections.abc import Sequence
@@ -45,6 +46,8 @@ __all__ = [
     "to_dataclass",
     "validate_paths",
 ]
+
+logger = logging.getLogger("stepdistill")
 
 # The configs/ folder of the repository (stepdistill/config/load.py → <repo>/configs).
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -483,7 +486,8 @@ def validate_paths(cfg: DictConfig | Config, *, method_checks: bool = True) -> A
     and it is set) and ``model.pretrained`` (via ``models.loading.check_pretrained``: tiny:<family>,
     a local diffusers folder or a Hub id in the local cache; reads model_index.json, no weights).
     """
-    from stepdistill.data.prompts import BUILTIN_PROMPTS
+    from stepdistill.data.images import read_metadata, scan_images
+    from stepdistill.data.prompts import BUILTIN_PROMPTS, load_prompts
 
     prompts = str(cfg.data.prompts)
     if prompts.startswith("builtin:"):
@@ -497,11 +501,15 @@ def validate_paths(cfg: DictConfig | Config, *, method_checks: bool = True) -> A
             raise ValueError(f"data.prompts={prompts!r}: file not found"
                              f"{' (it is a directory)' if p.is_dir() else ''} (working directory: {Path.cwd()}); "
                              f"give a .txt/.csv/.tsv/.json/.jsonl/.parquet file or builtin:tiny")
+        load_prompts(prompts, cfg.data.caption_column)  # an unreadable file fails now, not after the model loads
     if cfg.data.images and str(cfg.data.images) != "builtin:toy":
         images = Path(str(cfg.data.images)).expanduser()
         if not images.is_dir():
             raise ValueError(f"data.images={str(cfg.data.images)!r}: folder not found; give a folder of images "
                              f"(with metadata.jsonl captions) or leave it empty (null)")
+        if not (images / "pairs.safetensors").is_file():
+            files, _ = read_metadata(images)
+            scan_images(files, images, bool(cfg.data.get("skip_unreadable", False)))
     for role_name, role in (cfg.roles or {}).items():
         init_from = str(role.init_from)
         if init_from != "teacher" and not Path(init_from).expanduser().exists():
@@ -524,7 +532,11 @@ def validate_paths(cfg: DictConfig | Config, *, method_checks: bool = True) -> A
 
         get_method(str(cfg.method.name)).check_config(cfg)
 
-    from stepdistill.models.loading import check_pretrained
+    from stepdistill.models.loading import check_pretrained, check_resolution
 
-    return check_pretrained(cfg.model.pretrained, cfg.model.family)
+    family = check_pretrained(cfg.model.pretrained, cfg.model.family)
+    warning = check_resolution(str(cfg.model.pretrained), int(cfg.model.resolution), cfg.model.revision)
+    if warning:
+        logger.warning(warning)
+    return family
 

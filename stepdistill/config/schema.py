@@ -17,6 +17,9 @@ FAMILIES = ("auto", "sd15", "sd2", "sdxl", "sd3", "flux")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 TRACKERS = ("wandb", "tensorboard", "none")
+# diffusers.optimization.get_scheduler's names (kept here: the config floor imports no model library).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "piecewise_constant")
 
 
 def _check_choice(section: str, key: str, value: Any, choices) -> None:
@@ -70,6 +73,9 @@ class DataConfig:
     # teacher samples written by `stepdistill cache-pairs`, or builtin:toy (procedural toy-domain images).
     # Methods with a GAN term require it.
     images: str | None = None
+    # Every image of data.images is opened and decoded once before training (cached by size and mtime);
+    # unreadable ones stop the run with their list, or with true are left out (one warning).
+    skip_unreadable: bool = False
     batch_size: int = 1  # per process
     negative_prompt: str = ""
     num_workers: int = 0
@@ -123,6 +129,19 @@ class RoleConfig:
             raise ValueError("roles.*.share_teacher_base=true needs lora_rank > 0 (only a LoRA can share the base)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"roles.*.ema_decay={self.ema_decay} must be in [0, 1)")
+        if self.trainable and not self.lr > 0:
+            raise ValueError(f"roles.*.lr={self.lr} must be > 0 for a trainable role (to freeze it, set "
+                             "roles.*.trainable=false)")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"roles.*.betas={list(self.betas)} must be two values in [0, 1), e.g. [0.9, 0.999]")
+        if self.weight_decay < 0 or not self.adam_eps > 0:
+            raise ValueError(f"roles.*.weight_decay={self.weight_decay} must be >= 0 and roles.*.adam_eps="
+                             f"{self.adam_eps} > 0")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"roles.*.lr_warmup_steps={self.lr_warmup_steps} must be >= 0")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"roles.*.lr_scheduler={self.lr_scheduler!r} is not valid; choose one of: "
+                             f"{', '.join(LR_SCHEDULERS)}")
 
 
 @dataclass
@@ -156,9 +175,14 @@ class TrainConfig:
             raise ValueError(f"train.max_nonfinite_skips={self.max_nonfinite_skips} must be >= 0")
         if self.cpu_threads < 0:
             raise ValueError(f"train.cpu_threads={self.cpu_threads} must be >= 0 (0: all available cores)")
-        for key in ("max_steps", "gradient_accumulation_steps", "log_every"):
+        for key in ("max_steps", "gradient_accumulation_steps", "log_every", "checkpoint_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
+        if self.sample_every < 0:
+            raise ValueError(f"train.sample_every={self.sample_every} must be >= 0 (0 disables sample grids)")
+        if self.checkpoints_total_limit < 0:
+            raise ValueError(f"train.checkpoints_total_limit={self.checkpoints_total_limit} must be >= 0 "
+                             "(0 keeps every checkpoint)")
 
 
 @dataclass

@@ -11,6 +11,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,91 @@ import torch
 from PIL import Image
 
 from stepdistill.data.pairs import load_pairs
+
+logger = logging.getLogger("stepdistill")
+
+SCAN_CACHE = ".stepdistill_scan.json"  # per image folder: {file: [size, mtime_ns, error or null]}
+
+
+def read_metadata(folder: Path) -> tuple[list[Path], list[str]]:
+    """``(files, captions)`` of an image folder's ``metadata.jsonl``; one clear error per bad line."""
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        raise ValueError(
+            f"data.images={str(folder)!r} has neither pairs.safetensors (from `stepdistill cache-pairs`) nor a "
+            "metadata.jsonl with one {\"file_name\": ..., \"caption\": ...} object per line"
+        )
+    files, captions = [], []
+    for number, line in enumerate(meta.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{meta} line {number} is not JSON ({e}); each line must be one object like "
+                             '{"file_name": "0001.png", "caption": "a photo of a cat"}') from None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            raise ValueError(f"{meta} line {number} has no \"file_name\" string; each line must be one object like "
+                             '{"file_name": "0001.png", "caption": "a photo of a cat"}')
+        files.append(folder / row["file_name"])
+        captions.append(str(row.get("caption", row.get("text", ""))))
+    if not files:
+        raise ValueError(f"{meta} is empty")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ValueError(f"{meta} lists {len(missing)} missing images, e.g. {missing[0]}")
+    return files, captions
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` cannot be used as an image (``None`` if it decodes): verify() checks the container,
+    a full decode catches truncated pixel data that verify() lets through."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            image.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def scan_images(files: list[Path], folder: Path, skip_unreadable: bool = False) -> list[bool]:
+    """Open and decode every image once (in parallel), cached in ``<folder>/.stepdistill_scan.json`` by size
+    and mtime so an unchanged folder is not read again. Unreadable files raise one ValueError listing them,
+    or with ``skip_unreadable`` are reported once and marked False. Returns one ``usable`` flag per file."""
+    cache_path = folder / SCAN_CACHE
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    stats = [f.stat() for f in files]
+    keys = [os.path.relpath(f, folder) for f in files]
+    todo = [i for i, (k, st) in enumerate(zip(keys, stats))
+            if cache.get(k, [None, None])[:2] != [st.st_size, st.st_mtime_ns]]
+    if todo:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            for i, error in zip(todo, pool.map(_unreadable, [files[i] for i in todo])):
+                cache[keys[i]] = [stats[i].st_size, stats[i].st_mtime_ns, error]
+        try:
+            tmp = cache_path.with_name(f".tmp-{os.getpid()}{SCAN_CACHE}")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_path)
+        except OSError:  # a read-only data folder: scan again next time
+            pass
+    bad = [(keys[i], cache[keys[i]][2]) for i in range(len(files)) if cache[keys[i]][2]]
+    if bad:
+        listed = "; ".join(f"{k} ({why})" for k, why in bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10
+                                                                        else "")
+        if not skip_unreadable:
+            raise ValueError(f"data.images={str(folder)!r}: {len(bad)} of {len(files)} images cannot be read: "
+                             f"{listed}. Fix or remove them, or set data.skip_unreadable=true to train without them")
+        logger.warning("data.skip_unreadable=true: skipping %d of %d images that cannot be read: %s",
+                       len(bad), len(files), listed)
+    unusable = {k for k, _ in bad}
+    if len(unusable) == len(files):
+        raise ValueError(f"data.images={str(folder)!r}: none of its {len(files)} images can be read")
+    return [k not in unusable for k in keys]
 
 
 def _load_image(path: Path, resolution: int) -> torch.Tensor:
@@ -39,7 +127,7 @@ class RealLatents:
     """Deterministic, resumable batches of real (or teacher-sample) latents with their conditioning."""
 
     def __init__(self, path: str, teacher, resolution: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, skip_unreadable: bool = False):
         self.teacher, self.resolution, self.batch_size = teacher, resolution, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.toy = path == "builtin:toy"
@@ -55,20 +143,10 @@ class RealLatents:
             self.latents, self.captions = pairs.latents, pairs.prompts
             self.files = None
         else:
-            meta = folder / "metadata.jsonl"
-            if not meta.is_file():
-                raise ValueError(
-                    f"data.images={path!r} has neither pairs.safetensors (from `stepdistill cache-pairs`) nor a "
-                    "metadata.jsonl with one {\"file_name\": ..., \"caption\": ...} object per line"
-                )
-            rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
-            if not rows:
-                raise ValueError(f"{meta} is empty")
-            self.files = [folder / r["file_name"] for r in rows]
-            self.captions = [r.get("caption", r.get("text", "")) for r in rows]
-            missing = [str(f) for f in self.files if not f.is_file()]
-            if missing:
-                raise ValueError(f"{meta} lists {len(missing)} missing images, e.g. {missing[0]}")
+            files, captions = read_metadata(folder)
+            usable = scan_images(files, folder, skip_unreadable)  # cached: validate_paths scanned already
+            self.files = [f for f, ok in zip(files, usable) if ok]
+            self.captions = [c for c, ok in zip(captions, usable) if ok]
 
     def __len__(self) -> int:
         return len(self.captions)

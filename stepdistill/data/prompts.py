@@ -96,7 +96,12 @@ def load_prompts(source: str, caption_column: str = "caption") -> list[str]:
     if ext not in readers:
         raise ValueError(f"prompt file {source!r} has an unsupported extension {ext or '(none)'!r}; "
                          f"supported: {', '.join(SUPPORTED_EXTENSIONS)} or builtin:<name>")
-    prompts = readers[ext](path, caption_column)
+    try:
+        prompts = readers[ext](path, caption_column)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {source!r} is not UTF-8 text ({e.reason} at byte {e.start}: "
+                         f"{e.object[max(0, e.start - 10):e.end + 10]!r}); save it as UTF-8 "
+                         f"(e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix})") from None
     if not prompts:
         raise ValueError(f"prompt file {source!r} contains no prompts")
     return prompts

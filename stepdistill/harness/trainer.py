@@ -155,7 +155,8 @@ class Trainer:
 
             self.real_data = RealLatents(cfg.data.images, self.teacher, cfg.model.resolution, cfg.data.batch_size,
                                          seed=cfg.run.seed, rank=self.accelerator.process_index,
-                                         world_size=self.accelerator.num_processes)
+                                         world_size=self.accelerator.num_processes,
+                                         skip_unreadable=cfg.data.skip_unreadable)
         self.method = self.method_cls(
             self.method_cfg,
             MethodContext(teacher=self.teacher, roles=self.roles, resolution=cfg.model.resolution, device=self.device,

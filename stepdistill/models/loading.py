@@ -211,6 +211,49 @@ def check_pretrained(pretrained: str, family: str = "auto", revision: str | None
     )
 
 
+def _component_config(pretrained: str, name: str, revision: str | None) -> dict | None:
+    """``<name>/config.json`` of a pipeline (local, or the Hub cache / Hub), or None when it has none."""
+    path = resolve_pretrained(pretrained)
+    if os.path.isdir(path):
+        config = Path(path) / name / "config.json"
+        return json.loads(config.read_text()) if config.is_file() else None
+    try:
+        return json.loads(Path(_hub_file(path, f"{name}/config.json", revision)).read_text())
+    except ValueError:
+        return None
+
+
+def check_resolution(pretrained: str, resolution: int, revision: str | None = None) -> str | None:
+    """Refuse a ``model.resolution`` the teacher cannot take (ValueError); return a warning when it differs
+    from the size the teacher was trained at. Reads the backbone's and VAE's config.json only.
+
+    The side must be a multiple of the VAE's downsampling, and for a transformer of its patch grid too
+    (``patch_size``; FLUX's pipeline packs 2x2 latent patches).
+    """
+    vae = _component_config(pretrained, "vae", revision)
+    unet = _component_config(pretrained, "unet", revision)
+    backbone = unet or _component_config(pretrained, "transformer", revision)
+    if vae is None or backbone is None:
+        return None
+    vae_factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+    if unet is not None:  # diffusers' UNets take any latent size (they pass the skip sizes to the upsamplers)
+        grid, what = 1, "UNet"
+    else:
+        # SD3 patchifies 2x2 (patch_size 2); FLUX has patch_size 1 but its pipeline packs 2x2 latent patches.
+        grid, what = max(int(backbone.get("patch_size") or 1), 2), "transformer patches"
+    multiple = vae_factor * grid
+    if resolution % multiple:
+        lower, upper = resolution // multiple * multiple, (resolution // multiple + 1) * multiple
+        raise ValueError(f"model.resolution={resolution} does not fit the teacher {pretrained}: it must be a multiple "
+                         f"of {multiple} (VAE x{vae_factor} times {what} x{grid}); use {lower or upper} or {upper}")
+    size = backbone.get("sample_size")
+    if isinstance(size, int) and size * vae_factor != resolution:
+        return (f"model.resolution={resolution} differs from the {size * vae_factor} px the teacher {pretrained} was "
+                f"built for ({'unet' if unet else 'transformer'}/config.json sample_size={size} x VAE {vae_factor}); "
+                "its samples there may be poor, and so will the student's")
+    return None
+
+
 # ---- the teacher ------------------------------------------------------------------------------------
 class Teacher:
     """A frozen diffusers pipeline seen through the interfaces distillation needs.
