@@ -24,8 +24,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from stepdistill.config.load import validate_out_dir
     from stepdistill.export.hub import push_to_hub, write_model_card
-    from stepdistill.export.pipeline import export_from_run
+    from stepdistill.export.pipeline import check_export_target, export_from_run
 
     path = Path(args.path)
     try:
@@ -40,6 +41,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         else:
             if not args.out:
                 raise ValueError("--out DIR is required to export a run or checkpoint")
+            validate_out_dir(args.out)
+            check_export_target(args.out)
             if args.push_to_hub and not args.dry_run:
                 from huggingface_hub import get_token
 
@@ -60,7 +63,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache_pairs(args: argparse.Namespace) -> int:
-    from stepdistill.config.load import load_config, validate_paths
+    from stepdistill.config.load import load_config, validate_out_dir, validate_paths
 
     parser = args.parser
     if args.num < 1:
@@ -70,6 +73,7 @@ def _cmd_cache_pairs(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch-size={args.batch_size} must be >= 1")
     try:
+        validate_out_dir(args.out)
         cfg = load_config(args.config, args.overrides)
         validate_paths_for_pairs(cfg, validate_paths)
     except ValueError as e:

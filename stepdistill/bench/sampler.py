@@ -62,6 +62,7 @@ from pathlib import Path
 
 import torch
 
+from stepdistill.config.load import validate_out_dir
 from stepdistill.sampling.schedulers import seeded_steps
 
 # Short sampler names -> diffusers scheduler classes (any other diffusers scheduler class name works too).
@@ -1066,6 +1067,7 @@ def main(argv=None) -> int:
         cli = {f.name: getattr(args, f.name) for f in fields(BenchSettings) if getattr(args, f.name, None) is not None}
         settings = make_settings({**values, **cli})
         validate(entries, settings)
+        validate_out_dir(settings.out)  # before any pipeline loads, not when the tables are written
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

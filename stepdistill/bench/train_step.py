@@ -56,6 +56,8 @@ from typing import Any
 
 import torch
 
+from stepdistill.config.load import validate_out_dir
+
 ARCH_CONFIGS = {"sd15": "dmd2_sd15", "sdxl": "dmd2_sdxl", "tiny": "tests/tiny_dmd2"}
 _PHASE_SCAN = 2520  # divisible by 1..10: exact frequencies of periodic phase schedules
 _SYNC_WARNING = "synchroniz"
@@ -851,6 +853,14 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, key)
         if value is not None and value < (0 if key == "warmup" else 1):
             parser.error(f"--{key.replace('_', '-')}={value} is out of range")
+    if args.out is not None:
+        try:
+            if args.out.is_dir():
+                raise ValueError(f"--out {str(args.out)!r} is a folder; give the markdown file to write (FILE.md)")
+            validate_out_dir(args.out.parent, "--out")
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights: nothing to download
     from stepdistill.harness.trainer import Trainer
 

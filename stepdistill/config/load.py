@@ -45,6 +45,7 @@ __all__ = [
     "load_config",
     "to_dataclass",
     "validate_paths",
+    "validate_out_dir",
 ]
 
 logger = logging.getLogger("stepdistill")
@@ -540,3 +541,24 @@ def validate_paths(cfg: DictConfig | Config, *, method_checks: bool = True) -> A
         logger.warning(warning)
     return family
 
+
+
+def validate_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """An output folder a command can create or write: not a file, not below a file, writable (a probe)."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is an existing file, not a folder; give a folder path")
+    existing = out
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {str(path)!r}: {existing} is a file, so no folder can be made below it; give "
+                         "another folder path")
+    probe = existing / f".tmp-write-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{flag} {str(path)!r} is not writable ({e.strerror} at {existing}); give a folder you "
+                         "can write") from None
+    return out

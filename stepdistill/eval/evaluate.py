@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from stepdistill.config.load import validate_out_dir
 from stepdistill.harness.logging import image_grid
 
 __all__ = ["EvalSettings", "evaluate", "generate_images", "labelled_grid", "main", "noise_seed"]
@@ -375,8 +377,15 @@ def evaluate(s: EvalSettings) -> dict | None:
     device = state.device
 
     # 1. What is evaluated, on which prompts (cheap checks first).
+    validate_out_dir(s.out)
     resolved = resolve_pretrained(s.pipeline)
     folder = Path(resolved) if Path(resolved).is_dir() else None
+    if folder is None and (os.sep in str(s.pipeline) or str(s.pipeline).startswith((".", "~"))):
+        raise ValueError(f"pipeline {s.pipeline!r}: no such folder (working directory: {Path.cwd()}); give a "
+                         "folder written by save_pretrained (a stepdistill export), a Hub id, or toy-sd / toy-flow")
+    if folder is not None and not (folder / "model_index.json").is_file():
+        raise ValueError(f"pipeline {s.pipeline!r} is a folder but not a diffusers pipeline (no model_index.json); "
+                         "give a folder written by save_pretrained (a stepdistill export), a Hub id, or toy-sd")
     info = _read_info(folder) if folder else {}
     toy = detect_toy(folder, info) if s.domain == "auto" else s.domain == "toy"
     source = s.prompts or ("builtin:toy_all" if toy else None)

@@ -77,6 +77,18 @@ def check_finite(roles: dict) -> None:
                          "--allow-nonfinite to write them anyway")
 
 
+def check_export_target(out: str | Path) -> Path:
+    """``out`` may be new, empty or an earlier export (which the new one replaces whole), nothing else: an
+    export never replaces a folder of the user's (``--out ~/models``) or a file."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is an existing file; give a new folder (or an earlier export to replace)")
+    if out.is_dir() and any(out.iterdir()) and not (out / "stepdistill.json").is_file():
+        raise ValueError(f"--out {str(out)!r} is a folder that holds other files and no stepdistill export; an export "
+                         "replaces its folder whole, so give a new folder (or an earlier export to replace)")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_folder(out: Path):
     """Yield a fresh folder named like ``out`` inside ``<parent>/.tmp-<name>-<pid>/``; on success it replaces
@@ -134,7 +146,7 @@ def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32",
     """
     from stepdistill.export.hub import write_model_card
 
-    out = Path(out)
+    out = check_export_target(out)
     if variant is not None:
         if variant not in ("fp16", "bf16"):
             raise ValueError(f"variant={variant!r}: choose fp16 or bf16")
