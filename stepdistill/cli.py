@@ -25,19 +25,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from stepdistill.config.load import validate_out_dir
-    from stepdistill.export.hub import push_to_hub, write_model_card
+    from stepdistill.export.hub import check_repo_id, push_to_hub, write_model_card
     from stepdistill.export.pipeline import check_export_target, export_from_run
 
     path = Path(args.path)
     try:
+        # Every argument is checked before anything is written.
         if args.private and not args.push_to_hub:
             raise ValueError("--private only applies with --push-to-hub REPO_ID")
+        if args.dry_run and not args.push_to_hub:
+            raise ValueError("--dry-run only applies with --push-to-hub REPO_ID")
+        if args.push_to_hub:
+            check_repo_id(args.push_to_hub)
         if (path / "stepdistill.json").is_file():
             # Already an export folder: refresh its card (for the repo id) and push it as it is.
             if args.out and Path(args.out).resolve() != path.resolve():
                 raise ValueError(f"{path} is already an export; push it without --out, or export its run instead")
             out = path
-            write_model_card(out, repo_id=args.push_to_hub, license_=args.license)
+            if args.dry_run:  # a dry run changes nothing, the card included
+                print(f"dry run: the model card ({out / 'README.md'}) would be rewritten for {args.push_to_hub}")
+            else:
+                write_model_card(out, repo_id=args.push_to_hub, license_=args.license)
         else:
             if not args.out:
                 raise ValueError("--out DIR is required to export a run or checkpoint")

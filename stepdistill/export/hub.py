@@ -59,16 +59,6 @@ def base_license(base_model: str) -> str:
     return "other"
 
 
-def _loadable(base: str) -> str:
-    """What ``DiffusionPipeline.from_pretrained`` accepts for ``base``: shipped toy teachers and tiny test
-    pipelines are stepdistill names, so the card names their folder."""
-    if base.startswith(("toy-", "tiny:")):
-        from stepdistill.models.loading import resolve_pretrained
-
-        return resolve_pretrained(base)
-    return base
-
-
 def _find_grid(run_dir: Path | None) -> Path | None:
     """The run's comparison grid (evaluation) or, failing that, its newest training sample grid."""
     if run_dir is None:
@@ -112,9 +102,15 @@ def _usage(info: dict, where: str) -> str:
         )
     if info.get("lora_only"):
         scheduler = info["scheduler"]
+        base = info["base_model"]
+        if base.startswith(("toy-", "tiny:")):  # a stepdistill name: its folder ships with (or is built by) it
+            head, load = ("from stepdistill.models.loading import resolve_pretrained\n",
+                          f"resolve_pretrained({base!r})")
+        else:
+            head, load = "", repr(base)
         return (
-            f"from diffusers import DiffusionPipeline, {scheduler}\n\n"
-            f"pipe = DiffusionPipeline.from_pretrained({info['base_model']!r})\n"
+            f"{head}from diffusers import DiffusionPipeline, {scheduler}\n\n"
+            f"pipe = DiffusionPipeline.from_pretrained({load})\n"
             f"pipe.scheduler = {scheduler}.from_pretrained({where!r}, subfolder=\"scheduler\")\n"
             f"pipe.load_lora_weights({where!r})\n"
             f'image = pipe("a photo of a cat", {call}).images[0]'
@@ -158,7 +154,7 @@ def model_card_text(info: dict, repo_id: str | None = None, license_: str | None
         lines += ["License: the base model's own license applies; check it on the base model's page.", ""]
     if grid:
         lines += ["## Samples", "", f"![samples]({grid})", ""]
-    lines += ["## Usage", "", "```python", _usage({**info, "base_model": _loadable(base)}, where), "```", ""]
+    lines += ["## Usage", "", "```python", _usage({**info, "base_model": base}, where), "```", ""]
     if info.get("global_rng_steps"):
         lines += ["Between steps the scheduler re-noises with fresh noise, which the SD3 / FLUX pipelines draw from "
                   "torch's global random generator, not from `generator=`: call `torch.manual_seed(...)` before the "
@@ -183,6 +179,15 @@ def model_card_text(info: dict, repo_id: str | None = None, license_: str | None
             f"Reproduce with `accelerate launch train.py --config config.yaml` (the resolved config below; "
             f"{config.get('train', {}).get('max_steps', '?')} iterations).",
             "",
+        ]
+        for r in info.get("resumes") or []:  # what a resumed run changed (its config.yaml holds the latest values)
+            changed = "; ".join(f"`{k}` {v.get('from')!r} → {v.get('to')!r}"
+                                for k, v in (r.get("changed") or {}).items())
+            lines += [f"- Resumed at step {r.get('step')} from `{r.get('checkpoint')}`"
+                      + (f", changing {changed}." if changed else " with the same config.")]
+        if info.get("resumes"):
+            lines += [""]
+        lines += [
             "<details><summary>config.yaml</summary>",
             "",
             "```yaml",
@@ -226,6 +231,20 @@ def upload_plan(folder: str | Path) -> list[tuple[str, int]]:
     return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
 
 
+def check_repo_id(repo_id: str) -> str:
+    """A Hub model repo id ``USER_OR_ORG/NAME`` (huggingface_hub's own rules), else one ValueError."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        if repo_id.count("/") != 1:
+            raise HFValidationError("it needs exactly one '/'")
+    except HFValidationError as e:
+        raise ValueError(f"--push-to-hub {repo_id!r} is not a Hub repo id ({str(e).splitlines()[0]}); give one of "
+                         "the form USER_OR_ORG/NAME (letters, digits, '-', '_', '.')") from None
+    return repo_id
+
+
 def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, dry_run: bool = False,
                 api=None, commit_message: str | None = None) -> str | None:
     """Upload an export folder to the model repo ``repo_id`` (created if needed); returns its URL.
@@ -234,8 +253,7 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, dry_run
     ``huggingface_hub.HfApi()``, which finds the token itself (``HF_TOKEN`` or ``hf auth login``).
     """
     folder = Path(folder)
-    if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise ValueError(f"--push-to-hub {repo_id!r}: give a repo id of the form USER_OR_ORG/NAME")
+    check_repo_id(repo_id)
     if not (folder / CARD_FILE).is_file():
         raise ValueError(f"{folder} has no {CARD_FILE}: write the model card first (stepdistill export does)")
     plan = upload_plan(folder)

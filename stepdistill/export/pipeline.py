@@ -77,6 +77,25 @@ def check_finite(roles: dict) -> None:
                          "--allow-nonfinite to write them anyway")
 
 
+def portable_config(config: dict, run_dir: str | Path | None) -> dict:
+    """The run's config as the export records it (stepdistill.json, the model card, the Hub): absolute local
+    paths become paths relative to the run folder (``run.output_dir`` is "."); names, Hub ids and relative
+    paths are kept as written."""
+    base = Path(run_dir).resolve() if run_dir is not None else None
+
+    def portable(value):
+        if isinstance(value, dict):
+            return {k: portable(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [portable(v) for v in value]
+        if isinstance(value, str) and value.startswith(("/", "~")):
+            path = Path(value).expanduser().resolve()
+            return os.path.relpath(path, base) if base is not None else path.name
+        return value
+
+    return portable(config)
+
+
 def check_export_target(out: str | Path) -> Path:
     """``out`` may be new, empty or an earlier export (which the new one replaces whole), nothing else: an
     export never replaces a folder of the user's (``--out ~/models``) or a file."""
@@ -161,18 +180,20 @@ def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32",
                              "pipeline (drop --lora) or train with roles.generator.lora_rank > 0")
     if not allow_nonfinite:
         check_finite({"student": role, **(experts["roles"] if experts else {})})
+    config = portable_config(config, run_dir) if config is not None else None
+    resumes = portable_config({"resumes": read_resumes(run_dir)}, run_dir)["resumes"]
     with atomic_folder(out) as tmp:
-        _write_export(tmp, teacher, method, role, experts, dtype, config, lora_only, variant)
+        _write_export(tmp, teacher, method, role, experts, dtype, config, lora_only, variant, resumes)
         write_model_card(tmp, run_dir, repo_id, license_)
     return out
 
 
-def _write_export(out: Path, teacher, method, role, experts, dtype, config, lora_only, variant) -> None:
+def _write_export(out: Path, teacher, method, role, experts, dtype, config, lora_only, variant, resumes) -> None:
     if lora_only:
         export_lora(teacher, role, out)
         scheduler = method.export_scheduler()
         scheduler.save_pretrained(str(out / "scheduler"))
-        _write_info(out, teacher, method, scheduler, lora=".", config=config, lora_only=True)
+        _write_info(out, teacher, method, scheduler, lora=".", config=config, lora_only=True, resumes=resumes)
         return
     torch_dtype = _DTYPES[dtype]
     student = student_backbone(role).eval()
@@ -196,7 +217,7 @@ def _write_export(out: Path, teacher, method, role, experts, dtype, config, lora
         lora_dir = export_lora(teacher, role, out / "lora")
     _write_info(out, teacher, method, components["scheduler"],
                 lora="lora" if lora_dir is not None else None, config=config, variant=variant,
-                experts=expert_info)
+                experts=expert_info, resumes=resumes)
 
 
 def _export_experts(out: Path, teacher, experts: dict, torch_dtype) -> dict:
@@ -218,8 +239,23 @@ def _export_experts(out: Path, teacher, experts: dict, torch_dtype) -> dict:
             "timesteps": [float(t) for t in experts["timesteps"]], "helper": "expert_switch.py"}
 
 
+def read_resumes(run_dir: str | Path | None) -> list[dict]:
+    """The run's resumes (``<run>/resumes.jsonl``: step, checkpoint, changed keys), oldest first."""
+    path = Path(run_dir) / "resumes.jsonl" if run_dir is not None else None
+    if path is None or not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut short by a crash
+            continue
+    return rows
+
+
 def _write_info(out: Path, teacher, method, scheduler, lora: str | None, config: dict | None,
-                lora_only: bool = False, variant: str | None = None, experts: dict | None = None) -> None:
+                lora_only: bool = False, variant: str | None = None, experts: dict | None = None,
+                resumes: list[dict] | None = None) -> None:
     """``stepdistill.json``: how to sample the export (steps, timesteps, guidance), method and config."""
     steps = method.num_inference_steps
     timesteps = method.export_timesteps() if hasattr(method, "export_timesteps") else None
@@ -245,8 +281,10 @@ def _write_info(out: Path, teacher, method, scheduler, lora: str | None, config:
         # pipelines (they do not pass `generator` to scheduler.step): the card says how to make images repeatable.
         "global_rng_steps": bool(scheduler.config.get("stochastic_sampling", False)) and steps > 1,
         "experts": experts,
-        "usage": usage_snippet(str(out), steps, timesteps, guidance, experts=bool(experts)),
+        # Named by the folder's name (``out`` is still the temporary folder here): no local path is recorded.
+        "usage": usage_snippet(out.name, steps, timesteps, guidance, experts=bool(experts)),
         "config": config,
+        "resumes": [{k: r.get(k) for k in ("step", "checkpoint", "changed")} for r in resumes or []],
     }
     (out / "stepdistill.json").write_text(json.dumps(info, indent=2, default=str))
 
