@@ -23,7 +23,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 WANDB
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" \
   | tee "$OUT/device.txt" || exit 1
 status=0
-python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_sampler.py 2>&1 | tee "$OUT/pytest_gpu.txt" || status=1
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fast_sampler.py tests/test_faults.py 2>&1 | tee "$OUT/pytest_gpu.txt" || status=1
 python3 -m stepdistill.cli bench --config configs/bench/sdxl_gpu.yaml --out "$OUT/bench_sdxl" 2>&1 \
   | tee "$OUT/bench_sdxl.log" || status=1
 python3 -m stepdistill.cli bench-train --arch sd15 --batch-size 8 --every-step-generator --no-gradient-checkpointing \

@@ -321,9 +321,10 @@ def test_validate_paths_checks_the_model(monkeypatch):
     calls = []
     fake = types.ModuleType("stepdistill.models.loading")
     fake.check_pretrained = lambda pretrained, family: calls.append((pretrained, family)) or "sd15"
+    fake.check_resolution = lambda pretrained, resolution, revision: calls.append(("resolution", resolution))
     monkeypatch.setitem(sys.modules, "stepdistill.models.loading", fake)
     assert validate_paths(load_config(TINY)) == "sd15"
-    assert calls == [("tiny:sd15", "sd15")]
+    assert calls == [("tiny:sd15", "sd15"), ("resolution", 64)]
 
 
 def test_validate_paths_real_tiny_model():
@@ -362,14 +363,15 @@ def test_cli_export_dispatch(monkeypatch, capsys, tmp_path):
     calls = []
     _fake_module(monkeypatch, "stepdistill.export.pipeline",
                  export_from_run=lambda path, out, dtype, use_ema, **kw: calls.append(
-                     (str(path), out, dtype, use_ema, kw)) or out)
+                     (str(path), out, dtype, use_ema, kw)) or out,
+                 check_export_target=lambda out: out)
     assert cli.main(["export", "runs/x", "--out", str(tmp_path), "--dtype", "fp16", "--no-ema"]) == 0
-    no_extras = dict(lora_only=False, variant=None, repo_id=None, license_=None)
+    no_extras = dict(lora_only=False, variant=None, repo_id=None, license_=None, allow_nonfinite=False)
     assert calls == [("runs/x", str(tmp_path), "fp16", False, no_extras)]
     assert cli.main(["export", "runs/x", "--out", str(tmp_path), "--lora", "--variant", "bf16",
                      "--license", "mit"]) == 0
     assert calls[-1] == ("runs/x", str(tmp_path), "fp32", True,
-                         dict(lora_only=True, variant="bf16", repo_id=None, license_="mit"))
+                         dict(lora_only=True, variant="bf16", repo_id=None, license_="mit", allow_nonfinite=False))
     capsys.readouterr()
     user_error(capsys, ["export", "runs/x", "--out", "o", "--dtype", "int8"], entry=cli.main)
     assert "--out DIR is required" in user_error(capsys, ["export", "runs/x"], entry=cli.main)
@@ -383,7 +385,8 @@ def test_cli_cache_pairs_dispatch(monkeypatch, tmp_path):
     _fake_module(monkeypatch, "stepdistill.data.pairs",
                  cache_pairs=lambda cfg, out, num, steps, batch_size: calls.append(
                      (cfg.method.name, cfg.train.max_steps, out, num, steps, batch_size)) or out)
-    _fake_module(monkeypatch, "stepdistill.models.loading", check_pretrained=lambda p, f: "sd15")
+    _fake_module(monkeypatch, "stepdistill.models.loading", check_pretrained=lambda p, f: "sd15",
+                 check_resolution=lambda p, r, rev: None)
     out = str(tmp_path / "pairs")
     # the pairs folder named by the config need not exist yet: it is what this command writes
     assert cli.main(["cache-pairs", "--config", "tiny_dmd", "--out", out, "--num", "8", "--steps", "4",

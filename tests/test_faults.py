@@ -367,3 +367,34 @@ def test_two_process_sigterm_all_ranks_stop_at_one_step_and_resume_exactly(tmp_p
                        env=env, check=True, capture_output=True, timeout=300)
     done = [json.loads((d / "DONE.json").read_text())["weight_sha256"] for d in (run, straight)]
     assert done[0] == done[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_device_side_guard_on_cuda(tmp_path, mode):
+    """On CUDA the verdict never reaches the host per phase: the fused AdamW skips on found_inf and the run
+    stops (stop) at the next synchronising point, with the weights from before the bad update."""
+    cfg = tiny_config(tmp_path / mode, "dmd2", *FAST, "train.max_steps=4", f"train.on_nonfinite={mode}",
+                      "train.log_every=100", "train.checkpoint_every=2")
+    trainer = Trainer(cfg)
+    assert trainer.guard.device_side
+    _inject_nan(trainer, "critic", {1})
+    critic = trainer.roles["critic"].trainable_parameters()
+    seen = {}
+    run_phase = trainer.run_phase
+
+    def spy(phase, step):
+        if phase == "critic" and step == 1:
+            seen["before"] = [p.detach().clone() for p in critic]
+        return run_phase(phase, step)
+
+    trainer.run_phase = spy
+    if mode == "stop":
+        with pytest.raises(NonFiniteError, match="at step 1, phase 'critic'"):
+            trainer.train()
+        assert all(torch.equal(a, p) for a, p in zip(seen["before"], critic))
+        assert list_checkpoints(tmp_path / mode) == []
+    else:
+        trainer.train()
+        assert _rows(tmp_path / mode)[-1]["nonfinite/skipped"] == 1
+        assert all(torch.isfinite(p).all() for p in critic)

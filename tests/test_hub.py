@@ -38,7 +38,11 @@ def test_lora_only_export_loads_with_plain_diffusers_from_its_card(lora_run, tmp
     assert "![samples](samples.png)" in card.text and "pipe.load_lora_weights" in card.text
     # The card's own usage snippet, run by plain diffusers in a process that never imports stepdistill.
     snippet = card.text.split("```python\n", 1)[1].split("```", 1)[0]
+    from stepdistill.models.loading import resolve_pretrained
+
+    assert "path/to/tiny-sd15" in snippet and resolve_pretrained("tiny:sd15") not in card.text  # no local path
     snippet = snippet.replace("path/to/this/folder", str(out)).replace(
+        "path/to/tiny-sd15", resolve_pretrained("tiny:sd15")).replace(
         '"a photo of a cat", ', '"a red circle", height=64, width=64, output_type="np", ')
     code = snippet + "\nimport sys\nassert 'stepdistill' not in sys.modules\nprint('shape', image.shape)\n"
     proc = run([PYTHON, "-c", code], cwd=REPO)

@@ -103,9 +103,10 @@ def _usage(info: dict, where: str) -> str:
     if info.get("lora_only"):
         scheduler = info["scheduler"]
         base = info["base_model"]
-        if base.startswith(("toy-", "tiny:")):  # a stepdistill name: its folder ships with (or is built by) it
-            head, load = ("from stepdistill.models.loading import resolve_pretrained\n",
-                          f"resolve_pretrained({base!r})")
+        if base.startswith(("toy-", "tiny:")):  # a stepdistill name: its folder is local, never written here
+            head = (f"# {base} is a stepdistill teacher: its folder is printed by\n"
+                    f"# python -c \"from stepdistill.models.loading import resolve_pretrained as r; print(r('{base}'))\"\n")
+            load = repr(f"path/to/{base.replace(':', '-')}")
         else:
             head, load = "", repr(base)
         return (
