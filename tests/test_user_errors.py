@@ -221,3 +221,15 @@ def test_push_dry_run_and_a_bad_repo_id_change_nothing(tmp_path, capsys, trained
     assert cli.main(["export", str(export), "--push-to-hub", "me/toy-student", "--dry-run"]) == 0
     assert "would upload" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in export.rglob("*") if p.is_file()} == before
+
+
+def test_the_cards_evaluation_command_names_the_run_relatively(tmp_path, trained_run):
+    from stepdistill.export.hub import write_model_card
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "metrics.json").write_text(json.dumps({
+        "teacher": "toy-sd", "prompts": "builtin:toy_all", "seeds_per_prompt": 1, "results": {"x": 1},
+        "command": f"stepdistill toy eval {run} --seeds-per-prompt 1"}))
+    card = write_model_card(run / "export", run).read_text()
+    assert "stepdistill toy eval . --seeds-per-prompt 1" in card and str(tmp_path) not in card

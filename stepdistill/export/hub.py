@@ -59,6 +59,14 @@ def base_license(base_model: str) -> str:
     return "other"
 
 
+def _relative_to_run(text: str, run_dir: Path) -> str:
+    """``text`` with the run folder's local path (as given and resolved) written as "." (the card's view)."""
+    for form in sorted({str(run_dir.resolve()), str(run_dir)}, key=len, reverse=True):
+        if form not in (".", ""):
+            text = text.replace(form, ".")
+    return text
+
+
 def _find_grid(run_dir: Path | None) -> Path | None:
     """The run's comparison grid (evaluation) or, failing that, its newest training sample grid."""
     if run_dir is None:
@@ -215,6 +223,9 @@ def write_model_card(folder: str | Path, run_dir: str | Path | None = None, repo
     metrics = None
     if run_dir is not None and (run_dir / "metrics.json").is_file():
         metrics = json.loads((run_dir / "metrics.json").read_text())
+        for key in ("command", "teacher", "prompts"):  # the card is uploaded: the run folder is "."
+            if isinstance(metrics.get(key), str):
+                metrics[key] = _relative_to_run(metrics[key], run_dir)
     grid = _find_grid(run_dir)
     if grid is not None:
         shutil.copyfile(grid, folder / GRID_FILE)
