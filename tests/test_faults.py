@@ -334,7 +334,7 @@ def test_preflight_refuses_a_disk_without_room_for_two_checkpoints(tmp_path, mon
 
 def test_preflight_refuses_an_output_dir_inside_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(ValueError, match=r"run.output_dir=.*is a file, not a folder"):
+    with pytest.raises(ValueError, match=r"run.output_dir '.*/file/run': .*file is a file, so no folder can be made"):
         preflight(tiny_config(tmp_path / "file" / "run", "dmd2"))
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from stepdistill.config.load import validate_out_dir
 from stepdistill.harness.checkpoint import (
     latest_checkpoint,
     mount_point,
@@ -115,22 +116,6 @@ def move_aside(run_dir: Path) -> Path:
     return target
 
 
-def check_writable(run_dir: Path) -> None:
-    key = "run.output_dir"
-    existing = run_dir
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise ValueError(f"{key}={str(run_dir)!r}: {existing} is a file, not a folder; choose another {key}")
-    probe = existing / f".tmp-write-probe-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"{key}={str(run_dir)!r} is not writable ({e.strerror} at {existing}); choose a folder "
-                         f"you can write, e.g. {key}=runs/<name>") from None
-
-
 # ---- disk room -----------------------------------------------------------------------------------
 def _safetensors_params(path: Path) -> int:
     """Number of parameters in a safetensors file, from its header alone."""
@@ -207,7 +192,7 @@ def check_room(cfg: DictConfig, run_dir: Path) -> None:
 def preflight(cfg: DictConfig) -> Plan:
     """Check the run folder and a resume against the recorded run; returns the plan. Raises ValueError."""
     run_dir = Path(cfg.run.output_dir)
-    check_writable(run_dir)
+    validate_out_dir(run_dir, "run.output_dir")  # not a file, not below one, writable
     plan = Plan()
     resume = cfg.train.resume
     if not resume:
