@@ -42,6 +42,9 @@ def _cli_error(capsys, *argv: str) -> str:
     ("roles.critic.lr_warmup_steps=-5", r"roles.critic.lr_warmup_steps=-5 must be >= 0"),
     ("roles.critic.lr_scheduler=cosinus", r"lr_scheduler='cosinus' is not valid; choose one of: .*cosine"),
     ("train.on_nonfinite=ignore", r"train.on_nonfinite='ignore' is not valid; choose one of: stop, skip"),
+    ("roles.critic.lora_alpha=0", r"roles.critic.lora_alpha=0.0 must be > 0"),
+    ("data.num_workers=-1", r"data.num_workers=-1 must be >= 0"),
+    ("eval.teacher_guidance=-1", r"eval.teacher_guidance=-1.0 must be >= 0"),
 ])
 def test_bad_values_are_refused_when_the_config_loads(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):

@@ -83,6 +83,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size={self.batch_size} must be >= 1")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers} must be >= 0")
 
 
 @dataclass
@@ -137,6 +139,8 @@ class RoleConfig:
         if self.weight_decay < 0 or not self.adam_eps > 0:
             raise ValueError(f"roles.*.weight_decay={self.weight_decay} must be >= 0 and roles.*.adam_eps="
                              f"{self.adam_eps} > 0")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise ValueError(f"roles.*.lora_alpha={self.lora_alpha} must be > 0 (or null: = lora_rank)")
         if self.lr_warmup_steps < 0:
             raise ValueError(f"roles.*.lr_warmup_steps={self.lr_warmup_steps} must be >= 0")
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -231,6 +235,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.seeds_per_prompt < 1 or self.teacher_steps < 1:
             raise ValueError("eval.seeds_per_prompt and eval.teacher_steps must be >= 1")
+        if self.teacher_guidance < 0:
+            raise ValueError(f"eval.teacher_guidance={self.teacher_guidance} must be >= 0")
         if any(s < 1 for s in self.student_steps):
             raise ValueError(f"eval.student_steps={list(self.student_steps)}: every entry must be >= 1")
 
