@@ -40,7 +40,9 @@ def test_two_step_dmd2_on_toy_sd_exports_evaluates_and_loads(tmp_path):
     assert "| teacher 4-step |" in card and "![samples](samples.png)" in card
     # ... and the command that measures the numbers again.
     assert metrics["command"] == f"stepdistill toy eval {out} --seeds-per-prompt 1 --student-steps 1"
-    assert f"Measured with `{metrics['command']}`." in card
+    # ... and the command that measured it, with the run folder as "." (the card is uploaded: no local path).
+    assert metrics["command"].startswith(f"stepdistill toy eval {out} ")
+    assert f"Measured with `{metrics['command'].replace(str(out), '.')}`." in card and str(tmp_path) not in card
     assert (out / "export" / "samples.png").read_bytes() == (out / "comparison.png").read_bytes()
     # Plain diffusers (a process that never imports stepdistill) loads the export and generates.
     code = (

@@ -857,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.out.is_dir():
                 raise ValueError(f"--out {str(args.out)!r} is a folder; give the markdown file to write (FILE.md)")
-            validate_out_dir(args.out.parent, "--out")
+            validate_out_dir(args.out.parent, f"the folder of --out {str(args.out)!r}:")
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
