@@ -5,7 +5,7 @@ A run folder holds ``checkpoints/checkpoint-<step>``. Writing one:
 1. ``accelerator.save_state`` into ``.tmp-checkpoint-<step>`` (weights as safetensors; optimizer, LR
    scheduler and RNG states as torch files that accelerate reads back with ``weights_only=True``);
 2. the harness's own extra states (EMA shadows, shared-base LoRA parameters, EMA target roles) as one
-   ``extra_state.safetensors`` (scalars as JSON metadata): never ``register_for_checkpointing``, whose
+   ``extra_state.safetensors`` (scalars as JSON metadata): never accelerate's custom-object registration, whose
    ``custom_checkpoint_*.pkl`` accelerate unpickles with ``weights_only=False``;
 3. every file fsynced, then ``stepdistill_state.json`` written last: the step, the resolved config of
    the run and a manifest of every file with its size;
