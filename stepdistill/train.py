@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         validate_paths(cfg)
         from stepdistill.harness.preflight import preflight
 
-        preflight(cfg)  # the run folder and a resume, before any model loads
+        plan = preflight(cfg)  # the run folder and a resume, before any model loads
     except ValueError as e:
         return _fail(str(e))
 
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         trainer = Trainer(cfg)
-        run_dir = trainer.train()
+        run_dir = trainer.train(plan)
     except ValueError as e:
         return _fail(str(e))
     except (NonFiniteError, CheckpointWriteError) as e:

@@ -87,25 +87,36 @@ def _inject_nan(trainer: Trainer, phase: str, steps: set[int]) -> None:
     trainer.method.losses = poisoned
 
 
+def _weights_before(trainer: Trainer, phase: str, step: int, params: list) -> dict:
+    """``seen["before"]``: a copy of ``params`` taken as ``phase`` of ``step`` starts."""
+    seen = {}
+    run_phase = trainer.run_phase
+
+    def spy(ph, st):
+        if ph == phase and st == step:
+            seen["before"] = [p.detach().clone() for p in params]
+        return run_phase(ph, st)
+
+    trainer.run_phase = spy
+    return seen
+
+
 def test_skip_drops_the_update_counts_it_and_stops_after_too_many_in_a_row(tmp_path):
     cfg = tiny_config(tmp_path / "skip", "dmd2", *FAST, "train.max_steps=5", "train.on_nonfinite=skip",
                       "train.max_nonfinite_skips=2")
     trainer = Trainer(cfg)
     _inject_nan(trainer, "critic", {1, 2})
     critic = trainer.roles["critic"].trainable_parameters()
-    before_step_1 = {}
-
+    seen = _weights_before(trainer, "critic", 1, critic)
     run_phase = trainer.run_phase
 
-    def spy(phase, step):
-        if phase == "critic" and step == 1:
-            before_step_1["w"] = [p.detach().clone() for p in critic]
+    def check(phase, step):
         logs = run_phase(phase, step)
         if phase == "critic" and step == 2:  # two dropped updates: the critic has not moved since step 1
-            assert all(torch.equal(a, p) for a, p in zip(before_step_1["w"], critic))
+            assert all(torch.equal(a, p) for a, p in zip(seen["before"], critic))
         return logs
 
-    trainer.run_phase = spy
+    trainer.run_phase = check
     trainer.train()
     rows = _rows(tmp_path / "skip")
     assert [r["nonfinite/skipped"] for r in rows] == [0, 1, 2, 2, 2]
@@ -380,15 +391,7 @@ def test_device_side_guard_on_cuda(tmp_path, mode):
     assert trainer.guard.device_side
     _inject_nan(trainer, "critic", {1})
     critic = trainer.roles["critic"].trainable_parameters()
-    seen = {}
-    run_phase = trainer.run_phase
-
-    def spy(phase, step):
-        if phase == "critic" and step == 1:
-            seen["before"] = [p.detach().clone() for p in critic]
-        return run_phase(phase, step)
-
-    trainer.run_phase = spy
+    seen = _weights_before(trainer, "critic", 1, critic)
     if mode == "stop":
         with pytest.raises(NonFiniteError, match="at step 1, phase 'critic'"):
             trainer.train()

@@ -442,13 +442,15 @@ class Trainer:
                         {"method": self.cfg.method.name, "config": OmegaConf.to_container(self.cfg, resolve=True)},
                         self.cfg.train.checkpoints_total_limit, extra_states=self.extra_states)
 
-    def train(self) -> Path:
+    def train(self, plan: Plan | None = None) -> Path:
         """Train to ``train.max_steps``, then export / evaluate. Raises ``NonFiniteError`` (no update applied,
         no checkpoint written after it) or ``CheckpointWriteError``; after SIGTERM / SIGINT it checkpoints and
-        returns early with ``self.stopped_by`` set to the signal's name."""
+        returns early with ``self.stopped_by`` set to the signal's name. ``plan``: what ``preflight(cfg)``
+        found (run here when not given)."""
         cfg, acc = self.cfg, self.accelerator
         self.stopped_by: str | None = None
-        plan = preflight(cfg)  # also run by train.py before any model loaded; here for API callers
+        if plan is None:  # train.py runs it before any model loads and hands over its plan
+            plan = preflight(cfg)
         acc.wait_for_everyone()
         if acc.is_main_process:
             if plan.used_by_another_run:
