@@ -72,10 +72,17 @@ def _pairs(root: Path) -> Path:
 def run(name: str, root: Path) -> list[dict]:
     """Train ``name`` once into a fresh folder under ``root``; ``[{"step": k, "losses": {key: value}}]``."""
     run_dir = _fresh_dir(root, f"{name}_")
-    pairs = _pairs(root) if "{pairs}" in " ".join(overrides(name)) else None
-    cfg = load_config(CONFIG_DIR / f"{name}.yaml",
-                      [o.format(run_dir=run_dir, pairs=pairs) for o in overrides(name)])
-    Trainer(cfg).train()
+    # One CPU thread for everything the run computes, the teacher pairs included (a float sum over 2 threads
+    # differs from one over 1 in the last bits): the numbers then do not depend on what ran before in the process.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pairs = _pairs(root) if "{pairs}" in " ".join(overrides(name)) else None
+        cfg = load_config(CONFIG_DIR / f"{name}.yaml",
+                          [o.format(run_dir=run_dir, pairs=pairs) for o in overrides(name)])
+        Trainer(cfg).train()
+    finally:
+        torch.set_num_threads(threads)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [{"step": r["step"], "losses": {k: v for k, v in r.items() if tracked(k)}} for r in rows]
 
