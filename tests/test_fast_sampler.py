@@ -139,7 +139,7 @@ def test_fast_sampler_bad_inputs():
         FastSampler(pipe)(PROMPTS, output_type="pil")
     with pytest.raises(ValueError, match="needs the pipeline on a CUDA device"):
         FastSampler(pipe, cuda_graph=True)
-    from stepdistill.export.experts import SwitchedPipeline
+    from stepdistill.sampling.experts import SwitchedPipeline
 
     with pytest.raises(ValueError, match="switches experts per step"):
         FastSampler(SwitchedPipeline(pipe, switch=object()))

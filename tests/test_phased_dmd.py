@@ -1,4 +1,4 @@
-"""Phased DMD (methods/phased_dmd.py, losses/subinterval.py, export/experts.py).
+"""Phased DMD (methods/phased_dmd.py, losses/subinterval.py, sampling/experts.py).
 
 Hand-checked subinterval maths (kernel, critic target, weight), the stage schedule, config errors, and
 the export: the folder loaded by diffusers with the shipped ``expert_switch.py`` reproduces
@@ -289,7 +289,7 @@ def test_bench_runs_every_expert_of_the_export(tmp_path):
     """``stepdistill bench`` runs a mixture-of-experts export with its ExpertSwitch (expert i at step i),
     and refuses it where one network per call is assumed (a hybrid's student, fast=true)."""
     from stepdistill.bench import sampler as bench
-    from stepdistill.export.experts import SwitchedPipeline
+    from stepdistill.sampling.experts import SwitchedPipeline
 
     cfg = tiny_config(tmp_path / "run", "phased_dmd", "train.sample_every=0")
     Trainer(cfg).train()

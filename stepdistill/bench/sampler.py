@@ -63,6 +63,7 @@ from pathlib import Path
 import torch
 
 from stepdistill.config.load import validate_out_dir
+from stepdistill.models.loading import as_dtype, dtype_kwarg
 from stepdistill.sampling.schedulers import seeded_steps
 
 # Short sampler names -> diffusers scheduler classes (any other diffusers scheduler class name works too).
@@ -404,7 +405,7 @@ def is_toy(path: str) -> bool:
 
 def _dtype(settings: BenchSettings, device: torch.device) -> torch.dtype:
     name = settings.dtype if settings.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return as_dtype(name)
 
 
 def _device(settings: BenchSettings) -> torch.device:
@@ -427,12 +428,10 @@ class PipelineCache:
     def pipeline(self, spec: str, channels_last: bool = False, xformers: bool = False):
         from diffusers import DiffusionPipeline
 
-        from stepdistill.models.loading import _dtype_kwarg
-
         key = (resolve_pipeline(spec), channels_last, xformers)
         if key not in self._pipes:
             _say(f"loading {spec}")
-            kwargs = {_dtype_kwarg(): self.dtype}
+            kwargs = {dtype_kwarg(): self.dtype}
             from stepdistill.models.loading import read_model_index
 
             index = read_model_index(key[0])  # a folder, or a Hub id in the cache (checked by validate)
@@ -505,9 +504,9 @@ def apply_options(pipe, options: dict, cache: PipelineCache, compile_mode: str |
 
 
 def _with_experts(pipe, spec: str, options: dict, compile_mode: str | None):
-    """A mixture-of-experts export (Phased DMD) runs expert i at step i (``export.experts.ExpertSwitch``), each
+    """A mixture-of-experts export (Phased DMD) runs expert i at step i (``sampling.experts.ExpertSwitch``), each
     expert compiled too when the entry compiles; any other pipeline as it is."""
-    from stepdistill.export.experts import SwitchedPipeline, with_experts
+    from stepdistill.sampling.experts import SwitchedPipeline, with_experts
 
     path = resolve_pipeline(spec)
     if not Path(path).is_dir():

@@ -13,9 +13,10 @@ from typing import Any
 
 from omegaconf import MISSING
 
-FAMILIES = ("auto", "sd15", "sd2", "sdxl", "sd3", "flux")
+from stepdistill.families import FAMILY_CHOICES
+
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
+WEIGHT_DTYPES = ("auto", "fp32", "bf16", "fp16")
 TRACKERS = ("wandb", "tensorboard", "none")
 # diffusers.optimization.get_scheduler's names (kept here: the config floor imports no model library).
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -57,8 +58,8 @@ class ModelConfig:
     resolution: int = 512
 
     def __post_init__(self) -> None:
-        _check_choice("model", "family", self.family, FAMILIES)
-        _check_choice("model", "weight_dtype", self.weight_dtype, DTYPES)
+        _check_choice("model", "family", self.family, FAMILY_CHOICES)
+        _check_choice("model", "weight_dtype", self.weight_dtype, WEIGHT_DTYPES)
         if self.resolution <= 0 or self.resolution % 8:
             raise ValueError(f"model.resolution={self.resolution} must be a positive multiple of 8")
 

@@ -45,6 +45,7 @@ from PIL import Image, ImageDraw
 
 from stepdistill.config.load import validate_out_dir
 from stepdistill.harness.logging import image_grid
+from stepdistill.models.loading import as_dtype, dtype_kwarg, resolve_pretrained
 
 __all__ = ["EvalSettings", "evaluate", "generate_images", "labelled_grid", "main", "noise_seed"]
 
@@ -258,31 +259,23 @@ def _default_resolution(pipe, info: dict) -> int:
 def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def _dtype_kwarg() -> str:
-    import diffusers.utils.deprecation_utils as deprecation
-
-    return "dtype" if hasattr(deprecation, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+    return as_dtype(name)
 
 
 def _load_pipeline(name: str, dtype: torch.dtype, device: torch.device):
     from diffusers import DiffusionPipeline
 
-    from stepdistill.models.loading import resolve_pretrained
-
     path = resolve_pretrained(name)
     try:
         # Newer diffusers call the argument dtype (torch_dtype is deprecated there); fp32 is the default.
-        kwargs = {} if dtype == torch.float32 else {_dtype_kwarg(): dtype}
+        kwargs = {} if dtype == torch.float32 else {dtype_kwarg(): dtype}
         pipe = DiffusionPipeline.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load a diffusers pipeline from {name!r} ({str(e)[:300]}); give a pipeline folder "
                          f"(model_index.json) or a Hub id that is in the local cache when offline") from None
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    from stepdistill.export.experts import with_experts
+    from stepdistill.sampling.experts import with_experts
 
     return with_experts(pipe, path) if Path(str(path)).is_dir() else pipe
 

@@ -86,7 +86,9 @@ def _metrics_table(metrics: dict) -> str:
         return "```json\n" + json.dumps(metrics["results"], indent=2) + "\n```"
 
 
-def _usage(info: dict, where: str) -> str:
+def usage_snippet(info: dict, where: str) -> str:
+    """How to sample the export described by ``info`` (its stepdistill.json), loaded from ``where`` (a folder
+    or a Hub repo id): the card's usage section and ``stepdistill.json``'s ``usage``."""
     steps, guidance = info["num_inference_steps"], info["guidance_scale"]
     call = f"num_inference_steps={steps}, guidance_scale={guidance}"
     if info.get("timesteps"):
@@ -163,7 +165,7 @@ def model_card_text(info: dict, repo_id: str | None = None, license_: str | None
         lines += ["License: the base model's own license applies; check it on the base model's page.", ""]
     if grid:
         lines += ["## Samples", "", f"![samples]({grid})", ""]
-    lines += ["## Usage", "", "```python", _usage({**info, "base_model": base}, where), "```", ""]
+    lines += ["## Usage", "", "```python", usage_snippet({**info, "base_model": base}, where), "```", ""]
     if info.get("global_rng_steps"):
         lines += ["Between steps the scheduler re-noises with fresh noise, which the SD3 / FLUX pipelines draw from "
                   "torch's global random generator, not from `generator=`: call `torch.manual_seed(...)` before the "

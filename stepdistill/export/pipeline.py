@@ -16,46 +16,19 @@ from pathlib import Path
 
 import torch
 
+from stepdistill.export.hub import usage_snippet, write_model_card
 from stepdistill.harness.checkpoint import damage, fsync_dir, fsync_tree, latest_checkpoint, load_extra_states
-from stepdistill.models.lora import merged_copy
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
+from stepdistill.models.denoiser import unwrap_model
+from stepdistill.models.loading import as_dtype
+from stepdistill.models.lora import lora_state_dict, merged_copy
 
 
 def student_backbone(role) -> torch.nn.Module:
     """A plain diffusers model holding the role's weights (LoRA merged in)."""
-    module = _unwrap(role.module)
+    module = unwrap_model(role.module)
     if role.is_lora:
         return merged_copy(module, role.adapter)
     return copy.deepcopy(module)
-
-
-def usage_snippet(folder: str, num_steps: int, timesteps, guidance_scale: float, experts: bool = False) -> str:
-    call = f"num_inference_steps={num_steps}, guidance_scale={guidance_scale}"
-    if timesteps:
-        call += f", timesteps={[int(t) for t in timesteps]}"
-    if experts:
-        # One network per step (Phased DMD): expert_switch.py, shipped in the folder, swaps them per step.
-        return (
-            "import sys\n"
-            "from diffusers import DiffusionPipeline\n"
-            f"sys.path.insert(0, {folder!r})  # expert_switch.py ships in the folder\n"
-            "from expert_switch import ExpertSwitch\n"
-            f"pipe = DiffusionPipeline.from_pretrained({folder!r})\n"
-            f"switch = ExpertSwitch.from_folder(pipe, {folder!r})  # expert i runs step i\n"
-            f'image = pipe("a photo of a cat", {call}, callback_on_step_end=switch).images[0]'
-        )
-    return (
-        "from diffusers import DiffusionPipeline\n"
-        f"pipe = DiffusionPipeline.from_pretrained({folder!r})\n"
-        f'image = pipe("a photo of a cat", {call}).images[0]'
-    )
 
 
 def nonfinite_parameters(module: torch.nn.Module, limit: int = 5) -> tuple[int, list[str]]:
@@ -68,7 +41,7 @@ def check_finite(roles: dict) -> None:
     """Refuse to export weights that hold NaN / inf (a diverged run): one error naming the roles."""
     problems = []
     for name, role in roles.items():
-        count, names = nonfinite_parameters(_unwrap(role.module))
+        count, names = nonfinite_parameters(unwrap_model(role.module))
         if count:
             problems.append(f"{name} ({count} tensors, e.g. {', '.join(names)})")
     if problems:
@@ -136,12 +109,9 @@ def export_lora(teacher, role, out: str | Path) -> Path:
     Written with the pipeline class's own ``save_lora_weights``, with the adapter's LoraConfig as
     metadata so rank and alpha survive the round trip.
     """
-    from peft.utils import get_peft_model_state_dict
-
-    module = _unwrap(role.module)
+    module = unwrap_model(role.module)
     name = role.adapter
-    weights = {k: v.detach().float().cpu().contiguous()
-               for k, v in get_peft_model_state_dict(module, adapter_name=name).items()}
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(module, name).items()}
     metadata = module.peft_config[name].to_dict()
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in metadata.items()}
     prefix = teacher.backbone_name
@@ -163,8 +133,6 @@ def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32",
     ``run_dir`` supplies the card's metrics and sample grid; ``repo_id`` its usage snippet. Weights with
     NaN / inf are refused unless ``allow_nonfinite``. The folder is written whole, then renamed into place.
     """
-    from stepdistill.export.hub import write_model_card
-
     out = check_export_target(out)
     if variant is not None:
         if variant not in ("fp16", "bf16"):
@@ -195,7 +163,7 @@ def _write_export(out: Path, teacher, method, role, experts, dtype, config, lora
         scheduler.save_pretrained(str(out / "scheduler"))
         _write_info(out, teacher, method, scheduler, lora=".", config=config, lora_only=True, resumes=resumes)
         return
-    torch_dtype = _DTYPES[dtype]
+    torch_dtype = as_dtype(dtype)
     student = student_backbone(role).eval()
     if student.dtype != torch_dtype:
         student.to(torch_dtype)
@@ -225,7 +193,7 @@ def _export_experts(out: Path, teacher, experts: dict, torch_dtype) -> dict:
     own backbone is expert 0) and ship ``expert_switch.py``, the callback that runs expert i at step i."""
     import shutil
 
-    from stepdistill.export import experts as switch_module
+    from stepdistill.sampling import experts as switch_module
 
     subfolders = []
     for name, expert_role in experts["roles"].items():
@@ -281,11 +249,12 @@ def _write_info(out: Path, teacher, method, scheduler, lora: str | None, config:
         # pipelines (they do not pass `generator` to scheduler.step): the card says how to make images repeatable.
         "global_rng_steps": bool(scheduler.config.get("stochastic_sampling", False)) and steps > 1,
         "experts": experts,
-        # Named by the folder's name (``out`` is still the temporary folder here): no local path is recorded.
-        "usage": usage_snippet(out.name, steps, timesteps, guidance, experts=bool(experts)),
         "config": config,
         "resumes": [{k: r.get(k) for k in ("step", "checkpoint", "changed")} for r in resumes or []],
     }
+    base = str(((config or {}).get("model") or {}).get("pretrained", "unknown"))
+    # Named by the folder's name (``out`` is still the temporary folder here): no local path is recorded.
+    info["usage"] = usage_snippet({**info, "base_model": base}, out.name)
     (out / "stepdistill.json").write_text(json.dumps(info, indent=2, default=str))
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from stepdistill.config.schema import RoleConfig
-from stepdistill.models import Denoiser, GANHead, Teacher
+from stepdistill.models import Denoiser, GANHead, Teacher, unwrap_model
 from stepdistill.models.guidance import add_guidance_embedding, guidance_embedding_dim
 from stepdistill.models.lora import add_lora, enable_adapter_aware_checkpointing, lora_parameters, use_adapter
 
@@ -88,7 +88,7 @@ class _AdapterDenoiser:
         self._denoiser, self._module, self._adapter = denoiser, module, adapter
 
     def _context(self):
-        return use_adapter(_unwrap(self._module), self._adapter) if _has_lora(self._module) else contextlib.nullcontext()
+        return use_adapter(unwrap_model(self._module), self._adapter) if _has_lora(self._module) else contextlib.nullcontext()
 
     def __call__(self, *args, **kwargs):
         with self._context():
@@ -102,14 +102,8 @@ class _AdapterDenoiser:
         return getattr(self._denoiser, item)
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module"):
-        module = module.module
-    return module
-
-
 def _has_lora(module: torch.nn.Module) -> bool:
-    return bool(getattr(_unwrap(module), "peft_config", None))
+    return bool(getattr(unwrap_model(module), "peft_config", None))
 
 
 def _load_backbone(teacher: Teacher, path: str) -> torch.nn.Module:

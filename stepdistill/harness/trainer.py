@@ -45,10 +45,10 @@ from stepdistill.harness.preflight import Plan, move_aside, preflight, record_re
 from stepdistill.harness.roles import Role, build_roles
 from stepdistill.harness.signals import GracefulStop
 from stepdistill.methods import MethodContext, get_method
+from stepdistill.models.loading import as_dtype
 
 logger = logging.getLogger("stepdistill")
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_precision(mixed_precision: str, weight_dtype: str) -> tuple[str, torch.dtype]:
@@ -57,7 +57,7 @@ def resolve_precision(mixed_precision: str, weight_dtype: str) -> tuple[str, tor
         mixed_precision = "bf16" if torch.cuda.is_available() else "no"
     if weight_dtype == "auto":
         weight_dtype = {"bf16": "bf16", "fp16": "fp16"}.get(mixed_precision, "fp32")
-    return mixed_precision, _DTYPES[weight_dtype]
+    return mixed_precision, as_dtype(weight_dtype)
 
 
 def cpu_threads(requested: int, num_processes: int) -> int:

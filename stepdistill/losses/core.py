@@ -13,10 +13,6 @@ import torch
 import torch.nn.functional as F
 
 
-def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(1).mean(dim=1)
-
-
 def dmd_gradient(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
     """The distribution-matching direction for generator samples ``x`` (DMD Eq. 7 and Eq. 8).
 

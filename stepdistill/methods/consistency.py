@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stepdistill.config.schema import RoleConfig
+from stepdistill.families import UNET_FAMILIES
 from stepdistill.losses.consistency import (
     consistency_distance,
     ddim_step,
@@ -55,7 +56,7 @@ from stepdistill.methods.adversarial import (
 )
 from stepdistill.methods.base import DistillMethod, MethodContext
 from stepdistill.methods.registry import register
-from stepdistill.models.denoiser import UNET_FAMILIES, Conditioning, math_attention
+from stepdistill.models.denoiser import Conditioning, math_attention
 from stepdistill.models.guidance import guidance_embedding_dim, guidance_scale_embedding
 
 

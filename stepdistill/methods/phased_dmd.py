@@ -59,7 +59,6 @@ from dataclasses import dataclass, field
 import torch
 
 from stepdistill.config.schema import RoleConfig
-from stepdistill.export.experts import route
 from stepdistill.losses import dmd_loss
 from stepdistill.losses.subinterval import (
     subinterval_diffuse,
@@ -71,6 +70,7 @@ from stepdistill.methods.base import DistillMethod, MethodContext
 from stepdistill.methods.dmd import real_and_fake_x0
 from stepdistill.methods.fewstep import ScoreDistillConfig, check_exportable_timesteps
 from stepdistill.methods.registry import register
+from stepdistill.sampling.experts import route
 
 DMD_T_RANGES = ("subinterval", "full")
 TRANSITIONS = ("ddim", "renoise")
@@ -359,6 +359,6 @@ class PhasedDMD(DistillMethod):
 
     def export_experts(self) -> dict:
         """Experts 1..k-1 the export writes beside the pipeline (expert 0 is its backbone), and the
-        timesteps that route steps to experts (``export/experts.py``)."""
+        timesteps that route steps to experts (``sampling/experts.py``)."""
         return {"roles": {self.experts[i]: self.roles[self.experts[i]] for i in range(1, len(self.experts))},
                 "timesteps": list(self.timesteps)}

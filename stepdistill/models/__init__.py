@@ -9,10 +9,10 @@ The API the rest of stepdistill builds on::
     x0_hat = teacher.denoiser()(x_t, t, cond, uncond=uncond, guidance_scale=5.0, output="x0")
 """
 
+from stepdistill.families import FAMILIES
 from stepdistill.models.denoiser import Conditioning, Denoiser, unwrap_model
 from stepdistill.models.heads import GANHead
 from stepdistill.models.loading import (
-    FAMILIES,
     Teacher,
     check_pretrained,
     detect_family,

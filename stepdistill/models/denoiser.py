@@ -23,10 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from stepdistill.families import UNET_FAMILIES
 from stepdistill.models.schedules import NoiseSchedule, _canonical
-
-UNET_FAMILIES = ("sd15", "sd2", "sdxl")
-TRANSFORMER_FAMILIES = ("sd3", "flux")
 
 # Keys of Conditioning.tensors per family (all batch-first):
 #   sd15, sd2: encoder_hidden_states [B, 77, D]

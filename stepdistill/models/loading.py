@@ -26,20 +26,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from stepdistill.families import FAMILIES, PIPELINE_FAMILIES
 from stepdistill.models.denoiser import Conditioning, Denoiser
 from stepdistill.models.schedules import NoiseSchedule
 
-FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux")
-
-# Pipeline class -> family. StableDiffusionPipeline is SD 1.x or 2.x; see detect_family.
-PIPELINE_FAMILIES = {
-    "StableDiffusionPipeline": ("sd15", "sd2"),
-    "StableDiffusionXLPipeline": ("sdxl",),
-    "StableDiffusion3Pipeline": ("sd3",),
-    "FluxPipeline": ("flux",),
-}
-
-_DTYPES = {
+# Weight dtypes by name (config values, CLI flags): the one table of them.
+DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
     "bf16": torch.bfloat16,
@@ -472,15 +464,15 @@ class Teacher:
         )
 
 
-def _as_dtype(dtype) -> torch.dtype:
+def as_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype in _DTYPES:
-        return _DTYPES[dtype]
-    raise ValueError(f"dtype={dtype!r} is not valid; use a torch.dtype or one of {', '.join(_DTYPES)}")
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype={dtype!r} is not valid; use a torch.dtype or one of {', '.join(DTYPES)}")
 
 
-def _dtype_kwarg() -> str:
+def dtype_kwarg() -> str:
     """``from_pretrained``'s dtype keyword: ``dtype`` in recent diffusers, ``torch_dtype`` before."""
     try:
         from diffusers.utils import deprecation_utils
@@ -519,7 +511,7 @@ def load_teacher(
     kwargs = {}
     if family in ("sd15", "sd2"):
         kwargs.update(safety_checker=None, requires_safety_checker=False)  # never load the NSFW checker
-    kwargs[_dtype_kwarg()] = _as_dtype(dtype)
+    kwargs[dtype_kwarg()] = as_dtype(dtype)
     pipeline = DiffusionPipeline.from_pretrained(path, revision=revision, variant=variant, **kwargs)
     pipeline.to(device)
     for component in pipeline.components.values():

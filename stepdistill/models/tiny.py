@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from stepdistill.families import FAMILIES
+
 # Pixel resolution each tiny pipeline is meant to run at. With the 8x VAE this gives 8x8 latents:
 # a 2-level UNet bottleneck of 4x4, and 4x4 = 16 image tokens for SD3 (patch 2) and FLUX (2x2 packing).
 TINY_RESOLUTION = {"sd15": 64, "sd2": 64, "sdxl": 64, "sd3": 64, "flux": 64}
@@ -319,8 +321,6 @@ def build_tiny_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
     ``seed + 2`` for the second and third text encoders), so the same seed gives bit-identical weights. The global RNG state is
     restored afterwards. Returns ``path``.
     """
-    from stepdistill.models.loading import FAMILIES
-
     if family not in FAMILIES:
         raise ValueError(f"Unknown family {family!r}; tiny pipelines exist for: {', '.join(FAMILIES)}")
     path = Path(path)

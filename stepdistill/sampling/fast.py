@@ -39,7 +39,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-FAMILIES = ("sd15", "sd2", "sdxl", "sd3", "flux")
 SCHEDULERS = ("LCMScheduler", "DDIMScheduler", "FlowMatchEulerDiscreteScheduler")
 
 
@@ -92,7 +91,7 @@ class FastSampler:
     """
 
     def __init__(self, pipe, cuda_graph: bool | None = None) -> None:
-        if getattr(pipe, "switch", None) is not None:  # export.experts.SwitchedPipeline (Phased DMD)
+        if getattr(pipe, "switch", None) is not None:  # sampling.experts.SwitchedPipeline (Phased DMD)
             raise ValueError("FastSampler replays one backbone's sampler; this export switches experts per step "
                              "(Phased DMD): call the pipeline itself (fast=false / no --fast)")
         self.kind = _kind(pipe)
@@ -428,4 +427,4 @@ class _Program:
         self.graph, self.static_in = graph, (static_ids, static_noise)
 
 
-__all__ = ["FAMILIES", "SCHEDULERS", "FastOutput", "FastSampler"]
+__all__ = ["SCHEDULERS", "FastOutput", "FastSampler"]

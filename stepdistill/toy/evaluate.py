@@ -143,7 +143,7 @@ def evaluate_run(run_dir: str | Path, teacher: str, teacher_steps: int, teacher_
         teacher_pipe = DiffusionPipeline.from_pretrained(resolve_pretrained(teacher))
     for pipe in (student, teacher_pipe):
         pipe.set_progress_bar_config(disable=True)
-    from stepdistill.export.experts import with_experts
+    from stepdistill.sampling.experts import with_experts
 
     student = with_experts(student, export)  # a mixture-of-experts student (Phased DMD): expert i at step i
     entries = [Entry(f"teacher {teacher_steps}-step", teacher_pipe, teacher_steps, teacher_guidance)]
