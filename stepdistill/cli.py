@@ -71,7 +71,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache_pairs(args: argparse.Namespace) -> int:
-    from stepdistill.config.load import load_config, validate_out_dir, validate_paths
+    from stepdistill.config.load import load_config, validate_out_dir
+    from stepdistill.harness.preflight import validate_paths
 
     parser = args.parser
     if args.num < 1:

@@ -78,7 +78,8 @@ def _fail(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Load + validate the config, then dry-run or train. Returns the process exit status."""
-    from stepdistill.config.load import load_config, validate_paths
+    from stepdistill.config.load import load_config
+    from stepdistill.harness.preflight import validate_paths
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -17,9 +17,9 @@ from stepdistill.config.load import (
     load_config,
     resolve_config_path,
     to_dataclass,
-    validate_paths,
 )
 from stepdistill.config.schema import Config, RoleConfig
+from stepdistill.harness.preflight import validate_paths
 from stepdistill.methods.registry import get_method
 from stepdistill.train import main
 
@@ -318,11 +318,13 @@ def test_validate_paths_other_paths(tmp_path):
 
 
 def test_validate_paths_checks_the_model(monkeypatch):
+    from stepdistill.harness import preflight
+
     calls = []
-    fake = types.ModuleType("stepdistill.models.loading")
-    fake.check_pretrained = lambda pretrained, family: calls.append((pretrained, family)) or "sd15"
-    fake.check_resolution = lambda pretrained, resolution, revision: calls.append(("resolution", resolution))
-    monkeypatch.setitem(sys.modules, "stepdistill.models.loading", fake)
+    monkeypatch.setattr(preflight, "check_pretrained",
+                        lambda pretrained, family: calls.append((pretrained, family)) or "sd15")
+    monkeypatch.setattr(preflight, "check_resolution",
+                        lambda pretrained, resolution, revision: calls.append(("resolution", resolution)))
     assert validate_paths(load_config(TINY)) == "sd15"
     assert calls == [("tiny:sd15", "sd15"), ("resolution", 64)]
 

@@ -234,7 +234,7 @@ assert "stepdistill" not in sys.modules
     ("scm", ["method.max_t=2.0"], "max_t"),
 ])
 def test_config_errors_before_any_model_loads(tmp_path, method, overrides, match):
-    from stepdistill.config.load import validate_paths
+    from stepdistill.harness.preflight import validate_paths
 
     with pytest.raises(ValueError, match=match):
         validate_paths(tiny_config(tmp_path, method, *overrides))  # what train.py runs before loading models

@@ -13,9 +13,8 @@ import pytest
 from PIL import Image
 
 from stepdistill import cli
-from stepdistill.config.load import validate_paths
 from stepdistill.data.images import SCAN_CACHE, scan_images
-from stepdistill.harness.preflight import preflight
+from stepdistill.harness.preflight import preflight, validate_paths
 from tests.helpers import PYTHON, REPO, tiny_config
 
 

@@ -7,7 +7,6 @@ from stepdistill.config.load import (
     load_config,
     resolve_config_path,
     to_dataclass,
-    validate_paths,
 )
 from stepdistill.config.schema import (
     Config,
@@ -33,5 +32,4 @@ __all__ = [
     "load_config",
     "resolve_config_path",
     "to_dataclass",
-    "validate_paths",
 ]

@@ -10,16 +10,21 @@ main process.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from stepdistill.config.load import validate_out_dir
+from stepdistill.config.schema import Config
+from stepdistill.data.images import read_metadata, scan_images
+from stepdistill.data.prompts import BUILTIN_PROMPTS, load_prompts
 from stepdistill.harness.checkpoint import (
     latest_checkpoint,
     mount_point,
@@ -27,7 +32,8 @@ from stepdistill.harness.checkpoint import (
     resolve_resume,
     scan_checkpoints,
 )
-from stepdistill.models.loading import resolve_pretrained
+from stepdistill.methods import get_method
+from stepdistill.models.loading import check_pretrained, check_resolution, resolve_pretrained
 
 # Config keys a resumed run may not change: they define what the checkpoint's tensors are (or, for the
 # seed, batch size and accumulation, which data and noise each step sees). Everything else may change
@@ -39,6 +45,63 @@ _FIXED_ROLE_FIELDS = {"init_from", "trainable", "lora_rank", "lora_alpha", "lora
 # Where the run is and how this launch was told to start: never a change of the run.
 _IGNORED = {"run.output_dir", "train.resume", "run.overwrite"}
 
+logger = logging.getLogger("stepdistill")
+
+
+def validate_paths(cfg: DictConfig | Config, *, method_checks: bool = True) -> Any:
+    """Check that the files and folders the config names exist; returns ``check_pretrained``'s result.
+
+    Checked: ``data.prompts`` (a file, or ``builtin:<name>``), ``data.images`` (a folder, if set),
+    ``roles.*.init_from`` (``teacher`` or a folder), ``method.regression_pairs`` (if the method has it
+    and it is set) and ``model.pretrained`` (via ``models.loading.check_pretrained``: tiny:<family>,
+    a local diffusers folder or a Hub id in the local cache; reads model_index.json, no weights).
+    """
+    prompts = str(cfg.data.prompts)
+    if prompts.startswith("builtin:"):
+        builtin = prompts.split(":", 1)[1]
+        if builtin not in BUILTIN_PROMPTS:
+            raise ValueError(f"data.prompts={prompts!r}: unknown builtin prompt set; choose one of: "
+                             f"{', '.join('builtin:' + k for k in BUILTIN_PROMPTS)}")
+    else:
+        p = Path(prompts).expanduser()
+        if not p.is_file():
+            raise ValueError(f"data.prompts={prompts!r}: file not found"
+                             f"{' (it is a directory)' if p.is_dir() else ''} (working directory: {Path.cwd()}); "
+                             f"give a .txt/.csv/.tsv/.json/.jsonl/.parquet file or builtin:tiny")
+        load_prompts(prompts, cfg.data.caption_column)  # an unreadable file fails now, not after the model loads
+    if cfg.data.images and str(cfg.data.images) != "builtin:toy":
+        images = Path(str(cfg.data.images)).expanduser()
+        if not images.is_dir():
+            raise ValueError(f"data.images={str(cfg.data.images)!r}: folder not found; give a folder of images "
+                             f"(with metadata.jsonl captions) or leave it empty (null)")
+        if not (images / "pairs.safetensors").is_file():
+            files, _ = read_metadata(images)
+            scan_images(files, images, bool(cfg.data.get("skip_unreadable", False)))
+    for role_name, role in (cfg.roles or {}).items():
+        init_from = str(role.init_from)
+        if init_from != "teacher" and not Path(init_from).expanduser().exists():
+            raise ValueError(f"roles.{role_name}.init_from={init_from!r}: not found; use 'teacher' or the path "
+                             f"of a diffusers backbone folder")
+    pairs = getattr(cfg.method, "regression_pairs", None) if cfg.method is not None else None
+    if pairs and not Path(str(pairs)).expanduser().exists():
+        raise ValueError(f"method.regression_pairs={str(pairs)!r}: not found; create it with "
+                         f"`stepdistill cache-pairs --config <config> --out {pairs} --num N`")
+
+    # What the method itself needs of the rest of the config (e.g. a GAN term needs data.images).
+    if cfg.eval.enabled:
+        if not str(cfg.model.pretrained).startswith("toy-"):
+            raise ValueError(f"eval.enabled=true evaluates toy teachers only so far (model.pretrained=toy-sd or "
+                             f"toy-flow), not {cfg.model.pretrained!r}; set eval.enabled=false")
+        if not cfg.export.enabled:
+            raise ValueError("eval.enabled=true evaluates the exported student: set export.enabled=true")
+    if method_checks:
+        get_method(str(cfg.method.name)).check_config(cfg)
+
+    family = check_pretrained(cfg.model.pretrained, cfg.model.family)
+    warning = check_resolution(str(cfg.model.pretrained), int(cfg.model.resolution), cfg.model.revision)
+    if warning:
+        logger.warning(warning)
+    return family
 
 @dataclass
 class Plan:

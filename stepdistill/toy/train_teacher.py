@@ -338,10 +338,10 @@ def train_flow(args, out: Path, device: torch.device) -> dict:
     from diffusers import DiffusionPipeline
     from diffusers.training_utils import EMAModel
 
-    from stepdistill.models.loading import resolve_pretrained
-
     t0 = time.time()
-    sd_path = resolve_pretrained(args.from_sd or "toy-sd")
+    # A shipped teacher's name means its shipped folder; anything else is a pipeline folder.
+    source = args.from_sd or "toy-sd"
+    sd_path = str(teachers.teacher_path(source)) if source in teachers.TEACHERS else source
     sd_pipe = DiffusionPipeline.from_pretrained(sd_path)
     vae = sd_pipe.vae.to(device).eval().requires_grad_(False)
     scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
