@@ -96,10 +96,11 @@ def run(args: argparse.Namespace) -> int:
     from stepdistill.harness.checkpoint import CheckpointWriteError
     from stepdistill.harness.guard import NonFiniteError
     from stepdistill.harness.trainer import Trainer
+    from stepdistill.lifecycle import run as run_lifecycle
 
     try:
         trainer = Trainer(cfg)
-        run_dir = trainer.train(plan)
+        run_dir = run_lifecycle(trainer, plan)
     except ValueError as e:
         return _fail(str(e))
     except (NonFiniteError, CheckpointWriteError) as e:

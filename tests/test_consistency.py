@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from stepdistill import lifecycle
 from stepdistill.losses.consistency import (
     consistency_distance,
     lcm_boundary_scalings,
@@ -136,7 +137,7 @@ def test_export_reproduces_the_sampler(tmp_path, method, steps):
     from diffusers import DiffusionPipeline
 
     trainer = _trainer(tmp_path, method, "train.max_steps=1", "train.checkpoint_every=100")
-    trainer.train()
+    lifecycle.run(trainer)
     export = tmp_path / "export"
     info = json.loads((export / "stepdistill.json").read_text())
     pipe = DiffusionPipeline.from_pretrained(str(export))
@@ -187,12 +188,13 @@ def test_exports_load_in_plain_diffusers(tmp_path, tiny_pipeline_dir):
         trainer = _trainer(out, method, "train.max_steps=1", "train.checkpoint_every=100", "roles.generator.lr=0.01",
                            *extra)
         if name == "lcm_lora":
-            trainer.train()  # a trained LoRA (its B matrices start at zero), then the export
+            lifecycle.run(trainer)  # a trained LoRA (its B matrices start at zero), then the export
         else:
-            trainer.export()  # the export's loading and scheduler are checked here; sampling equality above
+            lifecycle.export_student(trainer)  # the export's loading and scheduler are checked here; sampling equality above
         runs[name] = out / "export"
     code = f"""
 import json, sys, torch, diffusers
+from stepdistill import lifecycle
 runs = {json.dumps({k: str(v) for k, v in runs.items()})}
 def gen(pipe, steps, gs):
     pipe.set_progress_bar_config(disable=True)

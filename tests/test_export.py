@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
+from stepdistill import lifecycle
 from stepdistill.harness.trainer import Trainer
 from tests.helpers import tiny_config
 
@@ -20,7 +21,7 @@ def test_export_reproduces_the_student_sampler(family, num_steps, tmp_path):
     cfg = tiny_config(tmp_path / "run", "dmd2", f"model.pretrained=tiny:{family}", f"model.family={family}",
                       f"method.num_steps={num_steps}", "train.max_steps=1", "train.sample_every=0")
     trainer = Trainer(cfg)
-    trainer.train()  # one step, so the student differs from the teacher; exports to run/export
+    lifecycle.run(trainer)  # one step, so the student differs from the teacher; exports to run/export
     folder = tmp_path / "run" / "export"
     info = json.loads((folder / "stepdistill.json").read_text())
     assert info["num_inference_steps"] == num_steps and info["family"] == family
@@ -66,7 +67,7 @@ def test_lora_student_exports_merged_pipeline_and_loadable_lora(tmp_path):
     cfg = tiny_config(tmp_path / "run", "dmd2", "method.num_steps=1", "train.max_steps=1", "train.sample_every=0",
                       "roles.generator.lora_rank=4", "roles.generator.lora_alpha=2",
                       "roles.generator.share_teacher_base=true", "roles.generator.lr=0.01")
-    Trainer(cfg).train()
+    lifecycle.run(cfg)
     folder = tmp_path / "run" / "export"
     info = json.loads((folder / "stepdistill.json").read_text())
     assert info["lora"] == "lora" and (folder / "lora" / "pytorch_lora_weights.safetensors").is_file()
@@ -89,7 +90,7 @@ def test_lora_student_exports_merged_pipeline_and_loadable_lora(tmp_path):
 def test_one_step_export_runs_at_more_steps(tmp_path):
     """The exported scheduler runs the trained step count exactly and any other step count too."""
     cfg = tiny_config(tmp_path / "run", "dmd2", "method.num_steps=1", "train.max_steps=1", "train.sample_every=0")
-    Trainer(cfg).train()
+    lifecycle.run(cfg)
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "run" / "export")
     for steps, expected in [(1, [999]), (2, [999, 499]), (4, [999, 749, 499, 249])]:
         pipe.scheduler.set_timesteps(steps)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stepdistill import lifecycle
 from stepdistill.harness.checkpoint import (
     CheckpointWriteError,
     latest_checkpoint,
@@ -37,7 +38,7 @@ FAST = ["train.sample_every=0", "train.log_every=1", "export.enabled=false"]
 
 def _train(run_dir: Path, *overrides: str, method: str = "dmd2") -> Trainer:
     trainer = Trainer(tiny_config(run_dir, method, *FAST, *overrides))
-    trainer.train()
+    lifecycle.run(trainer)
     return trainer
 
 
@@ -117,7 +118,7 @@ def test_skip_drops_the_update_counts_it_and_stops_after_too_many_in_a_row(tmp_p
         return logs
 
     trainer.run_phase = check
-    trainer.train()
+    lifecycle.run(trainer)
     rows = _rows(tmp_path / "skip")
     assert [r["nonfinite/skipped"] for r in rows] == [0, 1, 2, 2, 2]
     assert all(torch.isfinite(p).all() for p in critic)
@@ -127,7 +128,7 @@ def test_skip_drops_the_update_counts_it_and_stops_after_too_many_in_a_row(tmp_p
                                   "train.max_nonfinite_skips=1"))
     _inject_nan(trainer, "critic", {1, 2})
     with pytest.raises(NonFiniteError, match=r"2 non-finite updates in a row .*at step 2, phase .critic."):
-        trainer.train()
+        lifecycle.run(trainer)
     assert not (tmp_path / "many" / "DONE.json").exists()
 
 
@@ -159,9 +160,9 @@ def test_export_refuses_nonfinite_weights_unless_allowed(tmp_path):
     with torch.no_grad():
         next(iter(trainer.roles["generator"].trainable_parameters())).view(-1)[0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf values: student"):
-        trainer.export(tmp_path / "out")
+        lifecycle.export_student(trainer, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    assert (trainer.export(tmp_path / "out", allow_nonfinite=True) / "model_index.json").is_file()
+    assert (lifecycle.export_student(trainer, tmp_path / "out", allow_nonfinite=True) / "model_index.json").is_file()
 
 
 # ---- the run folder ------------------------------------------------------------------------------
@@ -281,7 +282,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
 
     monkeypatch.setattr(trainer.accelerator, "save_state", full_disk)
     with pytest.raises(CheckpointWriteError, match=r"no space left on /.*checkpoint-2 \(kept .*checkpoint-1\)"):
-        trainer.train()
+        lifecycle.run(trainer)
     assert [p.name for p in list_checkpoints(run)] == ["checkpoint-1"]
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
 
@@ -394,10 +395,10 @@ def test_device_side_guard_on_cuda(tmp_path, mode):
     seen = _weights_before(trainer, "critic", 1, critic)
     if mode == "stop":
         with pytest.raises(NonFiniteError, match="at step 1, phase 'critic'"):
-            trainer.train()
+            lifecycle.run(trainer)
         assert all(torch.equal(a, p) for a, p in zip(seen["before"], critic))
         assert list_checkpoints(tmp_path / mode) == []
     else:
-        trainer.train()
+        lifecycle.run(trainer)
         assert _rows(tmp_path / mode)[-1]["nonfinite/skipped"] == 1
         assert all(torch.isfinite(p).all() for p in critic)

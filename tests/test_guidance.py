@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from stepdistill import lifecycle
 from stepdistill.harness.trainer import Trainer
 from stepdistill.models.guidance import add_guidance_embedding, guidance_scale_embedding
 from tests.helpers import tiny_config
@@ -87,7 +88,7 @@ def test_export_honours_guidance_scale_in_one_pass(tmp_path):
 
     cfg = tiny_config(tmp_path / "run", "guidance", "train.max_steps=2", "train.sample_every=0",
                       "roles.generator.lr=0.01")
-    Trainer(cfg).train()
+    lifecycle.run(cfg)
     folder = tmp_path / "run" / "export"
     info = json.loads((folder / "stepdistill.json").read_text())
     assert info["guidance_scale"] == 3.0 and info["num_inference_steps"] == 2
@@ -119,7 +120,7 @@ def test_one_scale_lora_student_exports_loadable_lora(tmp_path):
                       "train.max_steps=1", "train.sample_every=0")
     trainer = Trainer(cfg)
     assert not trainer.roles["generator"].denoiser.guidance_embedded
-    trainer.train()
+    lifecycle.run(trainer)
     info = json.loads((tmp_path / "run" / "export" / "stepdistill.json").read_text())
     assert info["guidance_scale"] == 0.0 and info["lora"] == "lora"
     assert (tmp_path / "run" / "export" / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from stepdistill import cli
+from stepdistill import cli, lifecycle
 from stepdistill.export.hub import base_license, push_to_hub, upload_plan, write_model_card
 from tests.helpers import PYTHON, REPO, run, tiny_config
 
@@ -16,13 +16,11 @@ from tests.helpers import PYTHON, REPO, run, tiny_config
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     """A one-step tiny DMD2 run whose generator is a LoRA on the teacher's base (checkpoint, no export)."""
-    from stepdistill.harness.trainer import Trainer
-
     out = tmp_path_factory.mktemp("lora_run")
     cfg = tiny_config(out, "dmd2", "method.num_steps=1", "train.max_steps=1", "train.sample_every=1",
                       "export.enabled=false", "roles.generator.lora_rank=4", "roles.generator.lora_alpha=2",
                       "roles.generator.share_teacher_base=true", "roles.generator.lr=0.01")
-    Trainer(cfg).train()
+    lifecycle.run(cfg)
     return out
 
 
@@ -50,11 +48,9 @@ def test_lora_only_export_loads_with_plain_diffusers_from_its_card(lora_run, tmp
 
 
 def test_lora_flag_on_a_full_weight_student_is_a_clear_error(tmp_path, capsys):
-    from stepdistill.harness.trainer import Trainer
-
     run_dir = tmp_path / "full"
-    Trainer(tiny_config(run_dir, "dmd2", "train.max_steps=1", "train.sample_every=0",
-                        "export.enabled=false")).train()
+    lifecycle.run(tiny_config(run_dir, "dmd2", "train.max_steps=1", "train.sample_every=0",
+                              "export.enabled=false"))
     with pytest.raises(SystemExit):
         cli.main(["export", str(run_dir), "--out", str(tmp_path / "o"), "--lora"])
     assert "is full weights, not a LoRA" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 
+from stepdistill import lifecycle
 from stepdistill.harness.trainer import Trainer
 from stepdistill.methods.registry import all_methods
 from tests.helpers import changed, snapshot, tiny_config
@@ -167,14 +168,14 @@ def test_resume_continues_exactly(case, tmp_path, teacher_pairs):
               "export.enabled=false", "roles.generator.ema_decay=0.9", *extra]
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
     straight = Trainer(tiny_config(straight_dir, method, *common))
-    straight.train()
+    lifecycle.run(straight)
     assert (straight_dir / "checkpoints" / "checkpoint-2").is_dir()
     assert (straight_dir / "checkpoints" / "checkpoint-4").is_dir()
 
     # A second run starts from the step-2 checkpoint of the first one.
     shutil.copytree(straight_dir / "checkpoints" / "checkpoint-2", resumed_dir / "checkpoints" / "checkpoint-2")
     resumed = Trainer(tiny_config(resumed_dir, method, *common, "train.resume=latest"))
-    resumed.train()
+    lifecycle.run(resumed)
 
     a, b = _losses(straight_dir), _losses(resumed_dir)
     assert sorted(b) == [2, 3], "the resumed run must log exactly the steps after the checkpoint"
@@ -202,7 +203,7 @@ def test_every_method_exports_what_plain_diffusers_loads(tmp_path, teacher_pairs
     for name in sorted(all_methods()):
         method, extra = _case(name, teacher_pairs)
         out = tmp_path / name
-        Trainer(tiny_config(out, method, "train.max_steps=1", "train.sample_every=0", *extra)).train()
+        lifecycle.run(tiny_config(out, method, "train.max_steps=1", "train.sample_every=0", *extra))
         folders.append(str(out / "export"))
     code = (
         "import json, sys\nfrom pathlib import Path\nimport diffusers\n"

@@ -16,6 +16,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
+from stepdistill import lifecycle
 from stepdistill.harness.trainer import Trainer
 from stepdistill.losses.subinterval import (
     kernel_coefficients,
@@ -228,7 +229,7 @@ def test_export_with_expert_switch_reproduces_the_sampler(tmp_path, family, extr
     cfg = tiny_config(tmp_path / "run", "phased_dmd", "train.sample_every=0", f"model.pretrained=tiny:{family}",
                       f"model.family={family}", *extra)
     trainer = Trainer(cfg)
-    trainer.train()  # stage 0 then stage 1: both experts differ from the teacher and from each other
+    lifecycle.run(trainer)  # stage 0 then stage 1: both experts differ from the teacher and from each other
     folder = tmp_path / "run" / "export"
     info = json.loads((folder / "stepdistill.json").read_text())
     backbone = trainer.teacher.backbone_name
@@ -292,7 +293,7 @@ def test_bench_runs_every_expert_of_the_export(tmp_path):
     from stepdistill.sampling.experts import SwitchedPipeline
 
     cfg = tiny_config(tmp_path / "run", "phased_dmd", "train.sample_every=0")
-    Trainer(cfg).train()
+    lifecycle.run(cfg)
     folder = str(tmp_path / "run" / "export")
     settings = bench.make_settings({"batch_sizes": [1], "runs": 1, "warmup": 0, "quality": "none", "device": "cpu",
                                     "out": str(tmp_path / "bench")})

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from stepdistill import lifecycle
 from stepdistill.losses import sid_generator_loss, vsd_gradient, vsd_loss
 from tests.helpers import tiny_config
 
@@ -151,7 +152,7 @@ def test_export_loads_in_plain_diffusers_and_reproduces_the_sampler(tmp_path, me
 
     trainer = Trainer(tiny_config(tmp_path, method, f"method.num_steps={steps}", "train.max_steps=1",
                                   "train.sample_every=0", "train.checkpoint_every=10"))
-    trainer.train()  # one step, so the student differs from the teacher; exports to <run>/export
+    lifecycle.run(trainer)  # one step, so the student differs from the teacher; exports to <run>/export
     folder = tmp_path / "export"
     info = json.loads((folder / "stepdistill.json").read_text())
     assert info["method"] == method and info["num_inference_steps"] == steps

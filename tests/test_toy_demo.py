@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from stepdistill import lifecycle
 from tests.helpers import PYTHON, REPO, run
 
 
@@ -19,7 +20,7 @@ def test_two_step_dmd2_on_toy_sd_exports_evaluates_and_loads(tmp_path):
                                    "eval.teacher_steps=4", "eval.prompts=builtin:toy_held_out",
                                    "eval.teacher_baselines=[{steps: 1, guidance: 1.0}]"])
     trainer = Trainer(cfg)
-    trainer.train()
+    lifecycle.run(trainer)
     # The evaluation wrote its numbers for teacher and student, on all prompts and the held-out ones.
     metrics = json.loads((out / "metrics.json").read_text())
     rows = metrics["results"]

@@ -112,7 +112,7 @@ def test_train_py_config_errors_exit_cleanly(bad, message):
 def test_trackers_tensorboard_and_offline_wandb(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from stepdistill.harness.trainer import train
+    from stepdistill.lifecycle import run as train
     from tests.helpers import tiny_config
 
     out = tmp_path / "run"

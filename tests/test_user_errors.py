@@ -12,7 +12,7 @@ import subprocess
 import pytest
 from PIL import Image
 
-from stepdistill import cli
+from stepdistill import cli, lifecycle
 from stepdistill.data.images import SCAN_CACHE, scan_images
 from stepdistill.harness.preflight import preflight, validate_paths
 from tests.helpers import PYTHON, REPO, tiny_config
@@ -165,10 +165,9 @@ def test_bad_metadata_lines_are_named(tmp_path, line, message):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """One tiny finished run (checkpoint + export) the CLI cases below export or push."""
-    from stepdistill.harness.trainer import Trainer
 
     run = tmp_path_factory.mktemp("user_errors") / "run"
-    Trainer(tiny_config(run, "dmd2", "train.max_steps=1", "train.sample_every=0")).train()
+    lifecycle.run(tiny_config(run, "dmd2", "train.max_steps=1", "train.sample_every=0"))
     return run
 
 

@@ -258,31 +258,81 @@ def _write_info(out: Path, teacher, method, scheduler, lora: str | None, config:
     (out / "stepdistill.json").write_text(json.dumps(info, indent=2, default=str))
 
 
-def export_from_run(path: str | Path, out: str | Path, dtype: str = "fp32", use_ema: bool = True,
-                    **export_kwargs) -> Path:
-    """Export from a run folder (its newest complete checkpoint) or from one checkpoint folder.
-
-    ``export_kwargs``: ``lora_only``, ``variant``, ``repo_id``, ``license_``, ``allow_nonfinite`` of
-    ``export_pipeline``.
-    """
-    from stepdistill.config.load import load_config
-    from stepdistill.harness.trainer import Trainer
-
-    path = Path(path)
+def _checkpoint_and_run(path: Path) -> tuple[Path, Path]:
+    """``(checkpoint, run folder)`` of a run folder (its newest complete checkpoint) or a checkpoint folder."""
     if (path / "stepdistill_state.json").is_file() or path.parent.name == "checkpoints":
         problem = damage(path)
         if problem is not None:
             raise ValueError(f"{path} is not a complete checkpoint: {problem}; export the run folder (its newest "
                              "complete checkpoint) or another checkpoint")
-        checkpoint, run_dir = path, path.parent.parent
-    elif (path / "config.yaml").is_file():
-        checkpoint, run_dir = latest_checkpoint(path), path
+        return path, path.parent.parent
+    if (path / "config.yaml").is_file():
+        checkpoint = latest_checkpoint(path)
         if checkpoint is None:
             raise ValueError(f"{path} has no complete checkpoints/checkpoint-* folder to export from")
-    else:
-        raise ValueError(f"{path} is neither a run folder (config.yaml) nor a checkpoint (stepdistill_state.json)")
+        return checkpoint, path
+    raise ValueError(f"{path} is neither a run folder (config.yaml) nor a checkpoint (stepdistill_state.json)")
+
+
+def _load_module(module: torch.nn.Module, file: Path) -> None:
+    """Load one of accelerate's ``model*.safetensors`` into ``module`` (keys of a DDP or compiled wrapper,
+    ``module.`` / ``_orig_mod.``, are the module's own)."""
+    from safetensors.torch import load_file
+
+    if not file.is_file():
+        raise ValueError(f"{file.parent} has no {file.name}: it was not written by a single-file-per-model "
+                         "accelerate save (an FSDP sharded checkpoint?); export it from the machine that trained it")
+    state = {}
+    for key, value in load_file(str(file)).items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        state[key] = value
+    module.load_state_dict(state, strict=True)
+
+
+def load_student(checkpoint: Path, built, use_ema: bool) -> None:
+    """Load the exported roles' weights of ``checkpoint`` into a freshly ``harness.build``-t run: their
+    backbones and heads (accelerate's model files), LoRAs on the shared teacher backbone, and, with
+    ``use_ema``, their export EMA weights in place of the trained ones."""
+    from diffusers.training_utils import EMAModel
+
+    from stepdistill.harness.build import saved_modules, student_states
+
+    exported = set(built.method.export_roles())
+    for i, (label, module) in enumerate(saved_modules(built.roles, built.teacher)):
+        if label.split(".")[0] in exported:
+            _load_module(module, checkpoint / ("model.safetensors" if i == 0 else f"model_{i}.safetensors"))
+    states, emas = {}, []
+    for name in built.method.export_roles():
+        role = built.roles[name]
+        ema = None
+        if use_ema and role.trainable and role.cfg.ema_decay > 0:
+            ema = EMAModel(role.trainable_parameters(), decay=role.cfg.ema_decay, foreach=True)
+            emas.append((ema, role))
+        states.update(student_states(role, built.teacher, ema))
+    load_extra_states(checkpoint, states)
+    for ema, role in emas:
+        ema.copy_to(role.trainable_parameters())
+
+
+def export_from_run(path: str | Path, out: str | Path, dtype: str = "fp32", use_ema: bool = True,
+                    **export_kwargs) -> Path:
+    """Export from a run folder (its newest complete checkpoint) or from one checkpoint folder.
+
+    Builds only the run's networks (teacher, roles, method: no optimizers, data or accelerator) and loads
+    the student's weights. ``export_kwargs``: ``lora_only``, ``variant``, ``repo_id``, ``license_``,
+    ``allow_nonfinite`` of ``export_pipeline``.
+    """
+    from omegaconf import OmegaConf
+
+    from stepdistill.config.load import load_config
+    from stepdistill.harness.build import build, resolve_precision
+
+    checkpoint, run_dir = _checkpoint_and_run(Path(path))
     cfg = load_config(str(run_dir / "config.yaml"), ["run.trackers=[none]", "train.resume=null"])
-    trainer = Trainer(cfg)
-    trainer.accelerator.load_state(str(checkpoint))
-    load_extra_states(checkpoint, trainer.extra_states)
-    return trainer.export(out, dtype=dtype, use_ema=use_ema, **export_kwargs)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, weight_dtype = resolve_precision(cfg.train.mixed_precision, cfg.model.weight_dtype)
+    built = build(cfg, device, weight_dtype)
+    load_student(checkpoint, built, use_ema)
+    return export_pipeline(built.teacher, built.method, built.roles[built.method.student_role], out, dtype=dtype,
+                           config=OmegaConf.to_container(cfg, resolve=True), run_dir=run_dir, **export_kwargs)

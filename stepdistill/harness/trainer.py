@@ -1,7 +1,8 @@
 """The one training loop every method plugs into.
 
 The harness owns devices, wrapping (DDP via accelerate), precision, optimizers, LR schedulers,
-gradient accumulation and clipping, EMA, checkpoints, logging, sample grids and the final export.
+gradient accumulation and clipping, EMA, checkpoints, logging and sample grids. What follows training
+(export, evaluation, the model card) is ``stepdistill.lifecycle``'s.
 A method only declares roles and phases and returns losses (``methods.base.DistillMethod``).
 
 One *step* runs every phase of ``method.phases(step)``; each phase is one optimizer update of the
@@ -26,12 +27,10 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from stepdistill.config.schema import RoleConfig
+from stepdistill.harness.build import build, resolve_precision, saved_modules, student_states
 from stepdistill.harness.checkpoint import (
-    EMAState,
     ExtraState,
     ModuleState,
-    ParamsState,
     clean_stale_temps,
     latest_checkpoint,
     list_checkpoints,
@@ -42,22 +41,10 @@ from stepdistill.harness.checkpoint import (
 from stepdistill.harness.guard import NonFiniteError, NonFiniteGuard
 from stepdistill.harness.logging import MetricsWriter, image_grid
 from stepdistill.harness.preflight import Plan, move_aside, preflight, record_resume
-from stepdistill.harness.roles import Role, build_roles
 from stepdistill.harness.signals import GracefulStop
-from stepdistill.methods import MethodContext, get_method
-from stepdistill.models.loading import as_dtype
 
 logger = logging.getLogger("stepdistill")
 
-
-
-def resolve_precision(mixed_precision: str, weight_dtype: str) -> tuple[str, torch.dtype]:
-    """``auto`` → bf16 on GPU (fp16 is known to diverge for these methods), no mixed precision on CPU."""
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
-    if weight_dtype == "auto":
-        weight_dtype = {"bf16": "bf16", "fp16": "fp16"}.get(mixed_precision, "fp32")
-    return mixed_precision, as_dtype(weight_dtype)
 
 
 def cpu_threads(requested: int, num_processes: int) -> int:
@@ -93,19 +80,11 @@ def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
     return tensor
 
 
-def _role_configs(cfg: DictConfig, method_cls, method_cfg) -> dict[str, RoleConfig]:
-    roles = dict(method_cls.default_roles(method_cfg))
-    for name, role in (cfg.get("roles") or {}).items():
-        if name not in roles:
-            raise ValueError(f"roles.{name} is not a role of method {method_cls.name!r}; roles: {', '.join(roles)}")
-        roles[name] = OmegaConf.to_object(role) if isinstance(role, DictConfig) else role
-    return roles
-
-
 class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir)
+        self.stopped_by: str | None = None  # the signal that stopped train(), if one did
         mixed_precision, self.weight_dtype = resolve_precision(cfg.train.mixed_precision, cfg.model.weight_dtype)
         trackers = [t for t in cfg.run.trackers if t != "none"]
         if "wandb" in trackers:
@@ -129,11 +108,7 @@ class Trainer:
                 torch.backends.cudnn.allow_tf32 = True
 
         from stepdistill.data.prompts import InfinitePromptLoader, load_prompts
-        from stepdistill.models import load_teacher
 
-        self.method_cls = get_method(cfg.method.name)
-        self.method_cfg = OmegaConf.to_object(cfg.method)
-        role_cfgs = _role_configs(cfg, self.method_cls, self.method_cfg)
         prompts = load_prompts(cfg.data.prompts, cfg.data.caption_column)
         self.prompts = InfinitePromptLoader(
             prompts, cfg.data.batch_size, seed=cfg.run.seed,
@@ -142,13 +117,9 @@ class Trainer:
         self.sample_prompts = list(cfg.train.sample_prompts) or prompts[:4]
 
         set_seed(cfg.run.seed)  # identical initialisation on every rank
-        self.teacher = load_teacher(
-            cfg.model.pretrained, family=cfg.model.family, device=self.device, dtype=self.weight_dtype,
-            revision=cfg.model.revision, variant=cfg.model.variant, resolution=cfg.model.resolution,
-        )
-        self.roles: dict[str, Role] = build_roles(
-            self.teacher, role_cfgs, self.method_cls.role_heads(self.method_cfg), self.device
-        )
+        built = build(cfg, self.device, self.weight_dtype)
+        self.method_cls, self.method_cfg, self.method = built.method_cls, built.method_cfg, built.method
+        self.teacher, self.roles = built.teacher, built.roles
         self.real_data = None
         if cfg.data.images:
             from stepdistill.data.images import RealLatents
@@ -157,11 +128,6 @@ class Trainer:
                                          seed=cfg.run.seed, rank=self.accelerator.process_index,
                                          world_size=self.accelerator.num_processes,
                                          skip_unreadable=cfg.data.skip_unreadable)
-        self.method = self.method_cls(
-            self.method_cfg,
-            MethodContext(teacher=self.teacher, roles=self.roles, resolution=cfg.model.resolution, device=self.device,
-                          has_real_data=self.real_data is not None),
-        )
         self._batch_cache: tuple[int, dict] | None = None
         self._prepare_optimizers()
         self._prepare_ema_targets()
@@ -184,6 +150,7 @@ class Trainer:
         # Training state outside accelerate's models / optimizers, checkpointed as safetensors by name.
         self.extra_states: dict[str, ExtraState] = {}
         acc = self.accelerator
+        prepared: list[torch.nn.Module] = []  # the models accelerate checkpoints, in order
         for name, role in self.roles.items():
             if not role.trainable:
                 continue
@@ -203,20 +170,24 @@ class Trainer:
                 # The base belongs to the teacher: no DDP wrapper; LoRA gradients are averaged by hand,
                 # heads (a heads-only role's whole trainable part) are DDP-wrapped on their own.
                 opt, sched = acc.prepare(opt, sched)
-                if role.adapter is not None:
-                    self.extra_states[f"lora.{name}"] = ParamsState(role.trainable_parameters())
                 if role.head is not None:
                     role.wrapped_head = acc.prepare(role.head)
+                    prepared.append(role.head)
             elif role.head is not None:
                 role.wrapped, role.wrapped_head, opt, sched = acc.prepare(role.module, role.head, opt, sched)
+                prepared += [role.module, role.head]
             else:
                 role.wrapped, opt, sched = acc.prepare(role.module, opt, sched)
+                prepared.append(role.module)
             self.optimizers[name], self.schedulers[name] = opt, sched
+            ema = None
             if rc.ema_decay > 0:
                 ema = EMAModel([p for p in role.trainable_parameters()], decay=rc.ema_decay, foreach=True)
                 ema.to(self.device)
-                self.extra_states[f"ema.{name}"] = EMAState(ema)
                 self.emas[name] = ema
+            self.extra_states.update(student_states(role, self.teacher, ema))
+        # export_from_run reads the checkpoint by this layout: keep the two in step.
+        assert [id(m) for m in prepared] == [id(m) for _, m in saved_modules(self.roles, self.teacher)]
 
     def _prepare_ema_targets(self) -> None:
         """Check the method's EMA target roles (``DistillMethod.ema_targets``) and checkpoint them."""
@@ -354,45 +325,23 @@ class Trainer:
                 tracker.log_images({"samples": [grid]}, step=step)
         return path
 
-    def export(self, out: str | Path | None = None, dtype: str | None = None, use_ema: bool | None = None,
-               **export_kwargs) -> Path:
-        """Write the student as a diffusers pipeline (default: ``<run>/export``) with its model card;
-        ``export_kwargs`` go to ``export.pipeline.export_pipeline`` (lora_only, variant, repo_id, license_)."""
-        from stepdistill.export.pipeline import export_pipeline
-
-        out = Path(out) if out is not None else self.run_dir / "export"
-        dtype = dtype or self.cfg.export.dtype
-        use_ema = self.cfg.export.use_ema if use_ema is None else use_ema
-        role = self.roles[self.method.student_role]
-        # Every exported role (the student, or each expert of a mixture) with its EMA weights swapped in.
+    @contextlib.contextmanager
+    def ema_weights(self, roles: tuple[str, ...] | None = None, enabled: bool = True):
+        """Within the block, the export EMA weights (``RoleConfig.ema_decay``) stand in for the trained ones
+        of ``roles`` (default: every role the method exports); roles without an EMA keep their weights."""
         swapped = []
-        for name in self.method.export_roles():
-            ema = self.emas.get(name) if use_ema else None
-            if ema is not None:
-                params = self.roles[name].trainable_parameters()
-                ema.store(params)
-                ema.copy_to(params)
-                swapped.append((ema, params))
         try:
-            if self.accelerator.is_main_process:
-                export_pipeline(self.teacher, self.method, role, out, dtype=dtype,
-                                config=OmegaConf.to_container(self.cfg, resolve=True), run_dir=self.run_dir,
-                                **export_kwargs)
+            for name in roles if roles is not None else self.method.export_roles():
+                ema = self.emas.get(name) if enabled else None
+                if ema is not None:
+                    params = self.roles[name].trainable_parameters()
+                    ema.store(params)
+                    ema.copy_to(params)
+                    swapped.append((ema, params))
+            yield
         finally:
             for ema, params in swapped:
                 ema.restore(params)
-        self.accelerator.wait_for_everyone()
-        return out
-
-    def evaluate(self) -> dict:
-        """Teacher vs exported student on the toy domain (``eval`` section of the config)."""
-        from stepdistill.toy.evaluate import baseline_rows, evaluate_run
-
-        ev = self.cfg.eval
-        steps = list(ev.student_steps) or [self.method.num_inference_steps]
-        return evaluate_run(self.run_dir, str(self.cfg.model.pretrained), ev.teacher_steps, ev.teacher_guidance,
-                            steps, ev.seeds_per_prompt, self.cfg.model.resolution, ev.prompts,
-                            teacher_baselines=baseline_rows(ev))
 
     # ---- the loop -----------------------------------------------------------------------------
     def _resume(self, plan: Plan) -> int:
@@ -443,12 +392,13 @@ class Trainer:
                         self.cfg.train.checkpoints_total_limit, extra_states=self.extra_states)
 
     def train(self, plan: Plan | None = None) -> Path:
-        """Train to ``train.max_steps``, then export / evaluate. Raises ``NonFiniteError`` (no update applied,
-        no checkpoint written after it) or ``CheckpointWriteError``; after SIGTERM / SIGINT it checkpoints and
-        returns early with ``self.stopped_by`` set to the signal's name. ``plan``: what ``preflight(cfg)``
-        found (run here when not given)."""
+        """Train to ``train.max_steps``; nothing else (``lifecycle.run`` then exports, evaluates and calls
+        ``finish``). Raises ``NonFiniteError`` (no update applied, no checkpoint written after it) or
+        ``CheckpointWriteError``; after SIGTERM / SIGINT it checkpoints and returns early with
+        ``self.stopped_by`` set to the signal's name. ``plan``: what ``preflight(cfg)`` found (run here
+        when not given)."""
         cfg, acc = self.cfg, self.accelerator
-        self.stopped_by: str | None = None
+        self.stopped_by = None
         if plan is None:  # train.py runs it before any model loads and hands over its plan
             plan = preflight(cfg)
         acc.wait_for_everyone()
@@ -508,18 +458,15 @@ class Trainer:
             raise
         finally:
             bar.close()
+        return self.run_dir
+
+    def finish(self) -> None:
+        """End the run: close the trackers; after a run that trained to the end (not stopped by a signal),
+        write ``DONE.json`` with every process's weight digests (equal under correct DDP)."""
+        acc = self.accelerator
         if self.stopped_by:
             acc.end_training()
-            return self.run_dir
-        if cfg.export.enabled:
-            out = self.export()
-            if acc.is_main_process:
-                logger.info("exported diffusers pipeline to %s", out)
-            if cfg.eval.enabled and acc.is_main_process:
-                from stepdistill.export.hub import write_model_card
-
-                self.evaluate()
-                write_model_card(out, self.run_dir)  # again, now with the evaluation and its grid
+            return
         digests = self.weight_digests()
         acc.end_training()
         if acc.is_main_process:
@@ -527,8 +474,8 @@ class Trainer:
             if desync:
                 logger.warning("processes ended with different weights for roles %s (DDP desync)", desync)
             (self.run_dir / "DONE.json").write_text(json.dumps(
-                {"steps": cfg.train.max_steps, "num_processes": acc.num_processes, "weight_sha256": digests}, indent=2))
-        return self.run_dir
+                {"steps": self.cfg.train.max_steps, "num_processes": acc.num_processes, "weight_sha256": digests},
+                indent=2))
 
     def weight_digests(self) -> dict[str, list[str]]:
         """SHA-256 of every trainable role's weights on every process (equal under correct DDP)."""
@@ -544,7 +491,3 @@ class Trainer:
             digests[name] = gather_object([h.hexdigest()])
         return digests
 
-
-def train(cfg: DictConfig) -> Path:
-    """Run training for a resolved config (``config.load.load_config``); returns the run folder."""
-    return Trainer(cfg).train()

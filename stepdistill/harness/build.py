@@ -1,0 +1,101 @@
+"""What a run is made of, built from its config: the teacher, the method's roles and the method.
+
+Shared by the trainer (which adds data, optimizers and accelerate) and by exporting a checkpoint
+(``export.pipeline.export_from_run``, which only needs the networks). ``saved_modules`` and
+``student_states`` name what a checkpoint holds for each role, so both read it the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from stepdistill.config.schema import RoleConfig
+from stepdistill.harness.checkpoint import EMAState, ExtraState, ParamsState
+from stepdistill.harness.roles import Role, build_roles
+from stepdistill.methods import DistillMethod, MethodContext, get_method
+from stepdistill.models import Teacher, load_teacher
+from stepdistill.models.loading import as_dtype
+
+
+def resolve_precision(mixed_precision: str, weight_dtype: str) -> tuple[str, torch.dtype]:
+    """``auto`` → bf16 on GPU (fp16 is known to diverge for these methods), no mixed precision on CPU."""
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    if weight_dtype == "auto":
+        weight_dtype = {"bf16": "bf16", "fp16": "fp16"}.get(mixed_precision, "fp32")
+    return mixed_precision, as_dtype(weight_dtype)
+
+
+def role_configs(cfg: DictConfig, method_cls, method_cfg) -> dict[str, RoleConfig]:
+    """The method's default roles with the config's ``roles:`` section applied."""
+    roles = dict(method_cls.default_roles(method_cfg))
+    for name, role in (cfg.get("roles") or {}).items():
+        if name not in roles:
+            raise ValueError(f"roles.{name} is not a role of method {method_cls.name!r}; roles: {', '.join(roles)}")
+        roles[name] = OmegaConf.to_object(role) if isinstance(role, DictConfig) else role
+    return roles
+
+
+@dataclass
+class Built:
+    method_cls: type
+    method_cfg: Any
+    teacher: Teacher
+    roles: dict[str, Role]
+    method: DistillMethod
+
+
+def build(cfg: DictConfig, device: torch.device, weight_dtype: torch.dtype) -> Built:
+    """Load the teacher, build the roles the method asks for, then the method (in that order: the
+    roles' fresh heads draw from torch's global RNG, which the caller seeds)."""
+    method_cls = get_method(cfg.method.name)
+    method_cfg = OmegaConf.to_object(cfg.method)
+    role_cfgs = role_configs(cfg, method_cls, method_cfg)
+    teacher = load_teacher(
+        cfg.model.pretrained, family=cfg.model.family, device=device, dtype=weight_dtype,
+        revision=cfg.model.revision, variant=cfg.model.variant, resolution=cfg.model.resolution,
+    )
+    roles = build_roles(teacher, role_cfgs, method_cls.role_heads(method_cfg), device)
+    method = method_cls(method_cfg, MethodContext(teacher=teacher, roles=roles, resolution=cfg.model.resolution,
+                                                  device=device, has_real_data=bool(cfg.data.images)))
+    return Built(method_cls, method_cfg, teacher, roles, method)
+
+
+def saved_modules(roles: dict[str, Role], teacher: Teacher) -> list[tuple[str, torch.nn.Module]]:
+    """The modules accelerate checkpoints as ``model.safetensors``, ``model_1.safetensors``, ... in the
+    order the trainer prepares them: per trainable role its own backbone (not when it lives on the
+    teacher's), then its head. Labels are ``<role>`` and ``<role>.head``."""
+    modules = []
+    for name, role in roles.items():
+        if not role.trainable:
+            continue
+        if role.module is not teacher.backbone:
+            modules.append((name, role.module))
+        if role.head is not None:
+            modules.append((f"{name}.head", role.head))
+    return modules
+
+
+def lora_state_name(role: str) -> str:
+    """The checkpoint's extra-state name of a LoRA trained on the teacher's shared backbone."""
+    return f"lora.{role}"
+
+
+def ema_state_name(role: str) -> str:
+    """The checkpoint's extra-state name of a role's export EMA (``RoleConfig.ema_decay``)."""
+    return f"ema.{role}"
+
+
+def student_states(role: Role, teacher: Teacher, ema=None) -> dict[str, ExtraState]:
+    """The extra states of ``role`` that hold its weights outside accelerate's models: a LoRA on the
+    shared teacher backbone, and the export EMA ``ema`` (a diffusers ``EMAModel``) when given."""
+    states: dict[str, ExtraState] = {}
+    if role.module is teacher.backbone and role.adapter is not None:
+        states[lora_state_name(role.name)] = ParamsState(role.trainable_parameters())
+    if ema is not None:
+        states[ema_state_name(role.name)] = EMAState(ema)
+    return states
