@@ -7,8 +7,8 @@ phase of ``method.phases(step)`` through ``Trainer.run_phase``), without logging
 checkpoints. It reports:
 
 * **iteration time**: median over ``--iters`` timed iterations after ``--warmup`` warm-up ones,
-  ``torch.cuda.synchronize()`` before and after each (``time.perf_counter``). Methods with a
-  two time-scale update rule have two kinds of iteration (DMD2: critic-only, and with the generator
+  ``torch.cuda.synchronize()`` before and after each (``time.perf_counter``, ``bench.measure``). Methods
+  with a two time-scale update rule have two kinds of iteration (DMD2: critic-only, and with the generator
   update every ``critic_steps_per_generator_step`` steps); each kind is timed ``--iters`` times
   (interleaved) and the amortised time per step is the frequency-weighted mean of the kinds.
 * **peak memory**: ``torch.cuda.max_memory_allocated`` (reset before every timed iteration); on
@@ -40,13 +40,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import json
 import math
 import os
 import statistics
 import sys
 import tempfile
-import time
 import traceback
 import warnings
 from collections import Counter
@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 
+from stepdistill.bench.measure import median_ms, peak_mib, peak_rss_mib, reset_peak, sync, timed_call
 from stepdistill.config.load import validate_out_dir
 
 ARCH_CONFIGS = {"sd15": "dmd2_sd15", "sdxl": "dmd2_sdxl", "tiny": "tests/tiny_dmd2"}
@@ -379,26 +380,7 @@ def _mark_used(call: CallType, index: int):
     return hook
 
 
-# ---- timing ----------------------------------------------------------------------------------------
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _median_ms(fn, reps: int, warmup: int = 2, cleanup=None) -> float:
-    times = []
-    for i in range(warmup + reps):
-        _sync()
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
-        if cleanup is not None:
-            cleanup()
-    return statistics.median(times)
-
-
+# ---- timing each part alone ---------------------------------------------------------------------------
 def _clear_grads(trainer, extra: list[torch.Tensor] = ()) -> None:
     for role in trainer.roles.values():
         for p in role.trainable_parameters():
@@ -424,7 +406,7 @@ def time_call(trainer, call: CallType, reps: int) -> float:
                 acc.backward(loss)
 
     try:
-        return _median_ms(run, reps, cleanup=lambda: _clear_grads(trainer, leaves))
+        return median_ms(run, reps, device=trainer.device, cleanup=lambda: _clear_grads(trainer, leaves))
     finally:
         _clear_grads(trainer, leaves)
         trainer._activate(())
@@ -435,7 +417,7 @@ def time_make_batch(trainer, index: int, reps: int) -> float:
         trainer._batch_cache = None  # the phases of a step share one batch; time a real encoding
         return trainer.make_batch(index)
 
-    return _median_ms(encode, reps)
+    return median_ms(encode, reps, device=trainer.device)
 
 
 def time_optimizer(trainer, name: str, reps: int) -> float:
@@ -459,7 +441,7 @@ def time_optimizer(trainer, name: str, reps: int) -> float:
 
     fill()
     try:
-        return _median_ms(step, reps, cleanup=fill)
+        return median_ms(step, reps, device=trainer.device, cleanup=fill)
     finally:
         _clear_grads(trainer)
 
@@ -562,7 +544,7 @@ class KindResult:
     kind: IterationKind
     frequency: float
     times_ms: list[float]
-    peak_bytes: int | None
+    peak_mib: float | None
     parts: list[Part]
     optimizer: list[Part]
     syncs: Counter = field(default_factory=Counter)
@@ -592,15 +574,6 @@ class BenchResult:
         return sum(k.frequency * k.sum_of_parts_ms for k in self.kinds)
 
 
-def _rss_mib() -> float | None:
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
-
-
 def run_iteration(trainer, step: int, recorder: CallRecorder | None = None) -> None:
     for phase in trainer.method.phases(step):
         if recorder is not None:
@@ -616,9 +589,9 @@ def benchmark(trainer, warmup: int, iters: int, part_iters: int = 5, sync_report
     freq, order = plan_steps(trainer.method, warmup + iters)
     seen: Counter = Counter()
     times: dict[IterationKind, list[float]] = {k: [] for k in freq}
-    peaks: dict[IterationKind, int] = {k: 0 for k in freq}
+    peaks: dict[IterationKind, float] = {k: 0.0 for k in freq}
     recorder = CallRecorder(trainer)
-    rss_before = _rss_mib()
+    rss_before = peak_rss_mib()
     with recorder.installed():
         for i, (kind, step) in enumerate(order):
             timed = seen[kind] >= warmup
@@ -628,19 +601,15 @@ def benchmark(trainer, warmup: int, iters: int, part_iters: int = 5, sync_report
                      f"{', '.join(iteration_name(k) for k in freq)}")
             recorder.kind = kind if timed else None
             if cuda:
-                torch.cuda.reset_peak_memory_stats(trainer.device)
-            _sync()
-            t0 = time.perf_counter()
-            run_iteration(trainer, step, recorder)
-            _sync()
-            elapsed = (time.perf_counter() - t0) * 1e3
+                reset_peak(trainer.device)
+            elapsed = timed_call(functools.partial(run_iteration, trainer, step, recorder), trainer.device) * 1e3
             recorder.kind = None
             if timed:
                 times[kind].append(elapsed)
                 recorder.iterations[kind] += 1
                 if cuda:
-                    peaks[kind] = max(peaks[kind], torch.cuda.max_memory_allocated(trainer.device))
-    rss_after = _rss_mib()
+                    peaks[kind] = max(peaks[kind], peak_mib(trainer.device))
+    rss_after = peak_rss_mib()
 
     syncs: dict[IterationKind, Counter] = {k: Counter() for k in freq}
     sync_note = "" if cuda else "n/a (no CUDA)"
@@ -648,10 +617,10 @@ def benchmark(trainer, warmup: int, iters: int, part_iters: int = 5, sync_report
         _, extra = plan_steps(trainer.method, 1)
         try:
             for kind, step in extra:
-                _sync()
+                sync(trainer.device)
                 with catch_syncs(syncs.setdefault(kind, Counter())):
                     run_iteration(trainer, step)
-                _sync()
+                sync(trainer.device)
         except Exception as e:  # a diagnostic only: never lose the timings for it
             sync_note = f"sync report failed: {type(e).__name__}: {e}"
     elif cuda:
@@ -673,7 +642,7 @@ def benchmark(trainer, warmup: int, iters: int, part_iters: int = 5, sync_report
                               batch_cache[indices[0]], len(indices) / n))
         if kind in recorder.prompt_calls:
             prompts, count = recorder.prompt_calls[kind]
-            ms = _median_ms(lambda p=prompts: trainer.teacher.encode_prompt(p), part_iters)
+            ms = median_ms(lambda p=prompts: trainer.teacher.encode_prompt(p), part_iters, device=trainer.device)
             parts.append(Part(f"text encoders: encode_prompt by the method, batch {len(prompts)}", "text_encoder",
                               ms, count / n))
         for call in recorder.calls.get(kind, {}).values():
@@ -751,8 +720,8 @@ def _fmt_count(count: float) -> str:
 
 
 def _fmt_mem(kind: KindResult, result: BenchResult) -> str:
-    if kind.peak_bytes is not None:
-        return f"{kind.peak_bytes / 2**30:.2f} GiB"
+    if kind.peak_mib is not None:
+        return f"{kind.peak_mib / 1024:.2f} GiB"
     if result.cpu_rss is not None:
         return f"n/a (CPU: peak RSS {result.cpu_rss[0]:.0f} MiB, +{result.cpu_rss[1]:.0f} during timing)"
     return "n/a"
@@ -767,7 +736,7 @@ def csv_rows(result: BenchResult) -> list[dict[str, Any]]:
 
     for k in result.kinds:
         name = iteration_name(k.kind)
-        peak = f"{k.peak_bytes / 2**20:.1f}" if k.peak_bytes is not None else (
+        peak = f"{k.peak_mib:.1f}" if k.peak_mib is not None else (
             f"{result.cpu_rss[0]:.1f}" if result.cpu_rss else "")
         row("summary", "iteration", name, ms=f"{k.median_ms:.4f}", count=len(k.times_ms),
             share=f"{k.median_ms / k.sum_of_parts_ms:.4f}", peak=peak)
