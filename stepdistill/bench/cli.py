@@ -71,7 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

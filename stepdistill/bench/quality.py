@@ -100,4 +100,3 @@ def toy_quality(runner: Runner, ctx: QualityContext) -> dict:
                               [i for i in range(len(prompts)) for _ in seeds])
     return {"fid": metrics["fid"], "kid": metrics["kid_mean"], "alignment": metrics["alignment"],
             "diversity": metrics["diversity"], "quality_images": metrics["num_images"]}
-

@@ -17,7 +17,6 @@ def say(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-
 def _quality_columns(rows: list[dict]) -> list[str]:
     present = {k for r in rows for k, v in r["quality"].items() if v is not None}
     return [k for k in QUALITY_KEYS if k in present]
@@ -122,4 +121,3 @@ def write_outputs(result: dict, out: Path) -> None:
     (out / "bench.json").write_text(json.dumps(result, indent=2, default=str))
     print(table, flush=True)
     say(f"wrote {out}/bench.md, bench.csv, bench.png, bench.json ({result['total_s']:.0f} s in all)")
-

@@ -58,7 +58,6 @@ def _device(settings: BenchSettings) -> torch.device:
     return device
 
 
-
 class PipelineCache:
     """Pipelines loaded once per (path, in-place options); tiny VAEs once per folder."""
 
@@ -109,7 +108,6 @@ class PipelineCache:
                 vae = AutoencoderTiny.from_pretrained(spec)
             self._vaes[spec] = vae.to(self.device, self.dtype).eval().requires_grad_(False)
         return self._vaes[spec]
-
 
 
 def apply_options(pipe, options: dict, cache: PipelineCache, compile_mode: str | None = None):
@@ -322,7 +320,6 @@ def measure_entry(runner: Runner, settings: BenchSettings, device: torch.device)
     return result
 
 
-
 # ---- the run ---------------------------------------------------------------------------------------------
 def run_bench(entries: list[BenchEntry], settings: BenchSettings, progress: bool = True) -> dict:
     """Measure every entry; write bench.md / bench.csv / bench.png / bench.json to ``settings.out``."""
@@ -369,4 +366,3 @@ def _device_name(device: torch.device) -> str:
     import platform
 
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-

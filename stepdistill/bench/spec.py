@@ -301,7 +301,6 @@ def make_settings(values: dict) -> BenchSettings:
     return s
 
 
-
 def random_init_entries(arch: str) -> list[BenchEntry]:
     """The GPU targets of ``--random-init ARCH``: one step of the random-weight architecture, five ways."""
     spec = f"random:{arch}"
@@ -315,7 +314,6 @@ def random_init_entries(arch: str) -> list[BenchEntry]:
                        options={"compile": True, "fast": True, "tiny_vae": "random"})]
 
 
-
 # ---- pipelines: where they are and what they hold (no weights loaded) ----------------------------------
 def scheduler_class(name: str):
     import diffusers
@@ -326,7 +324,6 @@ def scheduler_class(name: str):
         raise ValueError(f"sampler={name!r} is not a diffusers scheduler; use one of {', '.join(SAMPLERS)} "
                          "or a diffusers scheduler class name (e.g. DPMSolverMultistepScheduler)")
     return cls
-
 
 
 def resolve_pipeline(spec: str) -> str:
@@ -382,7 +379,6 @@ def is_toy(path: str) -> bool:
     return pretrained.startswith("toy-")
 
 
-
 def check_tiny_vae(spec: str | None) -> None:
     if spec in (None, "random"):
         return
@@ -393,7 +389,6 @@ def check_tiny_vae(spec: str | None) -> None:
     cls = json.loads(config.read_text()).get("_class_name")
     if cls != "AutoencoderTiny":
         raise ValueError(f"tiny_vae={spec} holds a {cls}, not an AutoencoderTiny")
-
 
 
 # ---- the whole run -------------------------------------------------------------------------------------
@@ -425,4 +420,3 @@ def validate(entries: list[BenchEntry], settings: BenchSettings) -> None:
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         raise ValueError(f"entries with the same name: {', '.join(dupes)}; give them name=...")
-
