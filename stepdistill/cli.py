@@ -120,7 +120,7 @@ def _cmd_bench_train(argv: list[str]) -> int:
 
 
 def _cmd_bench(argv: list[str]) -> int:
-    from stepdistill.bench.sampler import main as bench_main
+    from stepdistill.bench.cli import main as bench_main
 
     return bench_main(argv)
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from stepdistill.bench import sampler as bench
+from stepdistill.bench.quality import QUALITY, quality_fn, register_quality
+from stepdistill.bench.runner import PipelineCache, build_runner, run_bench
+from stepdistill.bench.spec import load_bench_file, make_settings, parse_entry, random_init_entries, validate
 from stepdistill.sampling.hybrid import HybridSampler
 
 PROMPTS = ["a red circle at the top left", "a blue square in the center"]
@@ -147,14 +149,14 @@ def test_hybrid_bad_inputs(teacher, student):
 def _settings(tmp_path, **kw):
     values = {"batch_sizes": [1, 2], "runs": 2, "warmup": 0, "quality_num_prompts": 6, "quality_seeds": 2,
               "quality_num_reference": 200, "out": str(tmp_path / "out"), **kw}
-    return bench.make_settings(values)
+    return make_settings(values)
 
 
 def test_bench_table_csv_and_plot(tmp_path, student_dir):
-    entries = (bench.parse_entry("toy-sd steps=3 guidance=1.5")
-               + bench.parse_entry(f"{student_dir} steps=1,2")
-               + bench.parse_entry(f"hybrid teacher=toy-sd student={student_dir} teacher_steps=1 steps=2 guidance=1.5"))
-    result = bench.run_bench(entries, _settings(tmp_path), progress=False)
+    entries = (parse_entry("toy-sd steps=3 guidance=1.5")
+               + parse_entry(f"{student_dir} steps=1,2")
+               + parse_entry(f"hybrid teacher=toy-sd student={student_dir} teacher_steps=1 steps=2 guidance=1.5"))
+    result = run_bench(entries, _settings(tmp_path), progress=False)
     out = tmp_path / "out"
     names = ["toy-sd 3-step CFG 1.5", "student 1-step", "student 2-step",
              "hybrid toy-sd 1 + student 1 of 2-step CFG 1.5"]
@@ -193,9 +195,9 @@ def test_options_channels_last_tiny_vae_sdpa(tmp_path):
     AutoencoderTiny(encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
                     num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1), latent_channels=4).save_pretrained(vae_dir)
     settings = _settings(tmp_path, batch_sizes=[1], quality="none", channels_last=True, sdpa="math")
-    entry = bench.parse_entry(f"toy-sd steps=2 guidance=1 tiny_vae={vae_dir}")[0]
-    cache = bench.PipelineCache(torch.device("cpu"), torch.float32)
-    runner = bench.build_runner(entry, settings, cache)
+    entry = parse_entry(f"toy-sd steps=2 guidance=1 tiny_vae={vae_dir}")[0]
+    cache = PipelineCache(torch.device("cpu"), torch.float32)
+    runner = build_runner(entry, settings, cache)
     assert isinstance(runner.pipe.vae, AutoencoderTiny)
     conv = runner.pipe.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
@@ -203,7 +205,7 @@ def test_options_channels_last_tiny_vae_sdpa(tmp_path):
     images = runner(PROMPTS)
     assert images.shape == (2, 3, 32, 32)
 
-    result = bench.run_bench([entry], settings, progress=False)
+    result = run_bench([entry], settings, progress=False)
     row = result["rows"][0]
     assert row["options"] == {"channels_last": True, "sdpa": "math", "tiny_vae": str(vae_dir)}
     assert row["quality"] == {} and row["quality_kind"] == "none"
@@ -214,9 +216,9 @@ def test_options_channels_last_tiny_vae_sdpa(tmp_path):
 def test_compile_option_is_applied(tmp_path):
     """torch.compile is applied to the backbone and the VAE decode (not run: compiling takes minutes on CPU)."""
     settings = _settings(tmp_path, quality="none")
-    entry = bench.parse_entry("toy-sd steps=1 compile=true")[0]
-    cache = bench.PipelineCache(torch.device("cpu"), torch.float32)
-    runner = bench.build_runner(entry, settings, cache)
+    entry = parse_entry("toy-sd steps=1 compile=true")[0]
+    cache = PipelineCache(torch.device("cpu"), torch.float32)
+    runner = build_runner(entry, settings, cache)
     cached = cache.pipeline("toy-sd")
     assert isinstance(runner.pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
     assert runner.pipe.unet._orig_mod is cached.unet
@@ -229,18 +231,18 @@ def test_quality_hook_for_other_pipelines(tmp_path):
     """A registered quality function (the hook for stepdistill.eval) fills the table; auto picks n/a otherwise."""
     calls = []
 
-    @bench.register_quality("test-const")
+    @register_quality("test-const")
     def const(runner, ctx):
         images = runner(["a photo"], seed=3)
         calls.append((tuple(images.shape), runner.steps))
         return {"clip_score": 0.25, "fid": 12.0}
 
     try:
-        entries = bench.parse_entry("tiny:sd15 steps=1 guidance=1 quality=test-const") + \
-            bench.parse_entry("tiny:sd15 steps=2 guidance=1")
-        result = bench.run_bench(entries, _settings(tmp_path, batch_sizes=[1], quality="auto"), progress=False)
+        entries = parse_entry("tiny:sd15 steps=1 guidance=1 quality=test-const") + \
+            parse_entry("tiny:sd15 steps=2 guidance=1")
+        result = run_bench(entries, _settings(tmp_path, batch_sizes=[1], quality="auto"), progress=False)
     finally:
-        bench.QUALITY.pop("test-const")
+        QUALITY.pop("test-const")
     assert calls == [((1, 3, 64, 64), 1)]
     assert result["rows"][0]["quality"] == {"clip_score": 0.25, "fid": 12.0}
     assert result["rows"][1]["quality_kind"] == "none"
@@ -253,18 +255,18 @@ def test_fast_entry_gives_the_pipelines_images(tmp_path):
     """fast=true (sampling/fast.py) is its own row, and samples the same images as the pipeline."""
     seen = {}
 
-    @bench.register_quality("test-images")
+    @register_quality("test-images")
     def images(runner, ctx):
         seen[runner.pipe.__class__.__name__] = runner(["a red circle", "a blue square"], seed=5)
         return {"fid": float(seen[runner.pipe.__class__.__name__].mean())}
 
     try:
-        entries = (bench.parse_entry("tiny:sd15 steps=2 guidance=0 sampler=lcm quality=test-images name=plain")
-                   + bench.parse_entry("tiny:sd15 steps=2 guidance=0 sampler=lcm quality=test-images fast=true "
+        entries = (parse_entry("tiny:sd15 steps=2 guidance=0 sampler=lcm quality=test-images name=plain")
+                   + parse_entry("tiny:sd15 steps=2 guidance=0 sampler=lcm quality=test-images fast=true "
                                        "name=fast"))
-        result = bench.run_bench(entries, _settings(tmp_path, batch_sizes=[1, 2]), progress=False)
+        result = run_bench(entries, _settings(tmp_path, batch_sizes=[1, 2]), progress=False)
     finally:
-        bench.QUALITY.pop("test-images")
+        QUALITY.pop("test-images")
     assert sorted(seen) == ["FastSampler", "StableDiffusionPipeline"]
     torch.testing.assert_close(seen["FastSampler"], seen["StableDiffusionPipeline"], atol=1e-5, rtol=0)
     rows = {r["name"]: r for r in result["rows"]}
@@ -273,20 +275,20 @@ def test_fast_entry_gives_the_pipelines_images(tmp_path):
 
 
 def test_bench_config_files():
-    entries, settings = bench.load_bench_file("configs/bench/toy.yaml")
+    entries, settings = load_bench_file("configs/bench/toy.yaml")
     assert [(e.pipeline, e.steps, e.guidance) for e in entries if not e.is_hybrid] == [
         ("toy-sd", 50, 1.5), ("toy-sd", 25, 1.5),
         ("runs/toy_dmd2/export", 1, None), ("runs/toy_dmd2/export", 2, None), ("runs/toy_dmd2/export", 4, None)]
     hybrid = [e for e in entries if e.is_hybrid]
     assert [(e.teacher, e.student, e.teacher_steps, e.steps) for e in hybrid] == [
         ("toy-sd", "runs/toy_dmd2/export", 1, 4)]
-    assert bench.make_settings(settings).batch_sizes == [1, 8]
-    entries, settings = bench.load_bench_file("configs/bench/sdxl_gpu.yaml")
-    assert {e.pipeline for e in entries} == {"random:sdxl"} and bench.make_settings(settings).resolution == 1024
-    assert [e.options for e in bench.random_init_entries("sdxl")] == [
+    assert make_settings(settings).batch_sizes == [1, 8]
+    entries, settings = load_bench_file("configs/bench/sdxl_gpu.yaml")
+    assert {e.pipeline for e in entries} == {"random:sdxl"} and make_settings(settings).resolution == 1024
+    assert [e.options for e in random_init_entries("sdxl")] == [
         {}, {"compile": True}, {"compile": True, "tiny_vae": "random"}, {"compile": True, "fast": True},
         {"compile": True, "fast": True, "tiny_vae": "random"}]
-    assert [e.sampler for e in bench.random_init_entries("sdxl")][3:] == ["lcm", "lcm"]
+    assert [e.sampler for e in random_init_entries("sdxl")][3:] == ["lcm", "lcm"]
     assert {e.name: e.options.get("fast", False) for e in entries}["sdxl 1-step compiled + CUDA graph tiny VAE"]
 
 
@@ -307,41 +309,42 @@ def test_bench_config_files():
 ])
 def test_bad_entries(text, message):
     with pytest.raises(ValueError, match=message):
-        bench.parse_entry(text)
+        parse_entry(text)
 
 
 def test_bad_inputs_fail_before_loading(tmp_path, capsys):
     settings = _settings(tmp_path)
     with pytest.raises(ValueError, match="pipeline folder .*missing/export does not exist"):
-        bench.validate(bench.parse_entry(f"{tmp_path}/missing/export steps=1"), settings)
+        validate(parse_entry(f"{tmp_path}/missing/export steps=1"), settings)
     with pytest.raises(ValueError, match="no entries"):
-        bench.validate([], settings)
+        validate([], settings)
     with pytest.raises(ValueError, match="tiny_vae=.*no config.json"):
-        bench.validate(bench.parse_entry(f"toy-sd tiny_vae={tmp_path}"), settings)
+        validate(parse_entry(f"toy-sd tiny_vae={tmp_path}"), settings)
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
     with pytest.raises(ValueError, match="holds a AutoencoderKL, not an AutoencoderTiny"):
-        bench.validate(bench.parse_entry(f"toy-sd tiny_vae={tmp_path}"), settings)
+        validate(parse_entry(f"toy-sd tiny_vae={tmp_path}"), settings)
     with pytest.raises(ValueError, match="replays sampler=lcm, ddim or flow_euler .*not sampler=euler"):
-        bench.validate(bench.parse_entry("toy-sd fast=true sampler=euler"), settings)
+        validate(parse_entry("toy-sd fast=true sampler=euler"), settings)
     with pytest.raises(ValueError, match="a hybrid entry runs two"):
-        bench.validate(bench.parse_entry("hybrid teacher=toy-sd student=toy-sd teacher_steps=1 steps=2"),
-                       bench.make_settings({**settings.__dict__, "fast": True}))
+        validate(parse_entry("hybrid teacher=toy-sd student=toy-sd teacher_steps=1 steps=2"),
+                       make_settings({**settings.__dict__, "fast": True}))
     with pytest.raises(ValueError, match="same name"):
-        bench.validate(bench.parse_entry("toy-sd steps=2,2"), settings)
+        validate(parse_entry("toy-sd steps=2,2"), settings)
     with pytest.raises(ValueError, match="quality='clip'"):
-        bench.make_settings({"quality": "clip"})
-    with pytest.raises(ValueError, match="cannot import nothing from stepdistill.bench.sampler"):
-        bench.make_settings({"quality": "stepdistill.bench.sampler:nothing"})
-    assert bench.quality_fn("stepdistill.bench.sampler:toy_quality") is bench.QUALITY["toy"]
+        make_settings({"quality": "clip"})
+    with pytest.raises(ValueError, match="cannot import nothing from stepdistill.bench.quality"):
+        make_settings({"quality": "stepdistill.bench.quality:nothing"})
+    assert quality_fn("stepdistill.bench.quality:toy_quality") is QUALITY["toy"]
+    assert quality_fn("stepdistill.bench.sampler:toy_quality") is QUALITY["toy"]  # the README's older path
     with pytest.raises(ValueError, match="batch_sizes=0 must be >= 1"):
-        bench.make_settings({"batch_sizes": "1,0"})
+        make_settings({"batch_sizes": "1,0"})
     bad = tmp_path / "bad.yaml"
     bad.write_text("entries:\n  - {pipeline: toy-sd, stpes: 2}\n")
     with pytest.raises(ValueError, match=r"entries\[0\]: unknown key.*stpes"):
-        bench.load_bench_file(bad)
+        load_bench_file(bad)
     bad.write_text("entries: []\nsetings: {}\n")
     with pytest.raises(ValueError, match="unknown top-level key.*setings"):
-        bench.load_bench_file(bad)
+        load_bench_file(bad)
 
     from stepdistill.cli import main
 

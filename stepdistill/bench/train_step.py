@@ -7,15 +7,15 @@ phase of ``method.phases(step)`` through ``Trainer.run_phase``), without logging
 checkpoints. It reports:
 
 * **iteration time**: median over ``--iters`` timed iterations after ``--warmup`` warm-up ones,
-  ``torch.cuda.synchronize()`` before and after each (``time.perf_counter``). Methods with a
-  two time-scale update rule have two kinds of iteration (DMD2: critic-only, and with the generator
+  ``torch.cuda.synchronize()`` before and after each (``time.perf_counter``, ``bench.measure``). Methods
+  with a two time-scale update rule have two kinds of iteration (DMD2: critic-only, and with the generator
   update every ``critic_steps_per_generator_step`` steps); each kind is timed ``--iters`` times
   (interleaved) and the amortised time per step is the frequency-weighted mean of the kinds.
 * **peak memory**: ``torch.cuda.max_memory_allocated`` (reset before every timed iteration); on
   CPU the peak resident set size of the process (``resource.getrusage``).
-* **sum of parts**: every denoiser call the timed iterations make is recorded per role (input
-  batch, the backbone batch actually run — classifier-free guidance doubles it —, grad mode, and
-  whether its outputs are back-propagated), then each distinct call is timed alone in the same
+* **sum of parts**: every denoiser call the timed iterations make is recorded per role
+  (``bench.call_recorder``: input batch, the backbone batch actually run — classifier-free guidance
+  doubles it —, grad mode, and whether its outputs are back-propagated), then each distinct call is timed alone in the same
   process (same inputs and conditioning, the harness's autocast; forward under ``no_grad``, or
   forward + backward of ``output.float().square().mean()`` when the iteration back-propagates
   through it), plus the batch preparation (text encoders). Counts are means per iteration. The
@@ -40,13 +40,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import json
 import math
 import os
 import statistics
 import sys
 import tempfile
-import time
 import traceback
 import warnings
 from collections import Counter
@@ -56,6 +56,8 @@ from typing import Any
 
 import torch
 
+from stepdistill.bench.call_recorder import CallRecorder, CallType, flatten_outputs
+from stepdistill.bench.measure import median_ms, peak_mib, peak_rss_mib, reset_peak, sync, timed_call
 from stepdistill.config.load import validate_out_dir
 
 ARCH_CONFIGS = {"sd15": "dmd2_sd15", "sdxl": "dmd2_sdxl", "tiny": "tests/tiny_dmd2"}
@@ -191,214 +193,7 @@ def build_config(args: argparse.Namespace, workdir: Path):
     return cfg
 
 
-# ---- recording denoiser calls ------------------------------------------------------------------------
-def _flatten(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, list | tuple):
-        return [t for item in out for t in _flatten(item)]
-    return []
-
-
-def _detach(value: Any) -> Any:
-    """A replayable copy of a call argument: tensors detached (leaves that require grad stay so)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().requires_grad_(value.requires_grad and value.is_floating_point())
-    return value
-
-
-@dataclass
-class CallType:
-    """One distinct kind of denoiser call of an iteration kind, with a replayable instance."""
-
-    phase: str
-    role: str
-    batch: int
-    backbone_batches: tuple[int, ...]
-    cfg: bool
-    grad: bool
-    input_grad: bool
-    features: bool | str  # True: prediction and features; "features only": the backbone stops there
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-    count: int = 0
-    used_outputs: set = field(default_factory=set)  # output indices that received gradients
-
-    @property
-    def backprop(self) -> bool:
-        return bool(self.used_outputs)
-
-    def replay_key(self) -> tuple:
-        return (self.phase, self.role, self.batch, self.backbone_batches, self.cfg, self.grad, self.input_grad,
-                self.features, tuple(sorted(self.used_outputs)))
-
-    def label(self, trains_role: bool) -> str:
-        kind = "fwd+bwd" if self.backprop else ("fwd (grad mode)" if self.grad else "fwd")
-        if self.features and self.used_outputs == {1}:
-            kind = "fwd+bwd from the features"
-        if self.features == "features only":
-            kind = ("fwd+bwd" if self.backprop else "fwd") + " to the features"
-        text = f"{self.role} {kind}, batch {self.batch}"
-        calls = self.backbone_batches
-        if self.cfg and calls == (2 * self.batch,):
-            text += " + CFG (backbone batch " + str(2 * self.batch) + ")"
-        elif calls and calls != (self.batch,):
-            text += f" (backbone batches {'+'.join(map(str, calls))})"
-        elif self.cfg:
-            text += " + CFG"
-        if self.features and "features" not in kind:
-            text += " + features"
-        if self.backprop and not trains_role:
-            text += ", grad to inputs only"
-        return f"{text} · {self.phase} phase"
-
-
-class _RecordingDenoiser:
-    def __init__(self, denoiser, role: str, recorder: CallRecorder):
-        self._denoiser, self._role, self._recorder = denoiser, role, recorder
-
-    def __call__(self, *args, **kwargs):
-        rec = self._recorder
-        grad = torch.is_grad_enabled()
-        input_grad = any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
-        frame: list[int] = []
-        rec.stack.append(frame)
-        try:
-            out = self._denoiser(*args, **kwargs)
-        finally:
-            rec.stack.pop()
-        rec.add(self._role, args, kwargs, grad, input_grad, tuple(frame), out)
-        return out
-
-    def __getattr__(self, item):
-        return getattr(self._denoiser, item)
-
-
-class CallRecorder:
-    """Records every denoiser call of the iterations run while ``recording`` (see ``installed``)."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.kind: tuple[str, ...] | None = None
-        self.phase: str | None = None
-        self.calls: dict[tuple[str, ...], dict[tuple, CallType]] = {}
-        self.batches: dict[tuple[str, ...], list[int]] = {}  # make_batch indices per kind
-        # teacher.encode_prompt calls a method makes itself (outside make_batch): first prompts, count
-        self.prompt_calls: dict[tuple[str, ...], tuple[list[str], int]] = {}
-        self._in_batch = False
-        self.iterations: Counter = Counter()
-        self.stack: list[list[int]] = []
-
-    @property
-    def recording(self) -> bool:
-        return self.kind is not None
-
-    def add(self, role: str, args, kwargs, grad: bool, input_grad: bool, frame: tuple[int, ...], out) -> None:
-        if not self.recording:
-            return
-        x = args[0] if args else kwargs.get("x_t")
-        batch = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim else 0
-        uncond = kwargs.get("uncond")
-        cfg = uncond is not None and float(kwargs.get("guidance_scale", 1.0)) != 1.0
-        features = "features only" if kwargs.get("features_only") else bool(kwargs.get("return_features", False))
-        key = (self.phase, role, batch, frame, cfg, grad, input_grad, features)
-        calls = self.calls.setdefault(self.kind, {})
-        call = calls.get(key)
-        if call is None:
-            call = calls[key] = CallType(self.phase, role, batch, frame, cfg, grad, input_grad, features,
-                                         tuple(_detach(a) for a in args),
-                                         {k: _detach(v) for k, v in kwargs.items()})
-        call.count += 1
-        for i, t in enumerate(_flatten(out)):
-            if t.requires_grad:
-                t.register_hook(_mark_used(call, i))
-
-    @contextlib.contextmanager
-    def installed(self):
-        """Wrap every role's denoiser, count backbone calls, count ``make_batch`` calls."""
-        from stepdistill.harness.roles import Role
-        from stepdistill.models import unwrap_model
-
-        original = Role.denoiser
-        recorder = self
-
-        def denoiser(role):
-            inner = original.fget(role)
-            return _RecordingDenoiser(inner, role.name, recorder) if recorder.recording else inner
-
-        def pre_hook(_module, args, kwargs):
-            if recorder.stack:
-                sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-                if isinstance(sample, torch.Tensor):
-                    recorder.stack[-1].append(int(sample.shape[0]))
-
-        trainer = self.trainer
-        make_batch = trainer.make_batch
-
-        def recording_make_batch(index: int):
-            cached = trainer._batch_cache is not None and trainer._batch_cache[0] == index
-            if recorder.recording and not cached:  # the phases of one step share a batch
-                recorder.batches.setdefault(recorder.kind, []).append(index)
-            recorder._in_batch = True
-            try:
-                return make_batch(index)
-            finally:
-                recorder._in_batch = False
-
-        teacher = trainer.teacher
-        encode_prompt = teacher.encode_prompt
-
-        def recording_encode_prompt(prompts, *args, **kwargs):
-            if recorder.recording and not recorder._in_batch:
-                first, count = recorder.prompt_calls.get(recorder.kind, (prompts, 0))
-                recorder.prompt_calls[recorder.kind] = (first, count + 1)
-            return encode_prompt(prompts, *args, **kwargs)
-
-        modules = {id(unwrap_model(r.module)): unwrap_model(r.module) for r in trainer.roles.values()}
-        handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in modules.values()]
-        Role.denoiser = property(denoiser)
-        trainer.make_batch = recording_make_batch
-        teacher.encode_prompt = recording_encode_prompt
-        try:
-            yield self
-        finally:
-            Role.denoiser = original
-            del trainer.make_batch  # back to the class methods
-            del teacher.encode_prompt
-            for h in handles:
-                h.remove()
-
-
-def _mark_used(call: CallType, index: int):
-    def hook(grad):
-        call.used_outputs.add(index)
-        return grad
-
-    return hook
-
-
-# ---- timing ----------------------------------------------------------------------------------------
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _median_ms(fn, reps: int, warmup: int = 2, cleanup=None) -> float:
-    times = []
-    for i in range(warmup + reps):
-        _sync()
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
-        if cleanup is not None:
-            cleanup()
-    return statistics.median(times)
-
-
+# ---- timing each part alone ---------------------------------------------------------------------------
 def _clear_grads(trainer, extra: list[torch.Tensor] = ()) -> None:
     for role in trainer.roles.values():
         for p in role.trainable_parameters():
@@ -419,12 +214,12 @@ def time_call(trainer, call: CallType, reps: int) -> float:
         with torch.set_grad_enabled(call.grad), acc.autocast():
             out = role.denoiser(*call.args, **call.kwargs)
             if used:
-                tensors = _flatten(out)
+                tensors = flatten_outputs(out)
                 loss = sum(tensors[i].float().square().mean() for i in used)
                 acc.backward(loss)
 
     try:
-        return _median_ms(run, reps, cleanup=lambda: _clear_grads(trainer, leaves))
+        return median_ms(run, reps, device=trainer.device, cleanup=lambda: _clear_grads(trainer, leaves))
     finally:
         _clear_grads(trainer, leaves)
         trainer._activate(())
@@ -435,7 +230,7 @@ def time_make_batch(trainer, index: int, reps: int) -> float:
         trainer._batch_cache = None  # the phases of a step share one batch; time a real encoding
         return trainer.make_batch(index)
 
-    return _median_ms(encode, reps)
+    return median_ms(encode, reps, device=trainer.device)
 
 
 def time_optimizer(trainer, name: str, reps: int) -> float:
@@ -459,7 +254,7 @@ def time_optimizer(trainer, name: str, reps: int) -> float:
 
     fill()
     try:
-        return _median_ms(step, reps, cleanup=fill)
+        return median_ms(step, reps, device=trainer.device, cleanup=fill)
     finally:
         _clear_grads(trainer)
 
@@ -562,7 +357,7 @@ class KindResult:
     kind: IterationKind
     frequency: float
     times_ms: list[float]
-    peak_bytes: int | None
+    peak_mib: float | None
     parts: list[Part]
     optimizer: list[Part]
     syncs: Counter = field(default_factory=Counter)
@@ -592,15 +387,6 @@ class BenchResult:
         return sum(k.frequency * k.sum_of_parts_ms for k in self.kinds)
 
 
-def _rss_mib() -> float | None:
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
-
-
 def run_iteration(trainer, step: int, recorder: CallRecorder | None = None) -> None:
     for phase in trainer.method.phases(step):
         if recorder is not None:
@@ -616,9 +402,9 @@ def benchmark(trainer, warmup: int, iters: int, part_iters: int = 5, sync_report
     freq, order = plan_steps(trainer.method, warmup + iters)
     seen: Counter = Counter()
     times: dict[IterationKind, list[float]] = {k: [] for k in freq}
-    peaks: dict[IterationKind, int] = {k: 0 for k in freq}
+    peaks: dict[IterationKind, float] = {k: 0.0 for k in freq}
     recorder = CallRecorder(trainer)
-    rss_before = _rss_mib()
+    rss_before = peak_rss_mib()
     with recorder.installed():
         for i, (kind, step) in enumerate(order):
             timed = seen[kind] >= warmup
@@ -628,19 +414,15 @@ def benchmark(trainer, warmup: int, iters: int, part_iters: int = 5, sync_report
                      f"{', '.join(iteration_name(k) for k in freq)}")
             recorder.kind = kind if timed else None
             if cuda:
-                torch.cuda.reset_peak_memory_stats(trainer.device)
-            _sync()
-            t0 = time.perf_counter()
-            run_iteration(trainer, step, recorder)
-            _sync()
-            elapsed = (time.perf_counter() - t0) * 1e3
+                reset_peak(trainer.device)
+            elapsed = timed_call(functools.partial(run_iteration, trainer, step, recorder), trainer.device) * 1e3
             recorder.kind = None
             if timed:
                 times[kind].append(elapsed)
                 recorder.iterations[kind] += 1
                 if cuda:
-                    peaks[kind] = max(peaks[kind], torch.cuda.max_memory_allocated(trainer.device))
-    rss_after = _rss_mib()
+                    peaks[kind] = max(peaks[kind], peak_mib(trainer.device))
+    rss_after = peak_rss_mib()
 
     syncs: dict[IterationKind, Counter] = {k: Counter() for k in freq}
     sync_note = "" if cuda else "n/a (no CUDA)"
@@ -648,10 +430,10 @@ def benchmark(trainer, warmup: int, iters: int, part_iters: int = 5, sync_report
         _, extra = plan_steps(trainer.method, 1)
         try:
             for kind, step in extra:
-                _sync()
+                sync(trainer.device)
                 with catch_syncs(syncs.setdefault(kind, Counter())):
                     run_iteration(trainer, step)
-                _sync()
+                sync(trainer.device)
         except Exception as e:  # a diagnostic only: never lose the timings for it
             sync_note = f"sync report failed: {type(e).__name__}: {e}"
     elif cuda:
@@ -673,7 +455,7 @@ def benchmark(trainer, warmup: int, iters: int, part_iters: int = 5, sync_report
                               batch_cache[indices[0]], len(indices) / n))
         if kind in recorder.prompt_calls:
             prompts, count = recorder.prompt_calls[kind]
-            ms = _median_ms(lambda p=prompts: trainer.teacher.encode_prompt(p), part_iters)
+            ms = median_ms(lambda p=prompts: trainer.teacher.encode_prompt(p), part_iters, device=trainer.device)
             parts.append(Part(f"text encoders: encode_prompt by the method, batch {len(prompts)}", "text_encoder",
                               ms, count / n))
         for call in recorder.calls.get(kind, {}).values():
@@ -751,8 +533,8 @@ def _fmt_count(count: float) -> str:
 
 
 def _fmt_mem(kind: KindResult, result: BenchResult) -> str:
-    if kind.peak_bytes is not None:
-        return f"{kind.peak_bytes / 2**30:.2f} GiB"
+    if kind.peak_mib is not None:
+        return f"{kind.peak_mib / 1024:.2f} GiB"
     if result.cpu_rss is not None:
         return f"n/a (CPU: peak RSS {result.cpu_rss[0]:.0f} MiB, +{result.cpu_rss[1]:.0f} during timing)"
     return "n/a"
@@ -767,7 +549,7 @@ def csv_rows(result: BenchResult) -> list[dict[str, Any]]:
 
     for k in result.kinds:
         name = iteration_name(k.kind)
-        peak = f"{k.peak_bytes / 2**20:.1f}" if k.peak_bytes is not None else (
+        peak = f"{k.peak_mib:.1f}" if k.peak_mib is not None else (
             f"{result.cpu_rss[0]:.1f}" if result.cpu_rss else "")
         row("summary", "iteration", name, ms=f"{k.median_ms:.4f}", count=len(k.times_ms),
             share=f"{k.median_ms / k.sum_of_parts_ms:.4f}", peak=peak)
