@@ -60,8 +60,6 @@ class ResultsError(ValueError):
 def _read_json(path: Path) -> Any:
     if not path.exists():
         raise ResultsError(f"{path}: no such file")
-    if path.is_dir():
-        raise ResultsError(f"{path} is a folder without metrics.json")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
@@ -72,7 +70,11 @@ def _read_json(path: Path) -> Any:
 
 def _metrics_path(path: Path) -> Path:
     """A run folder's ``metrics.json``, or the JSON file itself."""
-    return path / "metrics.json" if path.is_dir() else path
+    if path.is_dir():
+        if not (path / "metrics.json").is_file():
+            raise ResultsError(f"{path} is a folder without metrics.json (not an evaluated run)")
+        return path / "metrics.json"
+    return path
 
 
 def _check_metrics(metrics: Any, where: Path) -> None:
