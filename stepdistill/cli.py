@@ -226,6 +226,10 @@ VERBATIM = {
               "(see `stepdistill bench --help`)", _cmd_bench),
     "eval": ("FID / KID, CLIP score and diversity of a pipeline (see `stepdistill eval --help`)", _cmd_eval),
     "toy": ("toy-domain tools: train-teacher, train-classifier, eval", _cmd_toy),
+    "results": ("add a run's metrics to results/, render or check docs/results.md (see `stepdistill results "
+                "--help`)", lambda argv: __import__("stepdistill.results", fromlist=["results_main"]).results_main(argv)),
+    "docs": ("render or check docs/configuration.md from the config dataclasses (see `stepdistill docs --help`)",
+             lambda argv: __import__("stepdistill.results", fromlist=["docs_main"]).docs_main(argv)),
 }
 
 
