@@ -141,7 +141,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 TOY_TOOLS = {
     "train-teacher": ("stepdistill.toy.train_teacher", "train a toy teacher pipeline (toy-sd / toy-flow)"),
     "train-classifier": ("stepdistill.toy.classifier", "train the toy attribute classifier (FID features)"),
-    "eval": ("stepdistill.toy.evaluate", "evaluate a run's exported student against its toy teacher"),
+    "eval": ("stepdistill.eval.compare", "evaluate a run's exported student against its toy teacher "
+                                         "(= stepdistill eval RUN_DIR)"),
 }
 
 
@@ -224,7 +225,7 @@ VERBATIM = {
                     _cmd_bench_train),
     "bench": ("benchmark samplers: latency, throughput, memory and quality per entry "
               "(see `stepdistill bench --help`)", _cmd_bench),
-    "eval": ("FID / KID, CLIP score and diversity of a pipeline (see `stepdistill eval --help`)", _cmd_eval),
+    "eval": ("FID / KID, CLIP score and diversity of a pipeline, or a run against its teacher (see `stepdistill eval --help`)", _cmd_eval),
     "toy": ("toy-domain tools: train-teacher, train-classifier, eval", _cmd_toy),
     "results": ("add a run's metrics to results/, render or check docs/results.md (see `stepdistill results "
                 "--help`)", lambda argv: __import__("stepdistill.results", fromlist=["results_main"]).results_main(argv)),

@@ -222,3 +222,31 @@ def test_two_processes_give_the_single_process_numbers(tmp_path):
     assert two["num_processes"] == 2 and two["num_images"] == 10
     for key, value in one["metrics"].items():
         assert two["metrics"][key] == pytest.approx(value, rel=1e-4), key
+
+
+def test_run_folder_evaluation_through_both_commands(tmp_path):
+    """`stepdistill eval RUN_DIR` and its alias `stepdistill toy eval RUN_DIR`: the teacher-vs-student files,
+    the same numbers from either, and metrics.json's provenance."""
+    import shutil
+
+    from stepdistill.toy.teachers import teacher_path
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(teacher_path("toy-flow"), run_dir / "export")  # stands in for an exported student
+    (run_dir / "export" / "stepdistill.json").write_text(json.dumps(
+        {"num_inference_steps": 1, "guidance_scale": 1.0, "timesteps": None}))
+    (run_dir / "config.yaml").write_text(
+        "model: {pretrained: toy-sd, resolution: 32}\n"
+        "eval: {prompts: 'builtin:toy_held_out', seeds_per_prompt: 1, teacher_steps: 1, teacher_guidance: 1.0, "
+        "student_steps: [], teacher_baselines: []}\n")
+    results = {}
+    for command in (["eval"], ["toy", "eval"]):
+        assert cli_main([*command, str(run_dir)]) == 0
+        results[" ".join(command)] = json.loads((run_dir / "metrics.json").read_text())
+        assert (run_dir / "comparison.png").is_file() and "| student 1-step |" in (run_dir / "summary.md").read_text()
+    one, other = results.values()
+    assert set(one["results"]) == {"teacher 1-step", "student 1-step"}
+    for row in ("teacher 1-step", "student 1-step"):
+        assert one["results"][row]["all"] == other["results"][row]["all"]
+    assert one["command"] == f"stepdistill toy eval {run_dir} --seeds-per-prompt 1 --student-steps 1"
+    assert one["provenance"]["num_samples"] == 11 and one["provenance"]["command"] == one["command"]

@@ -15,7 +15,6 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from stepdistill.eval.clip_score import CLIPScorer, clip_score, to_pil
 from stepdistill.eval.diversity import mean_pairwise_distance
 from stepdistill.eval.fid import (
-    FeatureSpace,
     FeatureStats,
     clean_resize,
     fid_from_stats,
@@ -23,6 +22,7 @@ from stepdistill.eval.fid import (
     kid_from_features,
     min_images_for_fid,
 )
+from stepdistill.eval.spaces import FeatureSpace, ToySpace
 
 
 class PoolFeatures(nn.Module):
@@ -41,6 +41,17 @@ class PoolFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = nn.functional.adaptive_avg_pool2d(images.float() / 255.0, 4).flatten(1)
         return self.proj(x)
+
+
+class Given(nn.Module):
+    """Identity "network": torchmetrics' metrics on features computed beforehand."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
 
 
 def _images(n: int, seed: int, size: int = 24, shift: float = 0.0) -> torch.Tensor:
@@ -246,15 +257,23 @@ def test_diversity_by_hand():
         mean_pairwise_distance(f[:2], ["a", "b"])
 
 
-def test_toy_feature_space_matches_toy_fid():
-    """The toy space through the eval path gives stepdistill.toy.metrics.fid's number."""
-    from stepdistill.toy.metrics import ToyFeatures, fid, reference_images
+def test_fid_from_features_is_torchmetrics_fid_to_the_last_digit():
+    """Statistics accumulated as torchmetrics' FID accumulates them give its number exactly, in the features'
+    precision (float32 features: a float32 FID, as torchmetrics reports for a float32 network)."""
+    from stepdistill.eval.toy import reference_images
 
-    real, fake = reference_images(150, seed=1), reference_images(150, seed=2, split="held_out")
-    toy = FeatureSpace("toy", ToyFeatures(), size=None, dtype="float")
-    ours = fid_from_stats(FeatureStats.from_features(toy.features((fake + 1) / 2)),
-                          FeatureStats.from_features(toy.features((real + 1) / 2)))
-    assert ours == pytest.approx(fid(fake, real), rel=1e-4)
+    real, fake = reference_images(600, seed=1), reference_images(150, seed=2, split="held_out")
+    space = ToySpace()
+    f_real, f_fake = space.features((real + 1) / 2), space.features((fake + 1) / 2)
+    metric = FrechetInceptionDistance(feature=Given(128))
+    for chunk in f_real.split(500):  # torchmetrics' state, filled in the same blocks
+        metric.update(chunk, real=True)
+    metric.update(f_fake, real=False)
+    ours = fid_from_stats(FeatureStats.from_features(f_fake), FeatureStats.from_features(f_real))
+    assert ours == float(metric.compute())
+    assert FeatureStats.from_features(f_fake).dtype == "float32"
+    in_float64 = fid_from_stats(FeatureStats.from_features(f_fake.double()), FeatureStats.from_features(f_real.double()))
+    assert in_float64 == pytest.approx(ours, rel=1e-6) and in_float64 != ours
 
 
 # ---- the real Inception path, with random weights (the real ones cannot be downloaded here) ---------
@@ -282,7 +301,7 @@ def random_inception_weights(tmp_path_factory):
 def test_inception_space_gives_torchmetrics_fid_features(random_inception_weights):
     """Our Inception features are exactly those torchmetrics' FrechetInceptionDistance(feature=2048)
     accumulates for the clean-resized images (so the FID, tested above on a small module, is its FID)."""
-    from stepdistill.eval.fid import inception_space
+    from stepdistill.eval.spaces import inception_space
 
     space = inception_space(str(random_inception_weights))
     real = _images(2, 12, size=40)

@@ -267,7 +267,7 @@ def test_seeded_steps_fix_a_flow_students_images_by_their_seeds():
     before and whatever else is in the batch."""
     from diffusers import DiffusionPipeline
 
-    from stepdistill.eval.evaluate import generate_images
+    from stepdistill.eval.generate import generate_images
     from stepdistill.models.loading import resolve_pretrained
     from stepdistill.sampling.schedulers import seeded_steps
 

@@ -1,4 +1,4 @@
-"""The toy metrics on the shipped classifier: it reads real procedural images right, and FID, KID,
+"""The toy metrics (stepdistill.eval.toy, ToySpace) on the shipped classifier: it reads real procedural images right, and FID, KID,
 alignment and diversity move the way they should (CPU, a few seconds)."""
 
 from __future__ import annotations
@@ -7,20 +7,19 @@ import numpy as np
 import pytest
 import torch
 
+from stepdistill.eval.spaces import ToySpace
+from stepdistill.eval.toy import (
+    aligned_diversity,
+    alignment,
+    distribution_metrics,
+    diversity,
+    reference_images,
+    toy_image_metrics,
+    toy_metrics_by_split,
+)
 from stepdistill.toy import classifier as classifier_module
 from stepdistill.toy.classifier import ToyClassifier, _gaussian_blur, load_classifier
 from stepdistill.toy.data import HELD_OUT, parse_caption, render, sample_batch, to_tensor
-from stepdistill.toy.metrics import (
-    ToyFeatures,
-    aligned_diversity,
-    alignment,
-    diversity,
-    evaluate_by_split,
-    evaluate_images,
-    fid,
-    kid,
-    reference_images,
-)
 
 N = 300  # images a set: enough for a clear FID gap, small enough to stay fast
 
@@ -51,22 +50,28 @@ def test_shipped_classifier_reads_fresh_images_including_held_out():
     assert correct[400:].all(dim=1).float().mean() >= 0.95  # the held-out combinations alone
 
 
-def test_toy_features_plug_into_torchmetrics(real):
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    features = ToyFeatures()
-    assert features.num_features == 128
-    features.train()
-    assert not features.training  # stays in eval mode
-    images, _ = real
+def test_toy_space_reads_unit_and_signed_images_alike(real):
+    space = ToySpace()
+    assert space.num_features == 128 and space.name == "toy"
+    images, captions = real
     unit = (images[:8] + 1) / 2
-    as_uint8 = (unit * 255).round().to(torch.uint8)
-    # float [0, 1] and uint8 [0, 255] inputs are the same images
-    assert torch.allclose(features(unit), features(as_uint8), atol=0.1)
-    metric = FrechetInceptionDistance(feature=ToyFeatures(), normalize=True)
-    metric.update(unit, real=True)
-    metric.update(unit, real=False)
-    assert abs(float(metric.compute())) < 1e-3
+    features = space.features(unit)
+    assert features.shape == (8, 128) and features.dtype == torch.float32
+    torch.testing.assert_close(features, space.signed_features(images[:8]), atol=1e-4, rtol=1e-4)
+    # prompt scores are read on the images as a PNG holds them, and summed up as alignment
+    scores = space.prompt_scores(unit, captions[:8])
+    assert scores["correct"].shape == (8, 3)
+    metrics = space.prompt_metrics(scores, captions[:8], list(range(8)))
+    assert metrics["alignment"] >= 0.85 and set(metrics) >= {"color_accuracy", "held_out_alignment"}
+
+
+def fid(fake, real):
+    return distribution_metrics(fake, real)["fid"]
+
+
+def kid(fake, real):
+    m = distribution_metrics(fake, real)
+    return m["kid_mean"], m["kid_std"]
 
 
 def test_fid_and_kid_separate_shifted_sets(real, reference):
@@ -141,10 +146,10 @@ def test_aligned_diversity_ignores_images_that_miss_their_prompt():
         aligned_diversity(right[:3], captions[:2])
 
 
-def test_evaluate_by_split(real):
+def test_toy_metrics_by_split(real):
     images, captions = real
     reference_held_out = reference_images(120, seed=404, split="held_out")
-    result = evaluate_by_split(images, captions, reference_images(N, seed=202), reference_held_out)
+    result = toy_metrics_by_split(images, captions, reference_images(N, seed=202), reference_held_out)
     assert set(result) == {"all", "held_out"}
     n_held = sum(1 for c in captions if parse_caption(c) in HELD_OUT)
     assert result["held_out"]["num_images"] == n_held > 0
@@ -155,12 +160,12 @@ def test_evaluate_by_split(real):
     assert result["all"]["diversity"] > 0  # the random batch repeats prompts
 
 
-def test_evaluate_images_fails_fast_on_bad_prompts(real, reference):
+def test_toy_image_metrics_fails_fast_on_bad_prompts(real, reference):
     images, captions = real
     with pytest.raises(ValueError, match="not a toy-domain caption"):
-        evaluate_images(images[:4], captions[:3] + ["hello"], reference)
+        toy_image_metrics(images[:4], captions[:3] + ["hello"], reference)
     with pytest.raises(ValueError, match="4 images but 3 prompts"):
-        evaluate_images(images[:4], captions[:3], reference)
+        toy_image_metrics(images[:4], captions[:3], reference)
 
 
 def test_load_classifier_missing_folder_names_the_command(tmp_path, monkeypatch):

@@ -219,7 +219,7 @@ class EvalConfig:
 
     Writes metrics.json (FID, alignment, diversity, latency for teacher and student), comparison.png
     and summary.md into the run folder. Toy teachers (toy-sd, toy-flow) only for now: their FID
-    feature space and alignment score come with the project (stepdistill/toy/metrics.py).
+    feature space and alignment score come with the project (stepdistill/eval/spaces.py, ToySpace).
     """
 
     enabled: bool = False

@@ -19,9 +19,14 @@ generator seeded with ``s * 1_000_000 + i``: the same for every model, different
 re-noising steps of few-step flow students draw from it too (``sampling.schedulers.seeded_steps``: the SD3 and
 FLUX pipelines would draw them from torch's global RNG), so an image is fixed by its seed alone.
 
-The toy domain (the shipped toy-sd / toy-flow teachers and students exported from them) is evaluated in
-the toy classifier's feature space, with its prompt alignment in place of CLIP score and procedural
-shapes as the default reference.
+The feature space is chosen once, up front, by the pipeline's kind (``stepdistill.eval.spaces``): real
+pipelines are measured with Inception and CLIP; the toy domain (the shipped toy-sd / toy-flow teachers
+and students exported from them) with the toy classifier's features and its prompt alignment in place of
+CLIP score, with procedural shapes as the default reference. The evaluation itself is the same for both.
+metrics.json carries its provenance (date, git commit, command line, sample count).
+
+Given a finished run folder instead of a pipeline, ``stepdistill eval RUN_DIR`` compares the run's
+exported student with its toy teacher (``stepdistill.eval.compare``, also ``stepdistill toy eval``).
 
 Every user error (missing weights, empty prompt file, unreadable reference images, too few images for
 FID, mismatched resolutions) is raised as one ValueError before anything is generated.
@@ -35,92 +40,18 @@ import math
 import os
 import shlex
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 from stepdistill.config.load import validate_out_dir
-from stepdistill.harness.logging import image_grid
-from stepdistill.models.loading import as_dtype, dtype_kwarg, resolve_pretrained
+from stepdistill.eval.generate import generate_images, labelled_grid, noise_seed
+from stepdistill.eval.provenance import provenance
+from stepdistill.models.loading import dtype_kwarg, resolve_pretrained
 
 __all__ = ["EvalSettings", "evaluate", "generate_images", "labelled_grid", "main", "noise_seed"]
-
-
-def noise_seed(seed: int, prompt_index: int) -> int:
-    """The generator seed of image (prompt ``prompt_index``, seed ``seed``)."""
-    return seed * 1_000_000 + prompt_index
-
-
-# ----------------------------------------------------------------------------------------------------
-# Generation and grids (shared with stepdistill.toy.evaluate)
-
-
-@torch.no_grad()
-def generate_images(pipe, prompts: list[str], seeds: list[int], steps: int | None = None,
-                    guidance: float | None = None, resolution: int | None = None, batch_size: int = 16,
-                    timesteps: list | None = None, progress: bool = False, desc: str = "generating",
-                    leave: bool = True) -> tuple[torch.Tensor, float]:
-    """Images [N, 3, H, W] in [0, 1] (float32, CPU) for ``prompts[i]`` with a CPU generator seeded by
-    ``seeds[i]``, and seconds per image (CUDA-synchronised). None settings use the pipeline's defaults."""
-    from tqdm.auto import tqdm
-
-    from stepdistill.sampling.schedulers import seeded_steps
-
-    if len(prompts) != len(seeds):
-        raise ValueError(f"generate_images: {len(prompts)} prompts but {len(seeds)} seeds")
-    kwargs: dict = {"output_type": "pt"}
-    if steps is not None:
-        kwargs["num_inference_steps"] = steps
-    if guidance is not None:
-        kwargs["guidance_scale"] = guidance
-    if resolution is not None:
-        kwargs["height"] = kwargs["width"] = resolution
-    if timesteps:
-        kwargs["timesteps"] = timesteps
-    images, elapsed = [], 0.0
-    device = getattr(pipe, "_execution_device", None) or getattr(pipe, "device", torch.device("cpu"))
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=desc, disable=not progress, unit="batch", leave=leave):
-        chunk = slice(start, start + batch_size)
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[chunk]]
-        _sync(device)
-        t0 = time.perf_counter()
-        with seeded_steps(pipe, generators):  # flow pipelines' re-noising steps too (sampling/schedulers.py)
-            out = pipe(list(prompts[chunk]), generator=generators, **kwargs)
-        _sync(device)
-        elapsed += time.perf_counter() - t0
-        images.append(out.images.float().cpu())
-    if not images:
-        return torch.zeros(0, 3, resolution or 1, resolution or 1), 0.0
-    return torch.cat(images), elapsed / len(prompts)
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def labelled_grid(rows: list[tuple[str, torch.Tensor]], scale: int = 3, max_size: int = 256,
-                  label_width: int = 150) -> Image.Image:
-    """One row of images ([N, 3, H, W] in [-1, 1]) per entry, its name written on the left. Small images
-    are enlarged ``scale`` times (nearest), large ones shrunk to ``max_size``."""
-    label_w = label_width
-    grids = [image_grid(images, rows=1) for _, images in rows]
-    side = rows[0][1].shape[-1]
-    factor = scale if side * scale <= max_size else max_size / side
-    w = int(max(g.width for g in grids) * factor)
-    h = int(grids[0].height * factor)
-    canvas = Image.new("RGB", (label_w + w, h * len(rows)), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    resample = Image.NEAREST if factor >= 1 else Image.BICUBIC
-    for i, ((name, _), grid) in enumerate(zip(rows, grids)):
-        canvas.paste(grid.resize((int(grid.width * factor), h), resample), (label_w, i * h))
-        draw.text((6, i * h + h // 2 - 6), name, fill=(0, 0, 0))
-    return canvas
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -256,12 +187,6 @@ def _default_resolution(pipe, info: dict) -> int:
     return int(size) * vae_factor
 
 
-def _torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return as_dtype(name)
-
-
 def _load_pipeline(name: str, dtype: torch.dtype, device: torch.device):
     from diffusers import DiffusionPipeline
 
@@ -299,78 +224,12 @@ def _gather(state, records: list) -> list:
     return gather_object(records)
 
 
-def reference_stats(s: EvalSettings, space, state, toy: bool, resolution: int, check_count=None):
-    """FeatureStats of the reference: an .npz, a folder (features cached as .npz), or (toy) procedural images.
-    ``check_count(n)`` runs on the reference size before any feature is computed."""
-    check_count = check_count or (lambda n: None)
-    from stepdistill.eval.fid import FeatureStats, folder_cache_key, load_image_folder, scan_image_folder
-
-    if s.reference is None:
-        if not toy:
-            return None, {}
-        from stepdistill.toy.metrics import reference_images
-
-        check_count(s.num_reference)
-        imgs = (reference_images(s.num_reference, seed=10_000, split="all") + 1) / 2
-        mine = _split(state, list(range(imgs.shape[0])))
-        feats = space.features(imgs[mine], s.batch_size) if mine else torch.zeros(0, space.num_features)
-        feats = _gather(state, [(i, f.float().numpy()) for i, f in zip(mine, feats)])
-        feats = np.stack([f for _, f in sorted(feats, key=lambda r: r[0])])
-        return FeatureStats.from_features(feats, space.name), {"source": "procedural toy images (seed 10000)",
-                                                               "n": int(feats.shape[0])}
-    ref = Path(s.reference).expanduser()
-    if ref.suffix == ".npz":
-        if not ref.is_file():
-            raise ValueError(f"--reference {s.reference!r}: no such .npz file")
-        stats = FeatureStats.load(ref, space.name, space.num_features)
-        if stats.n is not None:
-            check_count(stats.n)
-        return stats, {"source": str(ref), "n": stats.n}
-    files, _ = scan_image_folder(ref, resolution, s.center_crop_reference)
-    check_count(len(files))
-    key = folder_cache_key(files, space.name, resolution if s.center_crop_reference else None,
-                           s.center_crop_reference)
-    cache = Path(s.reference_cache) if s.reference_cache else (
-        Path.home() / ".cache" / "stepdistill" / "fid" / f"{ref.name}-{space.name}-{key}.npz")
-    if cache.is_file():
-        stats = FeatureStats.load(cache, space.name, space.num_features)
-        if stats.n == len(files):
-            return stats, {"source": str(ref), "n": stats.n, "cache": str(cache), "cached": True}
-    from tqdm.auto import tqdm
-
-    mine = _split(state, list(range(len(files))))
-    records = []
-    for start in tqdm(range(0, len(mine), s.batch_size), desc="reference features", unit="batch",
-                      disable=not state.is_main_process):
-        idx = mine[start:start + s.batch_size]
-        imgs = load_image_folder([files[i] for i in idx], resolution, s.center_crop_reference)
-        records.extend(zip(idx, space.features(imgs, s.batch_size).float().numpy()))
-    records = _gather(state, records)
-    feats = np.stack([f for _, f in sorted(records, key=lambda r: r[0])])
-    stats = FeatureStats.from_features(feats, space.name)
-    if state.is_main_process:
-        stats.save(cache)
-    return stats, {"source": str(ref), "n": stats.n, "cache": str(cache), "cached": False}
-
-
 # ----------------------------------------------------------------------------------------------------
 # The evaluation
 
 
-def evaluate(s: EvalSettings) -> dict | None:
-    """Run the evaluation; returns the metrics dict on the main process (None on the others)."""
-    from accelerate import PartialState
-
-    from stepdistill.data.prompts import load_prompts
-    from stepdistill.models.loading import resolve_pretrained
-
-    _check_settings(s)
-    # On a CPU-only machine `accelerate launch --multi_gpu` gives a gloo group only when told it runs on CPU.
-    state = PartialState(cpu=not torch.cuda.is_available())
-    device = state.device
-
-    # 1. What is evaluated, on which prompts (cheap checks first).
-    validate_out_dir(s.out)
+def _pipeline_kind(s: EvalSettings) -> tuple[str, dict]:
+    """Check the pipeline argument; "toy" or "real" (``--domain`` or detected) and its stepdistill.json."""
     resolved = resolve_pretrained(s.pipeline)
     folder = Path(resolved) if Path(resolved).is_dir() else None
     if folder is None and (os.sep in str(s.pipeline) or str(s.pipeline).startswith((".", "~"))):
@@ -380,8 +239,30 @@ def evaluate(s: EvalSettings) -> dict | None:
         raise ValueError(f"pipeline {s.pipeline!r} is a folder but not a diffusers pipeline (no model_index.json); "
                          "give a folder written by save_pretrained (a stepdistill export), a Hub id, or toy-sd")
     info = _read_info(folder) if folder else {}
-    toy = detect_toy(folder, info) if s.domain == "auto" else s.domain == "toy"
-    source = s.prompts or ("builtin:toy_all" if toy else None)
+    if s.domain != "auto":
+        return s.domain, info
+    return ("toy" if detect_toy(folder, info) else "real"), info
+
+
+def evaluate(s: EvalSettings) -> dict | None:
+    """Run the evaluation; returns the metrics dict on the main process (None on the others)."""
+    from accelerate import PartialState
+
+    from stepdistill.data.prompts import load_prompts
+    from stepdistill.eval.fid import FeatureStats, fid_from_stats, kid_from_features
+    from stepdistill.eval.reference import reference_stats
+    from stepdistill.eval.spaces import SPACES
+
+    _check_settings(s)
+    # On a CPU-only machine `accelerate launch --multi_gpu` gives a gloo group only when told it runs on CPU.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    device = state.device
+
+    # 1. What is evaluated, on which prompts (cheap checks first).
+    validate_out_dir(s.out)
+    kind, info = _pipeline_kind(s)
+    space_class = SPACES[kind]  # the feature space, chosen once: everything below is the same for every kind
+    source = s.prompts or space_class.default_prompts
     if source is None:
         raise ValueError("--prompts is required (a .txt file, a CSV/JSONL/parquet with a caption column, or a COCO "
                          "captions JSON)")
@@ -390,50 +271,18 @@ def evaluate(s: EvalSettings) -> dict | None:
         order = np.random.default_rng(s.shuffle_prompts).permutation(len(prompts))
         prompts = [prompts[i] for i in order]
     plan = plan_images(prompts, list(s.seeds), s.num_images, source)
-    if toy:
-        from stepdistill.toy.data import RESOLUTION, parse_caption
-
-        for p in {p for _, p, _ in plan}:
-            parse_caption(p)  # ValueError for a prompt that is not a toy caption
-        if s.resolution not in (None, RESOLUTION):
-            raise ValueError(f"--resolution {s.resolution}: toy pipelines generate {RESOLUTION}x{RESOLUTION} images "
-                             f"(the toy feature space needs that size); drop --resolution")
+    space_class.check([p for _, p, _ in plan], s.resolution)
     if s.reference and not Path(s.reference).expanduser().exists():
         raise ValueError(f"--reference {s.reference!r} does not exist (give a folder of real images or an .npz)")
     if s.reference and Path(s.reference).suffix != ".npz" and not Path(s.reference).expanduser().is_dir():
         raise ValueError(f"--reference {s.reference!r} is neither a folder of images nor an .npz of statistics")
-    need_space = toy or s.reference is not None  # FID and KID need a reference (toy: procedural by default)
-    if not need_space and s.no_clip:
-        raise ValueError("nothing to measure: give --reference (real images or an .npz) for FID/KID, or drop --no-clip")
-    want_fid = need_space and not s.no_fid
 
-    # 2. Metric networks (before the pipeline, so that missing weights stop us early).
-    from stepdistill.eval.fid import (
-        FeatureSpace,
-        FeatureStats,
-        fid_from_stats,
-        inception_space,
-        kid_from_features,
-    )
-
-    space = None
-    if toy:
-        from stepdistill.toy.metrics import ToyFeatures
-
-        space = FeatureSpace("toy", ToyFeatures().to(device), size=None, dtype="float")
-    elif need_space:
-        space = inception_space(s.inception_weights, device)
-    scorer = None
-    if not toy and not s.no_clip:
-        from stepdistill.eval.clip_score import CLIPScorer
-
-        if s.clip_transformers:
-            scorer = CLIPScorer.from_transformers(s.clip_transformers, device)
-        else:
-            scorer = CLIPScorer.from_open_clip(s.clip_model, s.clip_pretrained, device)
+    # 2. The feature space's networks (before the pipeline, so that missing weights stop us early).
+    space = space_class.build(s, device)
+    want_fid = space.has_features and not s.no_fid
 
     # 3. The pipeline, its resolution, the sampler settings.
-    dtype = torch.float32 if toy else _torch_dtype(s.dtype, device)
+    dtype = space.pipeline_dtype(s.dtype, device)
     pipe = _load_pipeline(s.pipeline, dtype, device)
     resolution = s.resolution or _default_resolution(pipe, info)
     step = _resolution_step(pipe)
@@ -451,15 +300,20 @@ def evaluate(s: EvalSettings) -> dict | None:
 
     # 4. Reference statistics (also checks the reference images) and the sample-size requirement.
     ref_stats, ref_info = None, {}
-    if space is not None:
+    if space.has_features:
         min_reference = None
         if want_fid:
             _fid_size_check(len(plan), None, space.num_features, space.name)
+
             def min_reference(n):
                 _fid_size_check(len(plan), n, space.num_features, space.name)
-        ref_stats, ref_info = reference_stats(s, space, state, toy, resolution, check_count=min_reference)
+        ref_stats, ref_info = reference_stats(
+            space, s.reference, resolution=resolution, batch_size=s.batch_size, num_default=s.num_reference,
+            split=lambda items: _split(state, items), gather=lambda records: _gather(state, records),
+            cache=s.reference_cache, center_crop=s.center_crop_reference, is_main=state.is_main_process,
+            check_count=min_reference)
 
-    # 5. Generate this process's share; measure features where the images are.
+    # 5. Generate this process's share; measure features and prompt scores where the images are.
     mine = _split(state, list(range(len(plan))))
     grid_limit = min(s.grid_prompts, len({i for i, _, _ in plan}))
     records, seconds = [], 0.0
@@ -469,24 +323,23 @@ def evaluate(s: EvalSettings) -> dict | None:
                unit="img", disable=not state.is_local_main_process)
     for start in range(0, len(mine), s.batch_size):
         idx = mine[start:start + s.batch_size]
-        images, per_image = generate_images(
-            pipe, [plan[i][1] for i in idx], [noise_seed(plan[i][2], plan[i][0]) for i in idx], steps, guidance,
-            resolution, s.batch_size, timesteps)
+        batch_prompts = [plan[i][1] for i in idx]
+        images, per_image = generate_images(pipe, batch_prompts, [noise_seed(plan[i][2], plan[i][0]) for i in idx],
+                                            steps, guidance, resolution, s.batch_size, timesteps)
         seconds += per_image * len(idx)
-        feats = space.features(images, s.batch_size).float().numpy() if space is not None else [None] * len(idx)
-        if scorer is not None:
-            cos, emb = scorer.cosine(images, [plan[i][1] for i in idx], s.batch_size)
-            cos, emb = cos.numpy(), emb.numpy()
-        else:
-            cos, emb = [None] * len(idx), [None] * len(idx)
+        # float64 features: stepdistill eval reports FID and KID in float64 (stepdistill.eval.fid)
+        feats = space.features(images, s.batch_size).double().numpy() if space.has_features else None
+        scores = space.prompt_scores(images, batch_prompts, s.batch_size)
         for j, i in enumerate(idx):
-            keep = toy or plan[i][0] < grid_limit
-            image = images[j]
-            if keep and not toy and max(image.shape[-2:]) > 256:
-                image = torch.nn.functional.interpolate(image[None], size=(256, 256), mode="bilinear",
-                                                        antialias=True)[0]
-            records.append({"index": i, "feature": feats[j], "cos": None if cos[j] is None else float(cos[j]),
-                            "clip": emb[j], "image": (image * 255).round().to(torch.uint8).numpy() if keep else None})
+            image = None
+            if plan[i][0] < grid_limit:
+                image = images[j]
+                if max(image.shape[-2:]) > 256:
+                    image = torch.nn.functional.interpolate(image[None], size=(256, 256), mode="bilinear",
+                                                            antialias=True)[0]
+                image = (image * 255).round().to(torch.uint8).numpy()
+            records.append({"index": i, "feature": None if feats is None else feats[j],
+                            "scores": {k: v[j] for k, v in scores.items()}, "image": image})
         bar.update(len(idx))
     bar.close()
     records = _gather(state, records)
@@ -497,8 +350,9 @@ def evaluate(s: EvalSettings) -> dict | None:
 
     # 6. Metrics.
     group = [plan[r["index"]][0] for r in records]
+    captions = [plan[r["index"]][1] for r in records]
     metrics: dict = {}
-    feats = np.stack([r["feature"] for r in records]) if space is not None else None
+    feats = np.stack([r["feature"] for r in records]) if space.has_features else None
     if feats is not None and ref_stats is not None:
         if want_fid:
             metrics["fid"] = fid_from_stats(FeatureStats.from_features(feats, space.name, keep_features=False),
@@ -511,26 +365,12 @@ def evaluate(s: EvalSettings) -> dict | None:
     has_groups = len(set(group)) < len(group)
     if feats is not None and has_groups:
         metrics["diversity"] = _diversity(feats, group, "l2")
-    if scorer is not None:
-        from stepdistill.eval.clip_score import clip_score
-
-        metrics["clip_score"] = clip_score([r["cos"] for r in records])
-        metrics["clip_model"] = scorer.name
-        if has_groups:
-            metrics["diversity_clip"] = _diversity(np.stack([r["clip"] for r in records]), group, "cosine")
-    if toy:
-        from stepdistill.toy.data import HELD_OUT, parse_caption
-        from stepdistill.toy.metrics import alignment
-
-        images = torch.from_numpy(np.stack([r["image"] for r in records])).float() / 127.5 - 1
-        captions = [plan[r["index"]][1] for r in records]
-        metrics.update(alignment(images, captions))
-        held = [k for k, c in enumerate(captions) if parse_caption(c) in HELD_OUT]
-        metrics["held_out_alignment"] = alignment(images[held], [captions[k] for k in held])["alignment"] if held else None
+    scores = {k: np.stack([r["scores"][k] for r in records]) for k in (records[0]["scores"] if records else {})}
+    metrics.update(space.prompt_metrics(scores, captions, group))
     total_seconds = sum(t for t, _ in seconds_all)
     result = {
         "pipeline": s.pipeline,
-        "domain": "toy" if toy else "real",
+        "domain": kind,
         "prompts": source,
         "shuffle_prompts": s.shuffle_prompts,
         "num_images": len(records),
@@ -541,13 +381,14 @@ def evaluate(s: EvalSettings) -> dict | None:
         "resolution": resolution,
         "dtype": str(dtype).replace("torch.", ""),
         "fast": s.fast,
-        "feature_space": space.name if space is not None else None,
+        "feature_space": space.name if space.has_features else None,
         "reference": ref_info or None,
         "metrics": metrics,
         "seconds_per_image": total_seconds / max(1, len(records)),  # generation time of one image on one process
         "num_processes": state.num_processes,
         "noise_seed": "seed * 1000000 + prompt_index",
         "command": s.command,
+        "provenance": provenance(s.command, len(records)),
     }
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -555,10 +396,10 @@ def evaluate(s: EvalSettings) -> dict | None:
     (out / "summary.md").write_text(summary_markdown(result))
     grid_rows = []
     for p in range(grid_limit):
-        imgs = [r["image"] for r in records if plan[r["index"]][0] == p and r["image"] is not None]
-        if imgs:
-            grid_rows.append((_short(plan[[r["index"] for r in records if plan[r["index"]][0] == p][0]][1]),
-                              torch.from_numpy(np.stack(imgs)).float() / 127.5 - 1))
+        kept = [r for r in records if plan[r["index"]][0] == p and r["image"] is not None]
+        if kept:
+            grid_rows.append((_short(plan[kept[0]["index"]][1]),
+                              torch.from_numpy(np.stack([r["image"] for r in kept])).float() / 127.5 - 1))
     if grid_rows:
         width = min(420, 12 + 6 * max(len(name) for name, _ in grid_rows))  # PIL's default font: ~6 px a character
         labelled_grid(grid_rows, label_width=width).save(out / "grid.png")
@@ -620,7 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stepdistill eval",
         description="FID / KID, CLIP score and diversity of a diffusers text-to-image pipeline (a teacher, or a "
                     "student exported by stepdistill). Multi-GPU: accelerate launch -m stepdistill.cli eval ...")
-    p.add_argument("pipeline", help="pipeline folder, Hub id, or a shipped toy teacher (toy-sd, toy-flow)")
+    p.add_argument("pipeline", help="pipeline folder, Hub id, or a shipped toy teacher (toy-sd, toy-flow); a "
+                                    "finished run folder (config.yaml, export/) compares its student with its "
+                                    "teacher (options: --seeds-per-prompt, --student-steps)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (metrics.json, summary.md, grid.png)")
     p.add_argument("--prompts", metavar="SOURCE",
                    help="prompt file (.txt, .csv/.tsv/.jsonl/.parquet with --caption-column, COCO captions .json) "
@@ -672,7 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """``stepdistill eval PIPELINE --out DIR ...``, or ``stepdistill eval RUN_DIR`` for a finished run."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from stepdistill.eval.compare import is_run_folder
+    from stepdistill.eval.compare import main as compare_main
+
+    if argv and not argv[0].startswith("-") and is_run_folder(argv[0]):
+        return compare_main(argv, prog="stepdistill eval")
     args = build_parser().parse_args(argv)
     settings = EvalSettings(**{k: v for k, v in vars(args).items()},
                             command="stepdistill eval " + " ".join(shlex.quote(a) for a in argv))

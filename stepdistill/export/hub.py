@@ -78,7 +78,7 @@ def _find_grid(run_dir: Path | None) -> Path | None:
 
 
 def _metrics_table(metrics: dict) -> str:
-    from stepdistill.toy.evaluate import summary_table
+    from stepdistill.eval.compare import summary_table
 
     try:  # the toy evaluation's rows (all / held_out splits)
         return summary_table(metrics["results"], metrics.get("data"))

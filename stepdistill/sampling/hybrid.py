@@ -88,7 +88,7 @@ class HybridSampler:
         self._student = Teacher(student, family)
         self.shared_text = _shares_text_encoders(teacher, student)
 
-    # The bench and ``toy.evaluate.generate`` treat the sampler as a pipeline.
+    # The bench and ``eval.generate.generate`` treat the sampler as a pipeline.
     @property
     def device(self) -> torch.device:
         return self._student.device

@@ -1,7 +1,7 @@
 """The toy attribute classifier: colour, kind and position of the shape in a 32×32 toy image.
 
 It is the toy domain's stand-in for both Inception and CLIP: its penultimate features are the FID/KID
-feature space (``stepdistill.toy.metrics.ToyFeatures``) and its predictions give the prompt-alignment
+feature space (``stepdistill.eval.spaces.ToySpace``) and its predictions give the prompt-alignment
 score (are colour, kind and position the ones the prompt asked for?).
 
 Trained by ``stepdistill toy train-classifier`` (``main`` here) on procedural images of *every*
@@ -81,7 +81,7 @@ class ToyClassifier(nn.Module):
     def metric_features(self, images: torch.Tensor) -> torch.Tensor:
         """``features`` centred on clean procedural images and scaled to unit mean variance a feature.
 
-        The FID/KID/diversity space (``stepdistill.toy.metrics.ToyFeatures``). FID is shift-invariant
+        The FID/KID/diversity space (``stepdistill.eval.spaces.ToySpace``). FID is shift-invariant
         and only rescaled by this; KID's polynomial kernel needs features of order one (the raw ones
         reach ~50, which made its float32 estimate cancel catastrophically).
         """

@@ -1,19 +1,29 @@
-"""Teacher vs student on the toy domain: FID, prompt alignment, diversity, latency, comparison grid.
+"""Teacher vs student on the toy domain: FID, prompt alignment, diversity, latency and a comparison grid.
 
-Both sides are run as plain diffusers pipelines (the exported student folder and the shipped
-teacher), with the same prompts and seeds, so the numbers describe what a user would load.
+``evaluate_run`` measures a finished run (``<run>/export`` against its toy teacher) and writes
+metrics.json, comparison.png and summary.md into the run folder; ``stepdistill eval RUN_DIR`` and
+``stepdistill toy eval RUN_DIR`` run it again with the settings of the run's config.yaml (``main``).
+
+Both sides are run as plain diffusers pipelines (the exported student folder and the shipped teacher),
+with the same prompts and seeds, so the numbers describe what a user would load. Each row is measured by
+``stepdistill.eval.toy`` on all prompts and on the held-out combinations.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from stepdistill.eval.evaluate import generate_images, labelled_grid  # noqa: F401  (labelled_grid: re-export)
+from stepdistill.eval.generate import Entry, generate, labelled_grid
+from stepdistill.eval.provenance import provenance
+
+__all__ = ["DATA_ROW", "baseline_rows", "evaluate_entries", "evaluate_run", "is_run_folder", "main", "real_images",
+           "summary_table"]
+
+DATA_ROW = "real images (the data: FID floor, diversity to match)"
 
 
 @contextlib.contextmanager
@@ -30,28 +40,6 @@ def _quiet_diffusers():
     finally:
         dlogging.set_verbosity(level)
         dlogging.enable_progress_bar()
-
-
-@dataclass
-class Entry:
-    """One row of the comparison: a pipeline sampled at a number of steps and a guidance scale."""
-
-    name: str
-    pipe: object
-    steps: int
-    guidance: float
-    timesteps: list | None = None
-
-
-def generate(entry: Entry, prompts: list[str], seeds: list[int], resolution: int, batch_size: int = 64,
-             progress: bool = True) -> tuple[torch.Tensor, float]:
-    """Images in [-1, 1] for every (prompt, seed) pair, prompt-major (seed ``s`` for every prompt); and
-    seconds per image."""
-    pairs = [(p, s) for p in prompts for s in seeds]
-    images, seconds = generate_images(entry.pipe, [p for p, _ in pairs], [s for _, s in pairs], entry.steps,
-                                      entry.guidance, resolution, batch_size, entry.timesteps, progress=progress,
-                                      desc=f"eval: {entry.name}", leave=False)
-    return images * 2 - 1, seconds
 
 
 def real_images(prompts: list[str], seeds: list[int]) -> torch.Tensor:
@@ -73,21 +61,20 @@ def evaluate_entries(entries: list[Entry], prompts: list[str], seeds: list[int],
     generator gets at this sample count (FID is biased upward for small sets) and the diversity of the data,
     which a generator should match rather than exceed (a student above it is noisier, not more varied).
     """
-    from stepdistill.toy.metrics import evaluate_by_split, reference_images
+    from stepdistill.eval.toy import reference_images, toy_metrics_by_split
+    from stepdistill.toy.data import RESOLUTION
 
     ref_all = reference_images(num_reference, seed=10_000, split="all")
     ref_held = reference_images(num_reference, seed=20_000, split="held_out")
     groups = [i for i in range(len(prompts)) for _ in seeds]  # one group per prompt (its seeds)
     caps = [p for p in prompts for _ in seeds]
     results, images, out = {}, {}, {}
-    from stepdistill.toy.data import RESOLUTION
-
     if data_row and resolution == RESOLUTION:  # real images exist at the procedural data's own size only
         out["data_images"] = real_images(prompts, seeds)
-        out["data"] = evaluate_by_split(out["data_images"], caps, ref_all, ref_held, groups)
+        out["data"] = toy_metrics_by_split(out["data_images"], caps, ref_all, ref_held, groups)
     for entry in entries:
         imgs, latency = generate(entry, prompts, seeds, resolution, batch_size)
-        metrics = evaluate_by_split(imgs, caps, ref_all, ref_held, groups)
+        metrics = toy_metrics_by_split(imgs, caps, ref_all, ref_held, groups)
         metrics["latency_ms_per_image"] = latency * 1000
         metrics["steps"], metrics["guidance_scale"] = entry.steps, entry.guidance
         results[entry.name], images[entry.name] = metrics, imgs
@@ -96,13 +83,11 @@ def evaluate_entries(entries: list[Entry], prompts: list[str], seeds: list[int],
     return {"results": results, "images": images, **out}
 
 
-DATA_ROW = "real images (the data: FID floor, diversity to match)"
-
-
 def summary_table(results: dict, data: dict | None = None) -> str:
     """The markdown table of ``results`` (rows of ``evaluate_entries``), led by the data row when given."""
     head = ("| model | steps | FID ↓ | alignment ↑ | held-out FID | held-out alignment | diversity | "
             "aligned diversity | ms / image |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+
     def num(value, fmt=".2f"):
         return "n/a" if value is None else format(value, fmt)
 
@@ -134,6 +119,7 @@ def evaluate_run(run_dir: str | Path, teacher: str, teacher_steps: int, teacher_
 
     from stepdistill.data.prompts import load_prompts
     from stepdistill.models.loading import resolve_pretrained
+    from stepdistill.sampling.experts import with_experts
 
     run_dir = Path(run_dir)
     export = run_dir / "export"
@@ -143,8 +129,6 @@ def evaluate_run(run_dir: str | Path, teacher: str, teacher_steps: int, teacher_
         teacher_pipe = DiffusionPipeline.from_pretrained(resolve_pretrained(teacher))
     for pipe in (student, teacher_pipe):
         pipe.set_progress_bar_config(disable=True)
-    from stepdistill.sampling.experts import with_experts
-
     student = with_experts(student, export)  # a mixture-of-experts student (Phased DMD): expert i at step i
     entries = [Entry(f"teacher {teacher_steps}-step", teacher_pipe, teacher_steps, teacher_guidance)]
     for steps, guidance in teacher_baselines:
@@ -175,7 +159,8 @@ def evaluate_run(run_dir: str | Path, teacher: str, teacher_steps: int, teacher_
     command = (f"stepdistill toy eval {run_dir} --seeds-per-prompt {seeds_per_prompt} --student-steps "
                + " ".join(str(k) for k in student_steps))
     metrics = {"teacher": teacher, "prompts": prompts_source, "seeds_per_prompt": seeds_per_prompt,
-               "command": command, "results": out["results"], "data": out.get("data")}
+               "command": command, "results": out["results"], "data": out.get("data"),
+               "provenance": provenance(command, len(prompts) * len(seeds))}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(table, flush=True)
     return metrics
@@ -186,25 +171,43 @@ def baseline_rows(ev) -> list[tuple[int, float]]:
     return [(int(row["steps"]), float(row["guidance"])) for row in ev.get("teacher_baselines") or []]
 
 
-def main(argv=None) -> int:
-    """``stepdistill toy eval RUN_DIR``: evaluate a finished run again (settings from its config.yaml)."""
+def evaluate_config_run(run_dir: str | Path, cfg, student_steps: list[int] | None = None,
+                        seeds_per_prompt: int | None = None, num_inference_steps: int | None = None) -> dict:
+    """``evaluate_run`` with the settings of a run's config (its ``eval`` and ``model`` sections).
+
+    ``student_steps`` / ``seeds_per_prompt`` override the config's; with neither there nor in the config,
+    the student is measured at ``num_inference_steps`` (default: the export's).
+    """
+    ev = cfg.eval
+    if num_inference_steps is None:
+        num_inference_steps = json.loads((Path(run_dir) / "export" / "stepdistill.json").read_text())[
+            "num_inference_steps"]
+    steps = list(student_steps or []) or list(ev.student_steps) or [num_inference_steps]
+    return evaluate_run(run_dir, str(cfg.model.pretrained), ev.teacher_steps, ev.teacher_guidance, steps,
+                        seeds_per_prompt or ev.seeds_per_prompt, cfg.model.resolution, ev.prompts,
+                        teacher_baselines=baseline_rows(ev))
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """A finished run folder: its config.yaml and an export with stepdistill.json."""
+    path = Path(path)
+    return (path / "config.yaml").is_file() and (path / "export" / "stepdistill.json").is_file()
+
+
+def main(argv=None, prog: str = "stepdistill toy eval") -> int:
+    """Evaluate a finished run again: its exported student against its toy teacher (settings from its
+    config.yaml); writes metrics.json, comparison.png and summary.md into the run folder."""
     import argparse
 
     from omegaconf import OmegaConf
 
-    parser = argparse.ArgumentParser(prog="stepdistill toy eval", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
     parser.add_argument("run_dir", help="run folder with config.yaml and export/")
     parser.add_argument("--seeds-per-prompt", type=int, default=None)
     parser.add_argument("--student-steps", type=int, nargs="*", default=None)
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "export" / "stepdistill.json").is_file():
+    if not is_run_folder(run_dir):
         parser.error(f"{run_dir} is not a finished run folder (needs config.yaml and export/stepdistill.json)")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    ev = cfg.eval
-    info = json.loads((run_dir / "export" / "stepdistill.json").read_text())
-    steps = args.student_steps or list(ev.student_steps) or [info["num_inference_steps"]]
-    evaluate_run(run_dir, str(cfg.model.pretrained), ev.teacher_steps, ev.teacher_guidance, steps,
-                 args.seeds_per_prompt or ev.seeds_per_prompt, cfg.model.resolution, ev.prompts,
-                 teacher_baselines=baseline_rows(ev))
+    evaluate_config_run(run_dir, OmegaConf.load(run_dir / "config.yaml"), args.student_steps, args.seeds_per_prompt)
     return 0
