@@ -12,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from stepdistill.eval.compare import evaluate_config_run
 from stepdistill.export.hub import write_model_card
 from stepdistill.export.pipeline import export_pipeline
 from stepdistill.harness.preflight import Plan
@@ -41,13 +42,7 @@ def export_student(trainer: Trainer, out: str | Path | None = None, dtype: str |
 def evaluate(trainer: Trainer) -> dict:
     """Teacher vs exported student on the toy domain (the config's ``eval`` section); writes the run's
     ``metrics.json``, ``summary.md`` and comparison grid."""
-    from stepdistill.toy.evaluate import baseline_rows, evaluate_run
-
-    cfg, ev = trainer.cfg, trainer.cfg.eval
-    steps = list(ev.student_steps) or [trainer.method.num_inference_steps]
-    return evaluate_run(trainer.run_dir, str(cfg.model.pretrained), ev.teacher_steps, ev.teacher_guidance,
-                        steps, ev.seeds_per_prompt, cfg.model.resolution, ev.prompts,
-                        teacher_baselines=baseline_rows(ev))
+    return evaluate_config_run(trainer.run_dir, trainer.cfg, num_inference_steps=trainer.method.num_inference_steps)
 
 
 def complete(trainer: Trainer) -> Path:

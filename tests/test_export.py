@@ -111,3 +111,32 @@ def test_hand_set_timesteps_are_refused_where_the_pipeline_cannot_take_them(meth
     cfg = tiny_config(tmp_path / "b", method, "method.num_steps=2", "method.generator_timesteps=[999,400]",
                       "export.enabled=false")
     assert Trainer(cfg).method.export_timesteps() == [999.0, 400.0]
+
+
+@pytest.mark.parametrize("overrides", [
+    ("roles.generator.ema_decay=0.5",),
+    ("roles.generator.lora_rank=4", "roles.generator.lora_alpha=4", "roles.generator.share_teacher_base=true",
+     "roles.generator.lr=0.01", "roles.generator.ema_decay=0.5"),
+], ids=["full_weights", "shared_base_lora"])
+def test_export_from_a_checkpoint_equals_the_in_process_export(overrides, tmp_path):
+    """export_from_run builds only the networks and reads the checkpoint: the same weights as the export the
+    finished run wrote (EMA swapped in), and different ones without the EMA."""
+    from safetensors.torch import load_file
+
+    from stepdistill.export.pipeline import export_from_run
+
+    run_dir = tmp_path / "run"
+    # Two generator updates: after the first, diffusers' EMA (no warmup) equals the weights.
+    lifecycle.run(tiny_config(run_dir, "dmd2", "train.max_steps=2", "train.sample_every=0",
+                              "method.critic_steps_per_generator_step=1", *overrides))
+    again = export_from_run(run_dir, tmp_path / "again")
+    raw = export_from_run(run_dir, tmp_path / "raw", use_ema=False)
+    files = sorted((run_dir / "export").rglob("*.safetensors"))
+    assert any(f.parent.name == "unet" for f in files)
+    for f in files:
+        ours, theirs = load_file(f), load_file(again / f.relative_to(run_dir / "export"))
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), f
+    unet = next(f for f in files if f.parent.name == "unet").relative_to(run_dir / "export")
+    ema, plain = load_file(again / unet), load_file(raw / unet)
+    assert any(not torch.equal(ema[k], plain[k]) for k in ema)
