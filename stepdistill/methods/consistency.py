@@ -83,7 +83,7 @@ class LCMConfig:
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     def __post_init__(self) -> None:
-        _check_common(self)
+        check_consistency_config(self)
         if not 0.0 <= self.w_min <= self.w_max:
             raise ValueError(f"method.w_min={self.w_min}, w_max={self.w_max}: need 0 <= w_min <= w_max")
         if self.time_cond_proj_dim < 2:
@@ -109,14 +109,15 @@ class PCMConfig:
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     def __post_init__(self) -> None:
-        _check_common(self)
+        check_consistency_config(self)
         if self.num_phases < 1:
             raise ValueError(f"method.num_phases={self.num_phases} must be >= 1")
         if self.guidance_scale < 1.0:
             raise ValueError(f"method.guidance_scale={self.guidance_scale} must be >= 1 (1 = no CFG)")
 
 
-def _check_common(cfg) -> None:
+def check_consistency_config(cfg) -> None:
+    """The checks of the fields every ``ConsistencyDistillation`` config has (call it in ``__post_init__``)."""
     if getattr(cfg, "num_steps", 1) < 1:
         raise ValueError(f"method.num_steps={cfg.num_steps} must be >= 1")
     if cfg.num_ddim_timesteps < 1:
@@ -154,7 +155,8 @@ class ConsistencyDistillation(AdversarialHost, DistillMethod):
     It provides: training data (``_data``: real latents, their conditioning and the unconditional batch),
     the roles (``generator``, frozen ``teacher``, an EMA ``target`` when ``target_ema_decay > 0``, the LADD
     ``discriminator`` when ``adversarial.weight > 0``), the phases (``generator``, then ``discriminator``),
-    the skipping-step solver grid (``_solver_grid``, LCM Sec. 4.3), one CFG teacher DDIM step
+    the skipping-step solver grid (``_solver_grid``, LCM Sec. 4.3: call it in ``__init__`` and keep the
+    steps the method trains on), one CFG teacher DDIM step
     (``_teacher_step``, LCM Eq. 8-9), the target network (``_target_denoiser``: the EMA target or the online
     student) and the distance d (``_distance``).
 
@@ -162,7 +164,7 @@ class ConsistencyDistillation(AdversarialHost, DistillMethod):
 
     - ``name``, ``paper`` and ``Config``: a dataclass with at least ``name``, ``num_ddim_timesteps``, ``loss``
       ("pseudo_huber" or "l2"), ``huber_c``, ``target_ema_decay`` and ``adversarial`` (``AdversarialConfig``);
-      its ``__post_init__`` may call ``_check_common``;
+      its ``__post_init__`` may call ``check_consistency_config``;
     - ``_generator_losses(batch, step)``: the consistency loss (the paper's equation cited where it is
       computed), returning ``{"loss": ..., ...}``; with the LADD term on (``self.adv``), add
       ``self._adversarial_generator_term(out, x0_estimate, cond, step)`` to the loss;
