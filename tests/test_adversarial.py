@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stepdistill.losses import approximate_r1, hinge_discriminator_loss, hinge_generator_loss, r1_penalty
-from stepdistill.methods.adversarial import AdversarialConfig, logit_normal_timesteps
+from stepdistill.methods.adversarial_term import AdversarialConfig, logit_normal_timesteps
 from stepdistill.models import FlowSchedule, VPSchedule
 from tests.helpers import snapshot, tiny_config
 

@@ -100,7 +100,7 @@ def _trainer(tmp_path, method, *overrides):
 def test_scm_jvp_matches_finite_differences(tmp_path):
     """sCM's tangent cos(t) sin(t) dF/dt from torch.func.jvp equals a finite difference along the PF-ODE,
     and the TrigFlow view of the flow student has f(x_t, t) = cos t x_t - sin t sigma_d F = its x0."""
-    from stepdistill.methods.consistency import _bare_denoiser
+    from stepdistill.methods.scm import _bare_denoiser
     from stepdistill.models.denoiser import math_attention
 
     trainer = _trainer(tmp_path, "scm", "export.enabled=false")

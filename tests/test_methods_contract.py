@@ -7,6 +7,7 @@ saved and resumed gives the same weights and the same next losses as an uninterr
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 
@@ -15,8 +16,11 @@ import torch
 
 from stepdistill import lifecycle
 from stepdistill.harness.trainer import Trainer
-from stepdistill.methods.registry import all_methods
-from tests.helpers import changed, snapshot, tiny_config
+from stepdistill.methods import DistillMethod
+from stepdistill.methods.registry import all_methods, get_method
+from tests.helpers import PYTHON, REPO, changed, run, snapshot, tiny_config
+
+EXPORT_HOOKS = ("export_experts", "export_timesteps", "export_guidance_scale")
 
 # Every registered method runs with its tiny config; extra cases switch on optional loss terms.
 CASES = {name: name for name in sorted(all_methods())}
@@ -197,8 +201,6 @@ def test_resume_continues_exactly(case, tmp_path, teacher_pairs):
 def test_every_method_exports_what_plain_diffusers_loads(tmp_path, teacher_pairs):
     """Each registered method's export is loaded and sampled, as its stepdistill.json says, by a process
     that never imports stepdistill."""
-    from tests.helpers import PYTHON, REPO, run
-
     folders = []
     for name in sorted(all_methods()):
         method, extra = _case(name, teacher_pairs)
@@ -220,3 +222,24 @@ def test_every_method_exports_what_plain_diffusers_loads(tmp_path, teacher_pairs
     proc = run([PYTHON, "-c", code], cwd=REPO)
     loaded = {line.split()[0] for line in proc.stdout.splitlines() if line.endswith("Pipeline ok")}
     assert loaded == set(all_methods())
+
+
+def test_every_method_module_is_discovered_in_a_fresh_process():
+    """A fresh interpreter finds every module of stepdistill/methods that registers a method (no list)."""
+    proc = run([PYTHON, "-c", "from stepdistill.methods import all_methods\n"
+                "print(' '.join(sorted({c.__module__ for c in all_methods().values()})))"], cwd=REPO)
+    found = set(proc.stdout.split())
+    files = sorted((REPO / "stepdistill" / "methods").glob("*.py"))
+    registering = {f"stepdistill.methods.{f.stem}" for f in files if "\n@register\n" in f.read_text()}
+    assert found == registering and len(found) >= 8
+
+
+@pytest.mark.parametrize("name", sorted(all_methods()))
+def test_export_hooks_are_declared_and_callable_with_defaults(name):
+    cls = get_method(name)
+    for hook in EXPORT_HOOKS:
+        assert hook in vars(DistillMethod), f"DistillMethod declares no {hook}"
+        # Overrides take nothing but self: the export calls them with no arguments.
+        inspect.signature(getattr(cls, hook)).bind(object())
+    for hook in EXPORT_HOOKS:
+        assert getattr(DistillMethod, hook)(object()) is None  # the defaults: "nothing beyond the pipeline"

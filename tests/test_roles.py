@@ -7,6 +7,7 @@ import torch
 
 from stepdistill.config.schema import RoleConfig
 from stepdistill.harness.roles import build_roles
+from stepdistill.methods.score import gan_head
 from stepdistill.models import load_teacher
 from stepdistill.models.lora import merged_copy
 from tests.helpers import snapshot
@@ -71,12 +72,20 @@ def test_lora_roles_share_the_teachers_base(teacher):
 
 
 def test_full_copy_role_is_independent_float32(teacher):
+    seen = []
+
+    def head(denoiser):  # a method's head factory gets the role's own backbone as a Denoiser
+        seen.append(denoiser.backbone)
+        return gan_head(denoiser)
+
     roles = build_roles(teacher, {"generator": RoleConfig(), "teacher": RoleConfig(trainable=False)},
-                        heads={"generator": "gan"}, device=torch.device("cpu"))
+                        heads={"generator": head}, device=torch.device("cpu"))
     gen = roles["generator"]
     assert gen.module is not teacher.backbone
+    assert seen == [gen.module]
     assert all(p.dtype == torch.float32 and p.requires_grad for p in gen.module.parameters())
     assert gen.head is not None and all(p.requires_grad for p in gen.head.parameters())
+    assert gen.head.in_channels == teacher.backbone.config.block_out_channels[-1]  # sized for the bottleneck
     assert not any(p.requires_grad for p in teacher.backbone.parameters())
 
 
@@ -85,6 +94,8 @@ def test_bad_role_configs(teacher, tmp_path):
         build_roles(teacher, {"teacher": RoleConfig(trainable=True)}, {}, torch.device("cpu"))
     with pytest.raises(ValueError, match="not a UNet2DConditionModel folder"):
         build_roles(teacher, {"generator": RoleConfig(init_from=str(tmp_path))}, {}, torch.device("cpu"))
+    with pytest.raises(ValueError, match="role head 'gan' is not callable"):
+        build_roles(teacher, {"generator": RoleConfig()}, {"generator": "gan"}, torch.device("cpu"))
     with pytest.raises(ValueError, match="lora_target_modules"):
         build_roles(teacher, {"generator": RoleConfig(lora_rank=2, lora_target_modules=["nope"])}, {},
                     torch.device("cpu"))

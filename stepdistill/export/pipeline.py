@@ -138,7 +138,7 @@ def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32",
         if variant not in ("fp16", "bf16"):
             raise ValueError(f"variant={variant!r}: choose fp16 or bf16")
         dtype = variant
-    experts = method.export_experts() if hasattr(method, "export_experts") else None
+    experts = method.export_experts()
     if lora_only:
         if experts:
             raise ValueError(f"--lora: the {method.name} student has one network per step; export the whole "
@@ -226,14 +226,15 @@ def _write_info(out: Path, teacher, method, scheduler, lora: str | None, config:
                 resumes: list[dict] | None = None) -> None:
     """``stepdistill.json``: how to sample the export (steps, timesteps, guidance), method and config."""
     steps = method.num_inference_steps
-    timesteps = method.export_timesteps() if hasattr(method, "export_timesteps") else None
+    timesteps = method.export_timesteps()
     # Guidance is distilled into the student: CFG at sampling time would double the cost and
     # over-saturate; diffusers pipelines skip CFG at guidance_scale <= 1. Guidance-embedded FLUX
     # students were called with the embedding at 1.0 during training, so they are sampled with it.
     guidance = 1.0 if teacher.family == "flux" else 0.0
-    if hasattr(method, "export_guidance_scale"):
+    scale = method.export_guidance_scale()
+    if scale is not None:
         # w-input students (LCM, guidance distillation) are sampled at their scale, in one pass each step.
-        guidance = method.export_guidance_scale()
+        guidance = scale
     info = {
         "lora": lora,
         "lora_only": lora_only,

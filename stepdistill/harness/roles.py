@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from stepdistill.config.schema import RoleConfig
-from stepdistill.models import Denoiser, GANHead, Teacher, unwrap_model
+from stepdistill.models import Denoiser, Teacher, unwrap_model
 from stepdistill.models.guidance import add_guidance_embedding, guidance_embedding_dim
 from stepdistill.models.lora import add_lora, enable_adapter_aware_checkpointing, lora_parameters, use_adapter
 
@@ -119,13 +119,12 @@ def _load_backbone(teacher: Teacher, path: str) -> torch.nn.Module:
     return cls.from_pretrained(folder)
 
 
-def _build_head(spec, module: torch.nn.Module, teacher: Teacher) -> torch.nn.Module:
-    """A role's head: ``"gan"`` (the bottleneck classifier of DMD2) or a factory ``spec(denoiser)``."""
-    if spec == "gan":
-        return GANHead.for_backbone(module, teacher.family)
-    if callable(spec):
-        return spec(teacher.denoiser(module))
-    raise ValueError(f"unknown head {spec!r}: give 'gan' or a callable denoiser -> nn.Module")
+def _build_head(factory, module: torch.nn.Module, teacher: Teacher) -> torch.nn.Module:
+    """A role's head: the method's ``factory(denoiser)`` (``DistillMethod.role_heads``) on the role's backbone."""
+    if not callable(factory):
+        raise ValueError(f"role head {factory!r} is not callable: DistillMethod.role_heads maps a role to a "
+                         "factory denoiser -> nn.Module")
+    return factory(teacher.denoiser(module))
 
 
 def build_roles(

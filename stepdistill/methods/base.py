@@ -8,6 +8,7 @@ off during that phase, so e.g. the critic gets no gradient from the generator lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -16,6 +17,7 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from stepdistill.config.schema import RoleConfig
     from stepdistill.harness.roles import Role
+    from stepdistill.models.denoiser import Denoiser
     from stepdistill.models.loading import Teacher
 
 
@@ -59,10 +61,12 @@ class DistillMethod:
         model loads, e.g. a GAN term without ``data.images``)."""
 
     @classmethod
-    def role_heads(cls, cfg: Any) -> dict[str, Any]:
-        """Roles that carry an extra head module, built by the harness: ``{"critic": "gan"}`` (DMD2's
-        bottleneck classifier) or ``{role: factory}`` with ``factory(denoiser) -> nn.Module`` (LADD's
-        multi-level heads). A role with ``heads_only=True`` trains only its head, on the teacher's backbone."""
+    def role_heads(cls, cfg: Any) -> dict[str, Callable[[Denoiser], torch.nn.Module]]:
+        """Roles that carry an extra head module: ``{role: factory}``. The harness builds each head once, as
+        ``factory(denoiser)`` with the role's backbone as a ``Denoiser`` (its ``backbone``, ``family`` and
+        ``feature_levels()`` size the head), and trains it with the role (DMD2's bottleneck classifier,
+        ``score.gan_head``; LADD's multi-level heads). A role with ``heads_only=True`` trains only its head,
+        on the teacher's backbone. The method reads a head as ``roles[role].gan_head``."""
         return {}
 
     def phases(self, step: int) -> list[str]:
@@ -113,3 +117,20 @@ class DistillMethod:
     def export_scheduler(self, num_steps: int | None = None):
         """A diffusers scheduler that reproduces ``sample`` inside a plain pipeline."""
         raise NotImplementedError
+
+    def export_timesteps(self) -> list[float] | None:
+        """Timesteps the exported pipeline must be called with (``timesteps=``, written to ``stepdistill.json``);
+        None: the scheduler's own ones at ``num_inference_steps`` (the default)."""
+        return None
+
+    def export_guidance_scale(self) -> float | None:
+        """The ``guidance_scale`` the exported pipeline is called with; None: the family default (1.0 for
+        FLUX, whose guidance embedding was 1.0 in training; 0.0, no CFG, for the others). A student that
+        takes the scale as an input (LCM's w-embedding, guidance distillation) returns its scale."""
+        return None
+
+    def export_experts(self) -> dict | None:
+        """Extra networks the export writes beside the pipeline, for a student with one network per step:
+        ``{"roles": {name: Role}, "timesteps": [...]}`` (Phased DMD; see ``sampling/experts.py``). None: the
+        student is the pipeline's one backbone (the default)."""
+        return None

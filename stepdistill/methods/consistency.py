@@ -1,4 +1,4 @@
-"""Consistency distillation: LCM (and LCM-LoRA), PCM (phased, TSCD-style), sCM (continuous time).
+"""Consistency distillation: LCM (and LCM-LoRA), PCM (phased, TSCD-style), and their shared base.
 
 - LCM: Simian Luo, Yiqin Tan, Longbo Huang, Jian Li, Hang Zhao. "Latent Consistency Models: Synthesizing
   High-Resolution Images with Few-Step Inference." arXiv 2310.04378 (2023).
@@ -8,23 +8,22 @@
   Sun, Weikang Bian, Guanglu Song, Yu Liu, Xiaoshuai Chen, Hongsheng Li. "Phased Consistency Models."
   NeurIPS 2024, arXiv 2405.18407. (Hyper-SD's TSCD, arXiv 2404.13686, is the same phased objective with
   the number of phases decreased 8 -> 4 -> 2 -> 1 over successive runs: run this method once per stage.)
-- sCM: Cheng Lu, Yang Song. "Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models."
-  ICLR 2025, arXiv 2410.11081. SANA-Sprint (Junsong Chen et al., arXiv 2503.09641): a flow-matching teacher
-  is used as a TrigFlow teacher through a change of variables, with no retraining.
+
+The continuous-time sCM lives in ``methods/scm.py``; a new discrete-time consistency method (TCM, ...)
+builds on ``ConsistencyDistillation`` below.
 
 Roles: ``generator`` (the student, initialised from the teacher), ``teacher`` (frozen), and for an EMA
 target (``method.target_ema_decay > 0``) a frozen ``target`` role that the harness keeps as an EMA of
 the generator after every generator update (``DistillMethod.ema_targets``). With decay 0 the target
 network is the online student under stop-gradient (LCM-LoRA, as diffusers' LCM-LoRA scripts do).
 
-All three train on data: ``x0`` are real latents (``data.images``: an image folder with captions,
-teacher samples from ``stepdistill cache-pairs``, or ``builtin:toy``) noised to the sampled timestep.
+Both train on data: ``x0`` are real latents (``data.images``: an image folder with captions, teacher
+samples from ``stepdistill cache-pairs``, or ``builtin:toy``) noised to the sampled timestep.
 
-sCM + LADD (SANA-Sprint Sec. 3), and likewise LCM + LADD and PCM + LADD: ``method.adversarial.weight > 0``
-adds the LADD term of ``methods/adversarial.py`` (trainable heads on the frozen teacher's features) on the
-student's x0 estimate at the training point, with its own ``discriminator`` phase and optimizer.
-Not implemented: PCM's own adversarial consistency loss (on phase-mapped states rather than x0); sCM's
-adaptive weighting w_phi(t) (sCM Sec. 4.3) is left out: the sCM loss here is unweighted.
+LCM + LADD and PCM + LADD: ``method.adversarial.weight > 0`` adds the LADD term of
+``methods/adversarial_term.py`` (trainable heads on the frozen teacher's features) on the student's x0
+estimate at the training point, with its own ``discriminator`` phase and optimizer.
+Not implemented: PCM's own adversarial consistency loss (on phase-mapped states rather than x0).
 
 Equation and section numbers refer to the arXiv versions named above; they were written from the
 papers as read before this work and could not be re-checked offline.
@@ -38,16 +37,8 @@ import torch
 
 from stepdistill.config.schema import RoleConfig
 from stepdistill.families import UNET_FAMILIES
-from stepdistill.losses.consistency import (
-    consistency_distance,
-    ddim_step,
-    lcm_boundary_scalings,
-    scm_loss,
-    scm_tangent,
-    trigflow_time,
-    trigflow_to_flow,
-)
-from stepdistill.methods.adversarial import (
+from stepdistill.losses.consistency import consistency_distance, ddim_step, lcm_boundary_scalings
+from stepdistill.methods.adversarial_term import (
     DISCRIMINATOR,
     AdversarialConfig,
     AdversarialHost,
@@ -56,7 +47,7 @@ from stepdistill.methods.adversarial import (
 )
 from stepdistill.methods.base import DistillMethod, MethodContext
 from stepdistill.methods.registry import register
-from stepdistill.models.denoiser import Conditioning, math_attention
+from stepdistill.models.denoiser import Conditioning
 from stepdistill.models.guidance import guidance_embedding_dim, guidance_scale_embedding
 
 
@@ -88,11 +79,11 @@ class LCMConfig:
     # the student sees omega = guidance_scale - 1, no CFG batch). Ignored without w_embedding.
     export_guidance_scale: float = 8.0
 
-    # LADD term on the student's x0 prediction at the training point (methods/adversarial.py); weight 0 = off.
+    # LADD term on the student's x0 prediction at the training point (methods/adversarial_term.py); weight 0 = off.
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     def __post_init__(self) -> None:
-        _check_common(self)
+        check_consistency_config(self)
         if not 0.0 <= self.w_min <= self.w_max:
             raise ValueError(f"method.w_min={self.w_min}, w_max={self.w_max}: need 0 <= w_min <= w_max")
         if self.time_cond_proj_dim < 2:
@@ -114,51 +105,19 @@ class PCMConfig:
     huber_c: float | None = None
     target_ema_decay: float = 0.0  # the online student as target (as LCM-LoRA); > 0: an EMA target role
 
-    # LADD term on the student's x0 prediction at the training point (methods/adversarial.py); weight 0 = off.
+    # LADD term on the student's x0 prediction at the training point (methods/adversarial_term.py); weight 0 = off.
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     def __post_init__(self) -> None:
-        _check_common(self)
+        check_consistency_config(self)
         if self.num_phases < 1:
             raise ValueError(f"method.num_phases={self.num_phases} must be >= 1")
         if self.guidance_scale < 1.0:
             raise ValueError(f"method.guidance_scale={self.guidance_scale} must be >= 1 (1 = no CFG)")
 
 
-@dataclass
-class SCMConfig:
-    name: str = "scm"
-    num_steps: int = 2  # sCM's headline sampler: 2 steps (sCM Sec. 5)
-    # TrigFlow data scale sigma_d (sCM Sec. 2: 0.5).
-    sigma_data: float = 0.5
-    # Log-normal proposal of tau, t = arctan(e^tau / sigma_d) (sCM Sec. 4.3).
-    p_mean: float = -1.0
-    p_std: float = 1.4
-    # Teacher CFG scale (sCD distils the guided teacher; SANA-Sprint Sec. 3).
-    guidance_scale: float = 3.0
-    # Tangent warm-up: r rises linearly 0 -> 1 over this many generator updates (sCM Sec. 4.2: 10k).
-    tangent_warmup_steps: int = 10000
-    # Tangent normalisation g / (||g|| + c) (sCM Sec. 4.2: c = 0.1).
-    tangent_norm_c: float = 0.1
-    # Largest TrigFlow time (pi/2 is pure noise; the proposal is clamped below it).
-    max_t: float = 1.5706
-    # LADD term on the student's x0 estimate (SANA-Sprint's sCM + LADD); weight 0 = off.
-    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
-
-    def __post_init__(self) -> None:
-        if self.num_steps < 1:
-            raise ValueError(f"method.num_steps={self.num_steps} must be >= 1")
-        if self.sigma_data <= 0 or self.p_std <= 0:
-            raise ValueError("method.sigma_data and method.p_std must be > 0")
-        if self.guidance_scale < 1.0:
-            raise ValueError(f"method.guidance_scale={self.guidance_scale} must be >= 1 (1 = no CFG)")
-        if self.tangent_warmup_steps < 0 or self.tangent_norm_c <= 0:
-            raise ValueError("method.tangent_warmup_steps must be >= 0 and method.tangent_norm_c > 0")
-        if not 0.0 < self.max_t <= 1.5707963:
-            raise ValueError(f"method.max_t={self.max_t} must be in (0, pi/2]")
-
-
-def _check_common(cfg) -> None:
+def check_consistency_config(cfg) -> None:
+    """The checks of the fields every ``ConsistencyDistillation`` config has (call it in ``__post_init__``)."""
     if getattr(cfg, "num_steps", 1) < 1:
         raise ValueError(f"method.num_steps={cfg.num_steps} must be >= 1")
     if cfg.num_ddim_timesteps < 1:
@@ -169,8 +128,9 @@ def _check_common(cfg) -> None:
         raise ValueError(f"method.target_ema_decay={cfg.target_ema_decay} must be in [0, 1)")
 
 
-def _check_run(cfg) -> None:
-    """Whole-run checks, before any model loads."""
+def check_consistency_run(cfg) -> None:
+    """Whole-run checks of a consistency method (LCM, PCM, sCM), before any model loads: the training data,
+    and a LoRA student's target network and w-embedding (config fields a method may lack)."""
     m = cfg.method
     if not cfg.data.images:
         raise ValueError(
@@ -189,8 +149,30 @@ def _check_run(cfg) -> None:
 
 
 # ---- shared machinery -----------------------------------------------------------------------------
-class _ConsistencyBase(AdversarialHost, DistillMethod):
-    """Data, teacher CFG, the solver grid and the target network shared by LCM and PCM."""
+class ConsistencyDistillation(AdversarialHost, DistillMethod):
+    """The base of discrete-time consistency distillation (LCM, PCM; build a new one such as TCM on it).
+
+    It provides: training data (``_data``: real latents, their conditioning and the unconditional batch),
+    the roles (``generator``, frozen ``teacher``, an EMA ``target`` when ``target_ema_decay > 0``, the LADD
+    ``discriminator`` when ``adversarial.weight > 0``), the phases (``generator``, then ``discriminator``),
+    the skipping-step solver grid (``_solver_grid``, LCM Sec. 4.3: call it in ``__init__`` and keep the
+    steps the method trains on), one CFG teacher DDIM step
+    (``_teacher_step``, LCM Eq. 8-9), the target network (``_target_denoiser``: the EMA target or the online
+    student) and the distance d (``_distance``).
+
+    A subclass provides:
+
+    - ``name``, ``paper`` and ``Config``: a dataclass with at least ``name``, ``num_ddim_timesteps``, ``loss``
+      ("pseudo_huber" or "l2"), ``huber_c``, ``target_ema_decay`` and ``adversarial`` (``AdversarialConfig``);
+      its ``__post_init__`` may call ``check_consistency_config``;
+    - ``_generator_losses(batch, step)``: the consistency loss (the paper's equation cited where it is
+      computed), returning ``{"loss": ..., ...}``; with the LADD term on (``self.adv``), add
+      ``self._adversarial_generator_term(out, x0_estimate, cond, step)`` to the loss;
+    - ``sample(noise, cond, uncond, num_steps, generator)``, ``export_scheduler(num_steps)`` and
+      ``num_inference_steps``: the student's sampler and the diffusers scheduler that reproduces it;
+    - optionally ``export_guidance_scale()`` / ``export_timesteps()`` (``DistillMethod``'s export hooks),
+      and ``default_roles`` (call ``super()``) for extra roles.
+    """
 
     def __init__(self, cfg, ctx: MethodContext) -> None:
         super().__init__(cfg, ctx)
@@ -201,7 +183,7 @@ class _ConsistencyBase(AdversarialHost, DistillMethod):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        _check_run(cfg)
+        check_consistency_run(cfg)
 
     @classmethod
     def default_roles(cls, cfg) -> dict[str, RoleConfig]:
@@ -291,7 +273,7 @@ class _ConsistencyBase(AdversarialHost, DistillMethod):
 
 # ---- LCM ------------------------------------------------------------------------------------------
 @register
-class LCM(_ConsistencyBase):
+class LCM(ConsistencyDistillation):
     name = "lcm"
     Config = LCMConfig
     paper = "Luo et al., Latent Consistency Models, arXiv 2310.04378 (LCM-LoRA: arXiv 2311.05556)"
@@ -398,7 +380,7 @@ class LCM(_ConsistencyBase):
 
 # ---- PCM ------------------------------------------------------------------------------------------
 @register
-class PCM(_ConsistencyBase):
+class PCM(ConsistencyDistillation):
     name = "pcm"
     Config = PCMConfig
     paper = "Wang et al., Phased Consistency Models, NeurIPS 2024 (arXiv 2405.18407)"
@@ -475,137 +457,3 @@ class PCM(_ConsistencyBase):
         from stepdistill.sampling.schedulers import deterministic_scheduler
 
         return deterministic_scheduler(self.teacher, num_steps or self.cfg.num_phases)
-
-
-# ---- sCM ------------------------------------------------------------------------------------------
-@register
-class SCM(AdversarialHost, DistillMethod):
-    name = "scm"
-    Config = SCMConfig
-    paper = "Lu & Song, Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models, ICLR 2025 " \
-            "(arXiv 2410.11081); SANA-Sprint (arXiv 2503.09641)"
-
-    def __init__(self, cfg: SCMConfig, ctx: MethodContext) -> None:
-        super().__init__(cfg, ctx)
-        if self.schedule.kind != "flow":
-            raise ValueError(f"method.name=scm needs a flow-matching teacher (SD3, FLUX, toy-flow); "
-                             f"{self.teacher.family} is a DDPM teacher: use method.name=lcm or pcm")
-        if not ctx.has_real_data:
-            raise ValueError("method.name=scm needs data.images (real or teacher-sample latents)")
-        self.timesteps = self._default_timesteps(cfg.num_steps)
-        self._init_adversarial(cfg.adversarial, ctx)
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        _check_run(cfg)
-
-    @classmethod
-    def default_roles(cls, cfg) -> dict[str, RoleConfig]:
-        return {"generator": RoleConfig(init_from="teacher", trainable=True),
-                "teacher": RoleConfig(init_from="teacher", trainable=False),
-                **adversarial_roles(cfg.adversarial)}
-
-    @classmethod
-    def role_heads(cls, cfg) -> dict:
-        return adversarial_heads(cfg.adversarial)
-
-    def phases(self, step: int) -> list[str]:
-        return self._with_discriminator(["generator"])
-
-    @property
-    def num_inference_steps(self) -> int:
-        return self.cfg.num_steps
-
-    def _default_timesteps(self, num_steps: int) -> list[float]:
-        from stepdistill.sampling.schedulers import pipeline_timesteps
-
-        return pipeline_timesteps(self.teacher, num_steps, self.ctx.resolution)
-
-    # ---- TrigFlow view of a flow backbone (SANA-Sprint Sec. 3.1) ----------------------------------
-    def _trig_velocity(self, denoiser, x_t, t, cond, uncond=None, guidance_scale=1.0) -> torch.Tensor:
-        """``sigma_d * F(x_t / sigma_d, t)``, the TrigFlow PF-ODE velocity dx_t/dt of a flow backbone.
-
-        x_t (TrigFlow) is x_s * a in flow coordinates with s = sigma_d sin t / a, a = cos t + sigma_d sin t;
-        with the backbone's (x0, eps) at (x_s, s): dx_t/dt = -sin(t) x0 + sigma_d cos(t) eps (sCM Eq. 1-2).
-        Differentiable in (x_t, t), so that torch.func.jvp can push tangents through it.
-        """
-        sd = self.cfg.sigma_data
-        a, s = trigflow_to_flow(t, sd)
-        view = (-1, *[1] * (x_t.dim() - 1))
-        x_s = x_t / a.view(view)
-        u = denoiser(x_s, s * self.schedule.num_train_timesteps, cond, uncond=uncond,
-                     guidance_scale=guidance_scale, output="flow")
-        x0 = x_s - s.view(view) * u
-        eps = x_s + (1 - s).view(view) * u
-        return -torch.sin(t).view(view) * x0 + sd * torch.cos(t).view(view) * eps
-
-    def losses(self, phase: str, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        if phase == DISCRIMINATOR and self.adv is not None:
-            return self._discriminator_losses(batch, step)
-        if phase != "generator":
-            raise ValueError(f"{self.name} has no phase {phase!r}")
-        cfg, sd = self.cfg, self.cfg.sigma_data
-        real = batch["real"]
-        x0 = real["latents"].to(self.ctx.device, torch.float32)
-        cond = real["cond"]
-        n = len(x0)
-        uncond = batch["uncond"].expand_to(n) if len(batch["uncond"]) in (1, n) else batch["uncond"][:n]
-        # t = arctan(e^tau / sigma_d), tau ~ N(P_mean, P_std^2) (sCM Sec. 4.3); x_t = cos t x0 + sin t z (Eq. 1).
-        tau = torch.randn(n, device=x0.device) * cfg.p_std + cfg.p_mean
-        t = trigflow_time(tau, sd).clamp(1e-4, cfg.max_t)
-        view = (-1, 1, 1, 1)
-        x_t = torch.cos(t).view(view) * x0 + torch.sin(t).view(view) * torch.randn_like(x0) * sd
-        student = self.roles["generator"]
-        with torch.no_grad():
-            # Teacher PF-ODE dx_t/dt = sigma_d F_pretrain(x_t / sigma_d, t) (continuous-time CD, sCM Sec. 4).
-            dxt_dt = self._trig_velocity(self.roles["teacher"].denoiser, x_t, t, cond, uncond, cfg.guidance_scale)
-            # F^- and cos(t) sin(t) dF^-/dt in one forward-mode pass (sCM Algorithm 1), through the bare module.
-            cs = torch.cos(t) * torch.sin(t)
-            bare = _bare_denoiser(student)
-
-            def f_theta(x_scaled, tt):
-                return self._trig_velocity(bare, x_scaled * sd, tt, cond) / sd
-
-            with math_attention():  # CPU flash attention has no JVP rule
-                f_minus, df_dt = torch.func.jvp(f_theta, (x_t / sd, t), (cs.view(view) * dxt_dt / sd, cs))
-            # Tangent warm-up r: 0 -> 1 linearly over the first updates (sCM Sec. 4.2); a function of the step
-            # (one generator update per step), so a resumed run continues it exactly.
-            r = 1.0 if cfg.tangent_warmup_steps == 0 else min(1.0, step / cfg.tangent_warmup_steps)
-            g = scm_tangent(f_minus, df_dt, dxt_dt, x_t, t, sd, r, cfg.tangent_norm_c)  # sCM Eq. 8, Alg. 1
-        f = self._trig_velocity(student.denoiser, x_t, t, cond) / sd
-        loss = scm_loss(f, f_minus, g)  # sCM Algorithm 1 (no adaptive weighting)
-        out = {"scm": loss.detach(), "stats/tangent_warmup": torch.tensor(r),
-               "stats/g_norm": g.flatten(1).norm(dim=1).mean(), "stats/t_mean": t.mean()}
-        if self.adv is not None:
-            # sCM + LADD (SANA-Sprint Sec. 3): the student's x0 estimate at this training point, TrigFlow's
-            # x0 = cos(t) x_t - sin(t) sigma_d F_theta (sCM Sec. 2), scored on the teacher's features.
-            x0_hat = torch.cos(t).view(view) * x_t - torch.sin(t).view(view) * sd * f
-            loss = loss + self._adversarial_generator_term(out, x0_hat, cond, step)
-        out["loss"] = loss
-        return out
-
-    # ---- sampling and export ------------------------------------------------------------------
-    @torch.no_grad()
-    def sample(self, noise, cond, uncond=None, num_steps=None, generator=None):
-        """sCM's multistep sampler (sCM Sec. 2, consistency sampling): f = x0 of the student at each
-        timestep, re-noised with fresh noise to the next (the exported stochastic flow scheduler)."""
-        from stepdistill.methods.fewstep import renoising_sample
-
-        timesteps = self.timesteps if num_steps in (None, len(self.timesteps)) else self._default_timesteps(num_steps)
-        return renoising_sample(self.roles[self.student_role].denoiser, self.schedule, timesteps, noise, cond,
-                                generator)
-
-    def export_scheduler(self, num_steps=None):
-        from stepdistill.sampling.schedulers import renoising_scheduler
-
-        return renoising_scheduler(self.teacher, num_steps or self.cfg.num_steps)
-
-
-def _bare_denoiser(role):
-    """The role's denoiser on its unwrapped module (no DDP hooks: the JVP pass is gradient-free)."""
-    active = role.active
-    role.active = False
-    try:
-        return role.denoiser
-    finally:
-        role.active = active

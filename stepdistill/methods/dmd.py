@@ -11,6 +11,9 @@ mu_fake, trained to denoise generator samples), ``teacher`` (frozen, the real sc
 DMD2 adds: no regression loss, a two time-scale update rule (several critic updates per generator
 update), a GAN classifier on the critic's bottleneck features, and multi-step students trained
 with backward simulation and sampled with re-noising between steps (an LCM-style sampler).
+
+The roles, phases, critic loss, GAN term and sampler are those every score-distillation method shares
+(``methods/score.py``); this file holds DMD's generator loss and its regression term.
 """
 
 from __future__ import annotations
@@ -19,26 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stepdistill.config.schema import RoleConfig
-from stepdistill.losses import (
-    denoising_loss,
-    dmd_loss,
-    gan_critic_loss,
-    gan_generator_loss,
-    regression_loss,
-)
-from stepdistill.methods.adversarial import (
-    DISCRIMINATOR,
-    AdversarialConfig,
-    AdversarialHost,
-    adversarial_heads,
-    adversarial_roles,
-    check_adversarial_data,
-)
+from stepdistill.losses import dmd_loss, regression_loss
+from stepdistill.methods.adversarial_term import AdversarialConfig
 from stepdistill.methods.base import MethodContext
-from stepdistill.methods.fewstep import FewStepGenerator, ScoreDistillConfig
+from stepdistill.methods.fewstep import ScoreDistillConfig
 from stepdistill.methods.registry import register
-from stepdistill.models.denoiser import Conditioning
+from stepdistill.methods.score import CriticGAN, ScoreDistillation
 
 
 @dataclass
@@ -65,7 +54,7 @@ class DMDConfig(ScoreDistillConfig):
     # The GAN classifier sees latents noised to integer t in [0, min(round(gan_max_t_frac * T), T - 1)]
     # (DMD2 "diffusion GAN"; 1.0 = its diffusion_gan_max_timestep 1000 of 1000: t in 0..999).
     gan_max_t_frac: float = 1.0
-    # LADD term (methods/adversarial.py): trainable heads on the frozen teacher's multi-level features,
+    # LADD term (methods/adversarial_term.py): trainable heads on the frozen teacher's multi-level features,
     # updated every iteration like the critic; weight 0 = off. DMD2 + LADD = this with weight > 0.
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
@@ -100,102 +89,34 @@ def real_and_fake_x0(roles: dict, cfg, x_t: torch.Tensor, t: torch.Tensor, cond,
     return real_x0, fake_x0
 
 
-def _check_data(cfg: DMDConfig, has_real_data: bool) -> None:
-    """The data each enabled loss term needs, checked before any model loads."""
+def check_regression_pairs(cfg: DMDConfig) -> None:
     if cfg.regression_weight > 0 and not cfg.regression_pairs:
         raise ValueError(
             f"method.regression_weight={cfg.regression_weight} needs method.regression_pairs: make them with "
             "`stepdistill cache-pairs --config <config> --out <dir> --num N` (or set method.regression_weight=0)"
         )
-    if (cfg.gan_critic_weight > 0 or cfg.gan_generator_weight > 0) and not has_real_data:
-        raise ValueError(
-            f"method.gan_critic_weight={cfg.gan_critic_weight}, gan_generator_weight={cfg.gan_generator_weight} "
-            "(GAN term) need real data: set data.images to a folder of images with a metadata.jsonl of captions, "
-            "or to teacher samples made by `stepdistill cache-pairs`; or set both weights to 0"
-        )
-    check_adversarial_data(cfg.adversarial, has_real_data)
-    if cfg.num_steps > 1 and not cfg.backward_simulation and not has_real_data:
-        raise ValueError(
-            "method.backward_simulation=false trains steps k > 0 on noised real latents: set data.images, "
-            "or keep method.backward_simulation=true"
-        )
 
 
 @register
-class DMD(FewStepGenerator, AdversarialHost):
+class DMD(CriticGAN, ScoreDistillation):
     name = "dmd"
     Config = DMDConfig
     paper = "Yin et al., One-step Diffusion with Distribution Matching Distillation, CVPR 2024 (arXiv 2311.18828)"
 
     def __init__(self, cfg: DMDConfig, ctx: MethodContext) -> None:
-        super().__init__(cfg, ctx)
-        self.native = self.teacher.prediction_type
         self.pairs = None
-        _check_data(cfg, has_real_data=ctx.has_real_data)
-        self._init_adversarial(cfg.adversarial, ctx)
+        super().__init__(cfg, ctx)
         if cfg.regression_weight > 0:
             from stepdistill.data.pairs import load_pairs
 
             self.pairs = load_pairs(cfg.regression_pairs, expect_shape=self.latent_shape)
 
-    # ---- structure ----------------------------------------------------------------------------
     @classmethod
-    def check_config(cls, cfg) -> None:
-        _check_data(cfg.method, has_real_data=bool(cfg.data.images))
-
-    @classmethod
-    def default_roles(cls, cfg: DMDConfig) -> dict[str, RoleConfig]:
-        return {
-            "generator": RoleConfig(init_from="teacher", trainable=True),
-            "critic": RoleConfig(init_from="teacher", trainable=True),
-            "teacher": RoleConfig(init_from="teacher", trainable=False),
-            **adversarial_roles(cfg.adversarial),
-        }
-
-    @classmethod
-    def role_heads(cls, cfg: DMDConfig) -> dict:
-        heads = {"critic": "gan"} if (cfg.gan_critic_weight > 0 or cfg.gan_generator_weight > 0) else {}
-        return {**heads, **adversarial_heads(cfg.adversarial)}
-
-    def phases(self, step: int) -> list[str]:
-        # TTUR: the critic (and the LADD discriminator) every step, the generator every
-        # `critic_steps_per_generator_step`.
-        if step % self.cfg.critic_steps_per_generator_step == 0:
-            return self._with_discriminator(["generator", "critic"])
-        return self._with_discriminator(["critic"])
-
-    # ---- helpers ------------------------------------------------------------------------------
-    def _native_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The regression target of a denoiser in the teacher's own parameterization."""
-        alpha, sigma = self.schedule.alpha_sigma(t)
-        alpha = alpha.view(-1, *[1] * (x0.dim() - 1))
-        sigma = sigma.view(-1, *[1] * (x0.dim() - 1))
-        if self.native == "epsilon":
-            return noise
-        if self.native == "v_prediction":
-            return alpha * noise - sigma * x0
-        if self.native == "flow":
-            return noise - x0
-        return x0
-
-    def _critic_features(self, x0: torch.Tensor, cond, max_frac: float):
-        critic = self.roles["critic"]
-        t = self.schedule.sample_timesteps(len(x0), min_frac=0.0, max_frac=max_frac, device=x0.device)
-        x_t = self.schedule.add_noise(x0, torch.randn_like(x0), t)
-        # The classifier reads the bottleneck: the critic's backbone stops there (as DMD2's classify mode).
-        features = critic.denoiser(x_t, t, cond, features_only=True)
-        return critic.gan_head(features).flatten()
+    def check_data(cls, cfg, has_real_data: bool) -> None:
+        check_regression_pairs(cfg)
+        super().check_data(cfg, has_real_data)
 
     # ---- losses -------------------------------------------------------------------------------
-    def losses(self, phase: str, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        if phase == "generator":
-            return self._generator_losses(batch, step)
-        if phase == "critic":
-            return self._critic_losses(batch, step)
-        if phase == DISCRIMINATOR and self.adv is not None:
-            return self._discriminator_losses(batch, step)
-        raise ValueError(f"{self.name} has no phase {phase!r}")
-
     def _generator_losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         cfg, cond, uncond = self.cfg, batch["cond"], batch["uncond"]
         x_in, t_in = self._generator_input(batch)
@@ -231,51 +152,6 @@ class DMD(FewStepGenerator, AdversarialHost):
         out["loss"] = loss
         return out
 
-    def _extra_generator_terms(self, out: dict, x0: torch.Tensor, cond, step: int):
-        """The optional terms every DMD-family generator loss adds on its sample ``x0`` (with its graph): the
-        GAN term on the critic's classifier (DMD2 Eq. 6, non-saturating) and the LADD term (DMD2 + LADD).
-        Entries go to ``out``; returns their weighted sum (0 when both are off)."""
-        cfg, loss = self.cfg, 0.0
-        if cfg.gan_generator_weight > 0:
-            logits = self._critic_features(x0, cond, cfg.gan_max_t_frac)
-            out["gan"] = gan_generator_loss(logits)
-            out["stats/fake_logits"] = logits.detach().mean()
-            loss = loss + cfg.gan_generator_weight * out["gan"]
-        if self.adv is not None:
-            loss = loss + self._adversarial_generator_term(out, x0, cond, step)
-        return loss
-
-    def _critic_losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        cfg, cond = self.cfg, batch["cond"]
-        x0 = self._take_fake(batch, step)
-        # The fake score learns to denoise generator samples at every noise level (DMD Eq. 6, in the
-        # teacher's own parameterization; uniform t over the whole training range as in DMD2).
-        n = len(x0)
-        t = self.schedule.sample_timesteps(n, min_frac=0.0, max_frac=1.0, device=x0.device)
-        noise = torch.randn_like(x0)
-        x_t = self.schedule.add_noise(x0, noise, t)
-        pred = self._critic_prediction(x_t, t, batch)
-        out = {"denoising": denoising_loss(pred, self._native_target(x0, noise, t))}
-        loss = out["denoising"]
-        if cfg.gan_critic_weight > 0:
-            # The classifier tells real latents from generator samples at a random noise level (DMD2 Eq. 6).
-            # Real and fake in one batched critic forward (one pass of the backbone instead of two).
-            real = batch["real"]
-            n_real = len(real["latents"])
-            logits = self._critic_features(torch.cat([real["latents"].to(x0.dtype), x0]),
-                                           Conditioning.cat([real["cond"], cond]), cfg.gan_max_t_frac)
-            real_logits, fake_logits = logits[:n_real], logits[n_real:]
-            out["gan"] = gan_critic_loss(real_logits, fake_logits)
-            out["stats/real_logits"] = real_logits.detach().mean()
-            out["stats/fake_logits"] = fake_logits.detach().mean()
-            loss = loss + cfg.gan_critic_weight * out["gan"]
-        out["loss"] = loss
-        return out
-
-    def _critic_prediction(self, x_t: torch.Tensor, t: torch.Tensor, batch: dict) -> torch.Tensor:
-        """The fake score's prediction (teacher's parameterization) in its denoising loss; subclasses
-        change its conditioning or guidance (SiD's LSG and Zero-CFG)."""
-        return self.roles["critic"].denoiser(x_t, t, batch["cond"], output=self.native)
 
 @register
 class DMD2(DMD):

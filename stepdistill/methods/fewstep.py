@@ -90,7 +90,8 @@ def check_exportable_timesteps(method, default: list[float]) -> None:
 class FewStepGenerator(DistillMethod):
     """Generator timesteps, training inputs, the re-noising sampler and its export.
 
-    Config fields used: ``num_steps``, ``generator_timesteps``, ``backward_simulation``.
+    Config fields used: ``num_steps``, ``generator_timesteps`` and ``backward_simulation`` (a config without
+    that field always trains step k > 0 on the generator's own earlier steps).
     """
 
     def __init__(self, cfg, ctx: MethodContext) -> None:
@@ -121,7 +122,7 @@ class FewStepGenerator(DistillMethod):
         if len(self.timesteps) == 1:
             return noise, self._t(self.timesteps[0], n)
         k = int(torch.randint(len(self.timesteps), ()).item())
-        if self.cfg.backward_simulation:
+        if getattr(self.cfg, "backward_simulation", True):
             x = noise
             with torch.no_grad():
                 generator = self.roles["generator"].denoiser

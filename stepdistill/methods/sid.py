@@ -10,7 +10,7 @@
   arXiv 2505.12674 (a uniform mixture over the generation steps, no step-specific networks; Zero-CFG,
   Anti-CFG; a Diffusion-GAN term when real images exist).
 
-Roles as in DMD (``methods/dmd.py``): ``generator``, ``critic`` (the fake score f_psi, trained by
+Roles as in DMD (the score-distillation base, ``methods/score.py``): ``generator``, ``critic`` (the fake score f_psi, trained by
 denoising the generator's samples), ``teacher`` (f_phi, frozen). The difference is the generator
 loss: SiD's score-identity loss with its weight alpha, whose gradient flows *through* both score
 networks (their parameters frozen in that phase) into the generator sample.
@@ -27,17 +27,15 @@ Guidance (``method.guidance``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from stepdistill.config.schema import RoleConfig
 from stepdistill.losses import sid_generator_loss
-from stepdistill.methods.adversarial import AdversarialConfig, adversarial_roles
-from stepdistill.methods.dmd import DMD, _check_data
+from stepdistill.methods.adversarial_term import AdversarialConfig, adversarial_roles
 from stepdistill.methods.fewstep import ScoreDistillConfig
 from stepdistill.methods.registry import register
+from stepdistill.methods.score import CriticGAN, ScoreDistillation
 
 GUIDANCE = ("cfg", "zero_cfg", "anti_cfg")
 
@@ -65,12 +63,8 @@ class SiDConfig(ScoreDistillConfig):
     gan_generator_weight: float = 0.0
     gan_critic_weight: float = 0.0
     gan_max_t_frac: float = 1.0
-    # LADD term on the generator's sample (methods/adversarial.py); weight 0 = off.
+    # LADD term on the generator's sample (methods/adversarial_term.py); weight 0 = off.
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
-
-    # DMD machinery SiD does not use (fixed).
-    regression_weight: ClassVar[float] = 0.0
-    regression_pairs: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,18 +91,11 @@ class SiDConfig(ScoreDistillConfig):
 
 
 @register
-class SiD(DMD):
+class SiD(CriticGAN, ScoreDistillation):
     name = "sid"
     Config = SiDConfig
     paper = ("Zhou et al., Score identity Distillation: Exponentially Fast Distillation of Pretrained Diffusion "
              "Models for One-Step Generation, ICML 2024 (arXiv 2404.04057)")
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        method = cfg.method
-        if isinstance(method, DictConfig):
-            method = OmegaConf.to_object(method)
-        _check_data(method, has_real_data=bool(cfg.data.images))  # the GAN term needs data.images
 
     @classmethod
     def default_roles(cls, cfg: SiDConfig) -> dict[str, RoleConfig]:

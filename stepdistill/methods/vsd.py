@@ -12,8 +12,8 @@ teacher's own frozen base, trained with the ordinary denoising loss on the stude
 iteration updates the student with the VSD gradient ``w(t) (eps_pretrain - eps_phi)`` and then the
 LoRA on the student's fresh samples (SwiftBrush's alternating scheme). No image data is used.
 
-The skeleton (roles, phases, generator inputs, fake-score denoising loss, sampler, export) is DMD's
-(``methods/dmd.py``); what differs is the generator loss: the score difference in noise space with
+The skeleton (roles, phases, generator inputs, fake-score denoising loss, sampler, export) is the one
+every score-distillation method shares (``methods/score.py``, as DMD); what differs is the generator loss: the score difference in noise space with
 the time weighting ``w(t)`` of DreamFusion/ProlificDreamer instead of DMD's per-sample normalisation.
 
 Not implemented (documented extension): SwiftBrush v2's clamped CLIP loss (Dao et al., arXiv 2408.14176),
@@ -24,21 +24,15 @@ the teacher's domain and a VAE decode per step; add it as an extra generator ter
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 
 from stepdistill.config.schema import RoleConfig
 from stepdistill.losses import vsd_loss
-from stepdistill.methods.adversarial import (
-    AdversarialConfig,
-    adversarial_heads,
-    adversarial_roles,
-    check_adversarial_data,
-)
-from stepdistill.methods.dmd import DMD
+from stepdistill.methods.adversarial_term import AdversarialConfig, adversarial_roles
 from stepdistill.methods.fewstep import ScoreDistillConfig
 from stepdistill.methods.registry import register
+from stepdistill.methods.score import ScoreDistillation
 
 WEIGHTINGS = ("sigma2", "uniform")
 
@@ -55,15 +49,8 @@ class VSDConfig(ScoreDistillConfig):
     # w(t): "sigma2" = sigma_t^2 (DreamFusion App. A, kept by ProlificDreamer), "uniform" = 1.
     weighting: str = "sigma2"
     vsd_weight: float = 1.0
-    # LADD term on the student's sample (methods/adversarial.py); weight 0 = off.
+    # LADD term on the student's sample (methods/adversarial_term.py); weight 0 = off.
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
-
-    # DMD machinery VSD does not use (fixed, not configurable).
-    backward_simulation: ClassVar[bool] = True
-    regression_weight: ClassVar[float] = 0.0
-    regression_pairs: ClassVar[str | None] = None
-    gan_generator_weight: ClassVar[float] = 0.0
-    gan_critic_weight: ClassVar[float] = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,7 +61,7 @@ class VSDConfig(ScoreDistillConfig):
 
 
 @register
-class VSD(DMD):
+class VSD(ScoreDistillation):
     name = "vsd"
     Config = VSDConfig
     paper = ("Nguyen & Tran, SwiftBrush: One-Step Text-to-Image Diffusion Model with Variational Score "
@@ -91,15 +78,6 @@ class VSD(DMD):
             "teacher": RoleConfig(init_from="teacher", trainable=False),
             **adversarial_roles(cfg.adversarial),
         }
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        """VSD needs no data (no regression pairs, no GAN term), unless the LADD term is on."""
-        check_adversarial_data(cfg.method.adversarial, bool(cfg.data.images))
-
-    @classmethod
-    def role_heads(cls, cfg: VSDConfig) -> dict:
-        return adversarial_heads(cfg.adversarial)  # no GAN classifier on the LoRA critic
 
     def _weight(self, t: torch.Tensor) -> torch.Tensor:
         if self.cfg.weighting == "uniform":

@@ -1,11 +1,12 @@
-"""Latent adversarial distillation: LADD, and the LADD term that other methods add by config.
+"""The LADD term: an adversarial loss on the frozen teacher's features that methods add by config.
 
 - LADD: Axel Sauer, Frederic Boesel, Tim Dockhorn, Andreas Blattmann, Patrick Esser, Robin Rombach.
   "Fast High-Resolution Image Synthesis with Latent Adversarial Diffusion Distillation." arXiv 2403.12015
   (SD3-Turbo).
 - ADD: Axel Sauer, Dominik Lorenz, Andreas Blattmann, Robin Rombach. "Adversarial Diffusion Distillation."
-  arXiv 2311.17042 (SDXL-Turbo): the hinge GAN objective LADD keeps.
-- SANA-Sprint: Junsong Chen et al., arXiv 2503.09641: sCM + LADD in one generator loss.
+  arXiv 2311.17042 (SDXL-Turbo): the hinge GAN objective LADD keeps (ADD Sec. 3.2).
+- R1: Lars Mescheder, Andreas Geiger, Sebastian Nowozin, "Which Training Methods for GANs do actually
+  Converge?" ICML 2018 (exact R1); APT, Shanchuan Lin et al., arXiv 2501.08316 (its finite-difference R1).
 
 The discriminator of LADD is the *frozen teacher itself*: both the student's samples and "real" latents
 (real images, or teacher samples made by ``stepdistill cache-pairs``) are re-noised to a timestep t_hat,
@@ -17,10 +18,11 @@ In the harness this is the role ``discriminator`` with ``heads_only=True``: its 
 backbone (no copy, never DDP-wrapped; the teacher stays bit-identical) and its trainable parameters are
 the heads (``models.heads.MultiLevelHeads``), which get their own optimizer and DDP wrapper.
 
-``AdversarialTerm`` is the part other methods reuse: DMD/DMD2 and sCM have a ``method.adversarial``
-section (``weight: 0`` = off) that adds the discriminator role, a ``discriminator`` phase and
-``weight * L_adv`` to their generator loss -- the DMD2 + LADD and sCM + LADD (SANA-Sprint) hybrids
-without a new class. ``LADD`` itself is the generator trained by the adversarial loss alone.
+Hosts: DMD/DMD2, VSD, SiD, LCM, PCM and sCM have a ``method.adversarial`` section (``weight: 0`` = off)
+that adds the discriminator role, a ``discriminator`` phase and ``weight * L_adv`` to their generator loss
+(``AdversarialHost``) -- the DMD2 + LADD and sCM + LADD (SANA-Sprint, Junsong Chen et al., arXiv
+2503.09641) hybrids without a new class. The LADD method itself, the generator trained by this loss alone,
+is ``methods/ladd.py``.
 
 ADD's pixel-space discriminator (DINOv2 features of decoded images) is not built: it needs downloaded
 DINOv2 weights and decodes every sample, which is what LADD was made to avoid.
@@ -29,7 +31,7 @@ DINOv2 weights and decodes every sample, which is what LADD was made to avoid.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -43,8 +45,6 @@ from stepdistill.losses import (
     r1_penalty,
 )
 from stepdistill.methods.base import MethodContext
-from stepdistill.methods.fewstep import FewStepGenerator, check_generator_schedule
-from stepdistill.methods.registry import register
 from stepdistill.models.denoiser import Conditioning, math_attention
 
 DISCRIMINATOR = "discriminator"
@@ -250,71 +250,3 @@ class AdversarialHost:
     def _discriminator_losses(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         x0, cond = self._adversarial_samples(batch, step)
         return self.adv.discriminator_losses(x0, cond, batch["real"])
-
-
-# ---- LADD: the generator trained by the adversarial loss alone ----------------------------------------
-@dataclass
-class LADDConfig:
-    name: str = "ladd"
-    # Generator steps (SD3-Turbo: 4; LADD also trains 1- and 2-step students).
-    num_steps: int = 1
-    # Timesteps the generator is conditioned on, highest first (default: the exported scheduler's).
-    generator_timesteps: list[int] | None = None
-    # Few-step students: train step k on the student's own k-step output (as DMD2 Sec. 4.5), or (false) on
-    # noised data latents (data.images), as LADD trains on noised synthetic teacher samples.
-    backward_simulation: bool = True
-    # Discriminator updates per generator update (the generator steps every n-th iteration).
-    discriminator_steps_per_generator_step: int = 1
-    adversarial: AdversarialConfig = field(default_factory=lambda: AdversarialConfig(weight=1.0))
-
-    def __post_init__(self) -> None:
-        check_generator_schedule(self, ratio_key="discriminator_steps_per_generator_step")
-        if self.adversarial.weight <= 0:
-            raise ValueError("method.adversarial.weight must be > 0 for method.name=ladd (it is the only loss)")
-
-
-@register
-class LADD(FewStepGenerator, AdversarialHost):
-    name = "ladd"
-    Config = LADDConfig
-    paper = ("Sauer et al., Fast High-Resolution Image Synthesis with Latent Adversarial Diffusion Distillation, "
-             "arXiv 2403.12015")
-
-    def __init__(self, cfg: LADDConfig, ctx: MethodContext) -> None:
-        super().__init__(cfg, ctx)
-        check_adversarial_data(cfg.adversarial, ctx.has_real_data)
-        self._init_adversarial(cfg.adversarial, ctx)
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        check_adversarial_data(cfg.method.adversarial, bool(cfg.data.images))
-
-    @classmethod
-    def default_roles(cls, cfg: LADDConfig) -> dict[str, RoleConfig]:
-        return {
-            "generator": RoleConfig(init_from="teacher", trainable=True),
-            "teacher": RoleConfig(init_from="teacher", trainable=False),
-            **adversarial_roles(cfg.adversarial),
-        }
-
-    @classmethod
-    def role_heads(cls, cfg: LADDConfig) -> dict:
-        return adversarial_heads(cfg.adversarial)
-
-    def phases(self, step: int) -> list[str]:
-        if step % self.cfg.discriminator_steps_per_generator_step == 0:
-            return ["generator", DISCRIMINATOR]
-        return [DISCRIMINATOR]
-
-    def losses(self, phase: str, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        cond = batch["cond"]
-        if phase == "generator":
-            x_in, t_in = self._generator_input(batch)
-            x0 = self.roles["generator"].denoiser(x_in, t_in, cond, output="x0")
-            self._fake_cache = (step, tuple(batch["prompts"]), x0.detach())
-            out = {"stats/generator_x0_std": x0.detach().std()}
-            out["loss"] = self._adversarial_generator_term(out, x0, cond, step)
-            return out
-        if phase == DISCRIMINATOR:
-            return self._discriminator_losses(batch, step)
-        raise ValueError(f"{self.name} has no phase {phase!r}")

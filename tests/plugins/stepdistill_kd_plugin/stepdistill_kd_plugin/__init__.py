@@ -1,0 +1,1 @@
+"""Test plugin: a distillation method that lives outside the stepdistill package."""
