@@ -1,6 +1,6 @@
 """Score matching within a subinterval (Phased DMD, arXiv 2510.27684, its "score matching within
-subintervals"; the paper's section and equation numbers were not checked here): the diffusion kernel from a *noisy* level s to a noisier level t, and the denoising
-target of a fake score trained on samples that are themselves noisy at level s.
+subintervals", Sec. 2.2.2, Eq. 11-13 of its v3): the diffusion kernel from a *noisy* level s to a
+noisier level t, and the denoising target of a fake score trained on samples that are themselves noisy at level s.
 
 All functions take the schedule coefficients of the forward process ``x_t = alpha_t x0 + sigma_t eps``
 (VP: alpha^2 + sigma^2 = 1; rectified flow: alpha = 1 - sigma) as tensors broadcastable to the samples,

@@ -64,13 +64,14 @@ class AdversarialConfig:
     # mid block, a transformer's blocks. None = all of them (LADD reads every transformer block).
     levels: list[int] | None = None
     # t_hat, the noise level of the discriminator's inputs, is logit-normal: t_hat/T = sigmoid(m + s * n),
-    # n ~ N(0, 1). LADD studies this distribution and favours high noise (m = 1, s = 1 as recalled from
-    # the paper's discussion of t_hat; not re-verified offline).
+    # n ~ N(0, 1). LADD studies this distribution and favours high noise: pi(t; m = 1, s = 1) (LADD Sec. 4.1,
+    # Fig. 4, as a third-party reading note of its arXiv v1 HTML reports it; the paper was not re-read).
     t_mean: float = 1.0
     t_std: float = 1.0
     head_hidden: int = 128  # width of each head (toy choice; LADD's heads are small conv nets)
-    # Also condition every head on the prompt (mean text token, by projection). ADD's and LADD's heads see
-    # the text conditioning (as recalled); without it the prompt reaches the heads only through the teacher's
+    # Also condition every head on the prompt (mean text token, by projection). ADD's heads see the text and
+    # image embeddings, LADD's the noise level and the pooled CLIP text embedding (per a third-party reading
+    # note; neither paper re-read); without it the prompt reaches the heads only through the teacher's
     # cross-attention. Off by default: on the toy teacher it made the LADD student worse (FID 3.27 vs 1.98,
     # alignment 81.7% vs 94.2%, one run each, README).
     text_conditioning: bool = False

@@ -435,8 +435,10 @@ class PCM(ConsistencyDistillation):
         loss = self._distance(pred, target)  # PCM Eq. 8 (phased consistency distillation loss)
         out = {"consistency": loss.detach(), "stats/phase": k.float().mean(), "stats/pred_std": pred.detach().std()}
         if self.adv is not None:
-            # LADD term on the student's x0 prediction (PCM's own adversarial loss compares phase-mapped states
-            # instead, PCM Sec. 3.3 as recalled: not reproduced here).
+            # LADD term on the student's x0 prediction. PCM's own adversarial loss compares phase-mapped
+            # states instead (real: the target's state at the phase edge, fake: the student's, both
+            # re-noised to a t within the phase; PCM repo code/text_to_image_sd15/
+            # train_pcm_lora_sd15_adv.py L1288-1305, L1379-1381): not reproduced here.
             loss = loss + self._adversarial_generator_term(out, x0_pred, cond, step)
         out["loss"] = loss
         return out

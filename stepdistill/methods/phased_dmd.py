@@ -2,9 +2,11 @@
 
 Xiangyu Fan, Zesong Qiu, Zhuguanyu Wu, Fanzhou Wang, Zhiqian Lin, Tianxiang Ren, Dahua Lin, Ruihao Gong,
 Lei Yang. "Phased DMD: Few-step Distribution Matching Distillation via Score Matching within
-Subintervals." arXiv 2510.27684, 2025. (The paper's full text was not available here: what follows
-implements its two key ideas as the abstract states them; the formulas are derived here, not copied from
-its equations, and no equation numbers of it are cited.)
+Subintervals." arXiv 2510.27684, 2025. (What follows implements its two key ideas; the formulas are
+derived here. Checked later against v3 of the paper: it samples t in (t_{i+1}, T] for both the DMD
+gradient and the fake score (Sec. 2.2.1-2.2.2, App. C.2: dmd_t_range "full" here), re-initialises the
+fake score from the teacher at each phase (Sec. 2.2.1) and updates it 5 times per generator step
+(Sec. 3).)
 
 The noise range is split by the generator timesteps into k subintervals, edges
 ``T ≥ t_0 > t_1 > ... > t_{k-1} > t_k = clean``. The generator is a mixture of experts: expert i runs
@@ -109,7 +111,8 @@ class PhasedDMDConfig(ScoreDistillConfig):
     # Training iterations of stages 0 .. k-2 (one entry: every stage that long); the last stage trains
     # expert k-1 until train.max_steps.
     steps_per_stage: list[int] = field(default_factory=lambda: [500])
-    # "subinterval": t in (t_{i+1}, t_i] for stage i (the paper's subinterval); "full": t in (t_{i+1}, max].
+    # "subinterval": t in (t_{i+1}, t_i] for stage i (stepdistill's default); "full": t in (t_{i+1}, max], the
+    # paper's "reverse nested intervals" (Phased DMD v3 Sec. 2.2.1, App. C.2).
     dmd_t_range: str = "subinterval"
     # Expert i's output at t_{i+1}: "ddim" (deterministic DDIM jump carrying the input's noise; starts as the
     # teacher's DDIM sampler) or "renoise" (DMD2's re-noising with fresh noise). See the module docstring.

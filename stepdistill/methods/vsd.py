@@ -70,8 +70,8 @@ class VSD(ScoreDistillation):
     @classmethod
     def default_roles(cls, cfg: VSDConfig) -> dict[str, RoleConfig]:
         return {
-            # SwiftBrush trains the full student and a rank-64 LoRA teacher (lrs 1e-6 and 1e-3 as recalled from its
-            # Sec. 5, not re-verified offline; see configs/vsd_sd15.yaml).
+            # SwiftBrush trains the full student and a rank-64 LoRA teacher, lrs 1e-6 and 1e-3 (the official
+            # training command, VinAIResearch/SwiftBrush README.md L99-102; see configs/vsd_sd15.yaml).
             "generator": RoleConfig(init_from="teacher", trainable=True, lr=1e-6),
             "critic": RoleConfig(init_from="teacher", trainable=True, lora_rank=64, share_teacher_base=True,
                                  lr=1e-3),
