@@ -194,7 +194,6 @@ def test_exports_load_in_plain_diffusers(tmp_path, tiny_pipeline_dir):
         runs[name] = out / "export"
     code = f"""
 import json, sys, torch, diffusers
-from stepdistill import lifecycle
 runs = {json.dumps({k: str(v) for k, v in runs.items()})}
 def gen(pipe, steps, gs):
     pipe.set_progress_bar_config(disable=True)
