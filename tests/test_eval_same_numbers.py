@@ -11,8 +11,20 @@ import json
 import re
 from datetime import datetime, timedelta
 
+import pytest
+import torch
+
 from stepdistill.eval.provenance import git_commit
 from tests.helpers import REPO
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The pinned numbers were computed on one CPU thread; more threads reorder float sums."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 # teacher toy-sd, 3 steps, CFG 3, the 11 held-out prompts x seeds 0 and 1, 2000 procedural references each
 TEACHER = {
