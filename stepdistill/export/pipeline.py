@@ -295,9 +295,7 @@ def load_student(checkpoint: Path, built, use_ema: bool) -> None:
     """Load the exported roles' weights of ``checkpoint`` into a freshly ``harness.build``-t run: their
     backbones and heads (accelerate's model files), LoRAs on the shared teacher backbone, and, with
     ``use_ema``, their export EMA weights in place of the trained ones."""
-    from diffusers.training_utils import EMAModel
-
-    from stepdistill.harness.build import saved_modules, student_states
+    from stepdistill.harness.build import export_ema, saved_modules, student_states
 
     exported = set(built.method.export_roles())
     for i, (label, module) in enumerate(saved_modules(built.roles, built.teacher)):
@@ -306,9 +304,8 @@ def load_student(checkpoint: Path, built, use_ema: bool) -> None:
     states, emas = {}, []
     for name in built.method.export_roles():
         role = built.roles[name]
-        ema = None
-        if use_ema and role.trainable and role.cfg.ema_decay > 0:
-            ema = EMAModel(role.trainable_parameters(), decay=role.cfg.ema_decay, foreach=True)
+        ema = export_ema(role) if use_ema else None
+        if ema is not None:
             emas.append((ema, role))
         states.update(student_states(role, built.teacher, ema))
     load_extra_states(checkpoint, states)

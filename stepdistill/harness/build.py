@@ -90,6 +90,17 @@ def ema_state_name(role: str) -> str:
     return f"ema.{role}"
 
 
+def export_ema(role: Role):
+    """The export EMA of ``role`` (a diffusers ``EMAModel`` over its trainable parameters), or None when
+    ``RoleConfig.ema_decay`` is 0 or the role does not train. The trainer updates it; an export from a
+    checkpoint loads it: both build it here, so its shadow tensors line up."""
+    if not role.trainable or role.cfg.ema_decay <= 0:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(role.trainable_parameters(), decay=role.cfg.ema_decay, foreach=True)
+
+
 def student_states(role: Role, teacher: Teacher, ema=None) -> dict[str, ExtraState]:
     """The extra states of ``role`` that hold its weights outside accelerate's models: a LoRA on the
     shared teacher backbone, and the export EMA ``ema`` (a diffusers ``EMAModel``) when given."""

@@ -27,7 +27,7 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from stepdistill.harness.build import build, resolve_precision, saved_modules, student_states
+from stepdistill.harness.build import build, export_ema, resolve_precision, saved_modules, student_states
 from stepdistill.harness.checkpoint import (
     ExtraState,
     ModuleState,
@@ -143,7 +143,6 @@ class Trainer:
     # ---- setup --------------------------------------------------------------------------------
     def _prepare_optimizers(self) -> None:
         from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import EMAModel
 
         self.optimizers, self.schedulers, self.emas = {}, {}, {}
         self.all_fused = True
@@ -180,9 +179,8 @@ class Trainer:
                 role.wrapped, opt, sched = acc.prepare(role.module, opt, sched)
                 prepared.append(role.module)
             self.optimizers[name], self.schedulers[name] = opt, sched
-            ema = None
-            if rc.ema_decay > 0:
-                ema = EMAModel([p for p in role.trainable_parameters()], decay=rc.ema_decay, foreach=True)
+            ema = export_ema(role)
+            if ema is not None:
                 ema.to(self.device)
                 self.emas[name] = ema
             self.extra_states.update(student_states(role, self.teacher, ema))
