@@ -71,8 +71,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache_pairs(args: argparse.Namespace) -> int:
-    from stepdistill.config.load import load_config, validate_out_dir
+    from stepdistill.config.load import validate_out_dir
     from stepdistill.harness.preflight import validate_paths
+    from stepdistill.runconfig import load_config
 
     parser = args.parser
     if args.num < 1:

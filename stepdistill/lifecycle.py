@@ -62,7 +62,7 @@ def complete(trainer: Trainer) -> Path:
 
 
 def run(cfg: DictConfig | Trainer, plan: Plan | None = None) -> Path:
-    """The whole run for a resolved config (``config.load.load_config``) or a built ``Trainer``: train to
+    """The whole run for a resolved config (``runconfig.load_config``) or a built ``Trainer``: train to
     ``train.max_steps`` (resuming per ``train.resume``), then ``complete``. Returns the run folder.
     ``plan``: what ``harness.preflight.preflight(cfg)`` found, when the caller ran it already."""
     trainer = cfg if isinstance(cfg, Trainer) else Trainer(cfg)

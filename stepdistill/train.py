@@ -78,8 +78,8 @@ def _fail(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Load + validate the config, then dry-run or train. Returns the process exit status."""
-    from stepdistill.config.load import load_config
     from stepdistill.harness.preflight import validate_paths
+    from stepdistill.runconfig import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tiny_config(tmp_path: Path, method: str = "dmd2", *overrides: str):
     """The tiny test config of ``method`` (configs/tests/tiny_<method>.yaml), writing into ``tmp_path``."""
-    from stepdistill.config.load import load_config
+    from stepdistill.runconfig import load_config
 
     return load_config(
         f"tests/tiny_{method}",

@@ -14,13 +14,13 @@ from stepdistill import cli
 from stepdistill.config.load import (
     CONFIGS_DIR,
     list_configs,
-    load_config,
     resolve_config_path,
     to_dataclass,
 )
 from stepdistill.config.schema import Config, RoleConfig
 from stepdistill.harness.preflight import validate_paths
 from stepdistill.methods.registry import get_method
+from stepdistill.runconfig import load_config
 from stepdistill.train import main
 
 REPO = Path(__file__).resolve().parents[1]

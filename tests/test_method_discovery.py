@@ -64,8 +64,8 @@ def test_a_plugin_method_is_found_through_its_entry_point(tmp_path, clean_regist
 
 
 def test_a_plugin_method_validates_and_trains_one_step(tmp_path, clean_registry):
-    from stepdistill.config.load import load_config
     from stepdistill.harness.trainer import Trainer
+    from stepdistill.runconfig import load_config
 
     _distribution(tmp_path / "site", "stepdistill-kd-plugin", _plugin_entry_point())
     sys.path[:0] = [str(tmp_path / "site"), str(PLUGIN_ROOT)]

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from stepdistill.config.schema import RoleConfig
-from stepdistill.harness.roles import build_roles
 from stepdistill.methods.score import gan_head
 from stepdistill.models import load_teacher
 from stepdistill.models.lora import merged_copy
+from stepdistill.models.roles import build_roles
 from tests.helpers import snapshot
 
 

@@ -11,8 +11,8 @@ from tests.helpers import PYTHON, REPO, run
 
 
 def test_two_step_dmd2_on_toy_sd_exports_evaluates_and_loads(tmp_path):
-    from stepdistill.config.load import load_config
     from stepdistill.harness.trainer import Trainer
+    from stepdistill.runconfig import load_config
 
     out = tmp_path / "toy"
     cfg = load_config("toy/dmd2", [f"run.output_dir={out}", "run.trackers=[none]", "train.max_steps=2",

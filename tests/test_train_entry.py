@@ -139,7 +139,7 @@ def test_cpu_threads_use_the_available_cores(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert cpu_threads(0, 2) == max(1, cores // 2)
     # What `accelerate launch` exports (OMP_NUM_THREADS=1) does not pin a training run to one core.
-    proc = run([PYTHON, "-c", "import torch\nfrom stepdistill.config.load import load_config\n"
+    proc = run([PYTHON, "-c", "import torch\nfrom stepdistill.runconfig import load_config\n"
                 "from stepdistill.harness.trainer import Trainer\n"
                 "Trainer(load_config('tests/tiny_dmd2', ['run.trackers=[none]']))\n"
                 "print('threads', torch.get_num_threads())"],

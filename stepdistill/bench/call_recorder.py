@@ -143,8 +143,8 @@ class CallRecorder:
     @contextlib.contextmanager
     def installed(self):
         """Wrap every role's denoiser, count backbone calls, count ``make_batch`` calls."""
-        from stepdistill.harness.roles import Role
         from stepdistill.models import unwrap_model
+        from stepdistill.models.roles import Role
 
         original = Role.denoiser
         recorder = self

@@ -125,7 +125,8 @@ def _synthetic_real_data(folder: Path, num: int, shape: tuple[int, ...], prompts
 
 def build_config(args: argparse.Namespace, workdir: Path):
     """The benchmark's run config: the method config + random weights + no outputs + the user's overrides."""
-    from stepdistill.config.load import load_config, parse_overrides, resolve_config_path
+    from stepdistill.config.load import parse_overrides, resolve_config_path
+    from stepdistill.runconfig import load_config
 
     config = args.config or ARCH_CONFIGS[args.arch]
     user = list(args.overrides)

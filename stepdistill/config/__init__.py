@@ -1,10 +1,10 @@
-"""Run configuration: the structured schema (``schema.py``) and the loader (``load.py``)."""
+"""Run configuration: the structured schema (``schema.py``) and the method-free loader machinery
+(``load.py``). ``stepdistill.runconfig.load_config`` types a config by its method."""
 
 from stepdistill.config.load import (
     CONFIGS_DIR,
     configs_dir,
     list_configs,
-    load_config,
     resolve_config_path,
     to_dataclass,
 )
@@ -29,7 +29,6 @@ __all__ = [
     "TrainConfig",
     "configs_dir",
     "list_configs",
-    "load_config",
     "resolve_config_path",
     "to_dataclass",
 ]

@@ -1,17 +1,10 @@
-"""Load a run configuration: YAML file (+ ``base:`` inheritance) + ``key=value`` overrides → typed config.
+"""Config machinery: YAML files (+ ``base:`` inheritance), ``key=value`` overrides, merging onto the
+schema dataclasses and the one-line errors, all without knowing any method.
 
-The result is an OmegaConf ``DictConfig`` backed by the dataclasses of ``config/schema.py`` (and the
-chosen method's own ``Config`` dataclass), so an unknown key or a value of the wrong type fails here,
-before any model is loaded, with one ``ValueError`` that names the full key, where it came from and
-what would be valid.
-
-Order of precedence (later wins)::
-
-    schema defaults  <  method's default roles  <  base config(s)  <  YAML file  <  command-line overrides
-
-The ``roles`` section is special: its defaults come from the method (``default_roles``), e.g. DMD2's
-teacher is frozen while its critic trains, so a user's ``roles.critic.lr=...`` overrides the method's
-critic rather than a blank ``RoleConfig``. The returned config lists every role fully resolved.
+``stepdistill.runconfig.load_config`` composes these with the method registry (the ``method`` section
+is typed by the chosen method's own ``Config``, the ``roles`` come from its ``default_roles``). That
+function lives above ``methods/`` because it needs the registry; this module is the floor and imports
+nothing else of the package but the schema.
 """
 
 from __future__ import annotations
@@ -34,7 +27,7 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from stepdistill.config.schema import Config, RoleConfig
+from stepdistill.config.schema import Config
 
 __all__ = [
     "CONFIGS_DIR",
@@ -42,7 +35,9 @@ __all__ = [
     "list_configs",
     "resolve_config_path",
     "parse_overrides",
-    "load_config",
+    "load_with_bases",
+    "merge_checked",
+    "to_object",
     "to_dataclass",
     "validate_out_dir",
 ]
@@ -52,7 +47,7 @@ logger = logging.getLogger("stepdistill")
 # The configs/ folder of the repository (stepdistill/config/load.py → <repo>/configs).
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 _YAML_SUFFIXES = (".yaml", ".yml")
-_DEFAULT_METHOD = "dmd2"
+DEFAULT_METHOD = "dmd2"
 _BASE_KEY = "base"
 
 
@@ -147,7 +142,7 @@ def _load_yaml(path: Path) -> DictConfig:
     return loaded
 
 
-def _load_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
+def load_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
     """The file's content merged on top of its ``base:`` config (recursively). ``base`` is removed."""
     path = path.resolve()
     if path in chain:
@@ -163,7 +158,7 @@ def _load_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> DictConfig:
         base_path = resolve_config_path(base_name, relative_to=path.parent)
     except ValueError as e:
         raise ValueError(f"{path}: base: {e}") from None
-    base = _load_with_bases(base_path, (*chain, path))
+    base = load_with_bases(base_path, (*chain, path))
     del data[_BASE_KEY]
     return OmegaConf.merge(base, data)  # untyped merge; the schema checks the result
 
@@ -240,13 +235,13 @@ def _list_field_of(cls: Any, item_type: Any, prefix: str = "") -> str | None:
     return None
 
 
-def _valid_keys(cls: Any) -> list[str]:
+def valid_keys(cls: Any) -> list[str]:
     if isinstance(cls, type) and dataclasses.is_dataclass(cls):
         return [f.name for f in dataclasses.fields(cls)]
     return []
 
 
-def _format_error(
+def format_error(
     e: OmegaConfBaseException, origin: str, schema: DictConfig | None = None, prefix: str = ""
 ) -> ValueError:
     """One readable ValueError from an omegaconf exception: key, value, source and the fix.
@@ -259,7 +254,7 @@ def _format_error(
     object_type = getattr(e, "object_type", None)
     key = getattr(e, "key", None)
     if isinstance(e, ConfigKeyError) and rel_key:
-        valid = _valid_keys(object_type)
+        valid = valid_keys(object_type)
         section = full_key.rsplit(".", 1)[0] if "." in full_key else ""
         owner = _list_field_of(Config, object_type)
         if owner and "." not in full_key:  # omegaconf names keys inside list entries from the entry only
@@ -308,36 +303,8 @@ def _bad_value(e: OmegaConfBaseException) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Loading
+# Merging
 # ---------------------------------------------------------------------------------------------------
-
-
-def _method_name(*sources: DictConfig) -> Any:
-    """``method.name`` from the last source that sets it (overrides before the file), default dmd2."""
-    for src in sources:
-        method = src.get("method") if isinstance(src, DictConfig) else None
-        if isinstance(method, DictConfig) and "name" in method:
-            return method["name"]
-        if method is not None and not isinstance(method, DictConfig):
-            raise ValueError(f"'method' must be a section with at least 'name:', got {method!r}")
-    return _DEFAULT_METHOD
-
-
-def _pop_roles(src: DictConfig, origin: str) -> DictConfig:
-    if "roles" not in src:
-        return OmegaConf.create({})
-    roles = src["roles"]
-    del src["roles"]
-    if roles is None:
-        return OmegaConf.create({})
-    if not isinstance(roles, DictConfig):
-        raise ValueError(f"'roles' in {origin} must map role names to settings (e.g. roles.critic.lr: 1e-6), "
-                         f"got {roles!r}")
-    for name, value in roles.items():
-        if value is not None and not isinstance(value, DictConfig):
-            raise ValueError(f"roles.{name} in {origin} must be a section of role settings "
-                             f"(keys: {', '.join(_valid_keys(RoleConfig))}), got {value!r}")
-    return roles
 
 
 def _check_sections(target: DictConfig, src: DictConfig, origin: str, prefix: str = "") -> None:
@@ -354,123 +321,32 @@ def _check_sections(target: DictConfig, src: DictConfig, origin: str, prefix: st
             del src[key]
         else:
             cls = OmegaConf.get_type(node)
-            keys = _valid_keys(cls) or [str(k) for k in node]
+            keys = valid_keys(cls) or [str(k) for k in node]
             raise ValueError(f"{prefix}{key} in {origin} must be a section with keys "
                              f"({', '.join(keys)}), got {OmegaConf.to_container(src)[key]!r}")
 
 
-def _merge(target: DictConfig, src: DictConfig, origin: str) -> DictConfig:
+def merge_checked(target: DictConfig, src: DictConfig, origin: str) -> DictConfig:
     _check_sections(target, src, origin)
     try:
         return OmegaConf.merge(target, src)
     except OmegaConfBaseException as e:
-        raise _format_error(e, origin, target) from None
+        raise format_error(e, origin, target) from None
 
 
-def _to_object(node: Any, origin: str) -> Any:
+def to_object(node: Any, origin: str) -> Any:
     """Instantiate dataclasses (runs their ``__post_init__`` checks), errors as one ValueError."""
     try:
         return OmegaConf.to_object(node)
     except OmegaConfBaseException as e:
-        raise _format_error(e, origin) from None
+        raise format_error(e, origin) from None
     except (ValueError, TypeError) as e:
         raise ValueError(f"{e} ({origin})") from None
 
 
-def _build_roles(method_cls: type, method_obj: Any, user_roles: list[tuple[DictConfig, str]]) -> dict:
-    """Method default roles merged with the user's overrides, each checked against RoleConfig."""
-    try:
-        defaults = method_cls.default_roles(method_obj)
-    except NotImplementedError:
-        raise ValueError(f"method {method_cls.name!r} does not declare its roles (default_roles) yet") from None
-    declared = list(defaults)
-    for roles, origin in user_roles:
-        for name in roles:
-            if name not in defaults:
-                close = difflib.get_close_matches(str(name), declared, n=1)
-                hint = f" (did you mean roles.{close[0]}?)" if close else ""
-                raise ValueError(f"unknown role roles.{name} in {origin}{hint}; method {method_cls.name!r} "
-                                 f"has roles: {', '.join(declared)}")
-    built = {}
-    for name, default in defaults.items():
-        if not isinstance(default, RoleConfig):
-            raise TypeError(f"{method_cls.__name__}.default_roles() must return RoleConfig values, "
-                            f"got {type(default).__name__} for {name!r}")
-        node = OmegaConf.structured(default)
-        for roles, origin in user_roles:
-            if name in roles and roles[name] is not None:
-                try:
-                    node = OmegaConf.merge(node, roles[name])
-                except OmegaConfBaseException as e:
-                    raise _format_error(e, origin, node, prefix=f"roles.{name}.") from None
-        built[name] = node
-    return built
-
-
-def _check_roles(cfg: DictConfig, user_roles: list[tuple[DictConfig, str]]) -> None:
-    """RoleConfig.__post_init__ checks, per role, so errors name the role (``roles.critic.lora_rank``)."""
-    for name in cfg.roles:
-        try:
-            OmegaConf.to_object(cfg.roles[name])
-        except OmegaConfBaseException as e:
-            raise _format_error(e, "roles") from None
-        except (ValueError, TypeError) as e:
-            where = ", ".join(o for r, o in user_roles if name in r) or "the method's default roles"
-            raise ValueError(f"{str(e).replace('roles.*.', f'roles.{name}.')} ({where})") from None
-
-
-def load_config(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Load, merge, type-check and validate a run config. Raises ValueError on any user error.
-
-    ``path`` is a YAML file or a bare config name (see ``resolve_config_path``); ``None`` builds the
-    config from the overrides alone. The result is a typed DictConfig with interpolations resolved.
-    """
-    from stepdistill.methods import get_method
-
-    if path is not None:
-        file = resolve_config_path(path)
-        raw = _load_with_bases(file)
-        file_origin = f"config file {file}"
-    else:
-        raw = OmegaConf.create({})
-        file_origin = "config"
-    dot = parse_overrides(list(overrides))
-    dot_origin = "command-line overrides"
-    # Errors found after merging (dataclass checks) cannot tell which source set the value.
-    if path is None:
-        both_origin = dot_origin
-    else:
-        both_origin = f"{file_origin} + {dot_origin}" if overrides else file_origin
-
-    name = _method_name(dot, raw)
-    if not isinstance(name, str):
-        raise ValueError(f"method.name must be a string, got {name!r}")
-    method_cls = get_method(name)  # unknown name → ValueError listing the registered methods
-
-    user_roles = [(_pop_roles(raw, file_origin), file_origin), (_pop_roles(dot, dot_origin), dot_origin)]
-
-    # Typed schema: the base dataclasses, with `method` typed by the chosen method's Config.
-    schema = OmegaConf.structured(Config())
-    schema.method = OmegaConf.structured(method_cls.Config)
-    cfg = _merge(schema, raw, file_origin)
-    cfg = _merge(cfg, dot, dot_origin)
-
-    method_obj = _to_object(cfg.method, both_origin)
-    cfg.roles = _build_roles(method_cls, method_obj, user_roles)
-
-    try:
-        OmegaConf.resolve(cfg)
-    except OmegaConfBaseException as e:
-        raise _format_error(e, both_origin) from None
-    _check_roles(cfg, user_roles)
-    # Full dataclass validation (every section's __post_init__, mandatory values).
-    _to_object(cfg, both_origin)
-    return cfg
-
-
 def to_dataclass(cfg: DictConfig) -> Config:
     """The typed ``Config`` object (dataclasses all the way down; ``method`` is the method's Config)."""
-    return _to_object(cfg, "config")
+    return to_object(cfg, "config")
 
 
 def validate_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:

@@ -323,8 +323,8 @@ def export_from_run(path: str | Path, out: str | Path, dtype: str = "fp32", use_
     """
     from omegaconf import OmegaConf
 
-    from stepdistill.config.load import load_config
     from stepdistill.harness.build import build, resolve_precision
+    from stepdistill.runconfig import load_config
 
     checkpoint, run_dir = _checkpoint_and_run(Path(path))
     cfg = load_config(str(run_dir / "config.yaml"), ["run.trackers=[none]", "train.resume=null"])

@@ -15,10 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from stepdistill.config.schema import RoleConfig
 from stepdistill.harness.checkpoint import EMAState, ExtraState, ParamsState
-from stepdistill.harness.roles import Role, build_roles
 from stepdistill.methods import DistillMethod, MethodContext, get_method
 from stepdistill.models import Teacher, load_teacher
 from stepdistill.models.loading import as_dtype
+from stepdistill.models.roles import Role, build_roles
 
 
 def resolve_precision(mixed_precision: str, weight_dtype: str) -> tuple[str, torch.dtype]:

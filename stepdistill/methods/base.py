@@ -16,9 +16,9 @@ import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from stepdistill.config.schema import RoleConfig
-    from stepdistill.harness.roles import Role
     from stepdistill.models.denoiser import Denoiser
     from stepdistill.models.loading import Teacher
+    from stepdistill.models.roles import Role
 
 
 @dataclass

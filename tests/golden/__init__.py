@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from stepdistill.config.load import load_config
 from stepdistill.data.pairs import cache_pairs
 from stepdistill.harness.trainer import Trainer
+from stepdistill.runconfig import load_config
 
 GOLDEN_DIR = Path(__file__).resolve().parent
 REPO = GOLDEN_DIR.parents[1]

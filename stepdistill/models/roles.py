@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from stepdistill.config.schema import RoleConfig
-from stepdistill.models import Denoiser, Teacher, unwrap_model
+from stepdistill.models.denoiser import Denoiser, unwrap_model
 from stepdistill.models.guidance import add_guidance_embedding, guidance_embedding_dim
+from stepdistill.models.loading import Teacher
 from stepdistill.models.lora import add_lora, enable_adapter_aware_checkpointing, lora_parameters, use_adapter
 
 
