@@ -335,7 +335,6 @@ def test_bad_inputs_fail_before_loading(tmp_path, capsys):
     with pytest.raises(ValueError, match="cannot import nothing from stepdistill.bench.quality"):
         make_settings({"quality": "stepdistill.bench.quality:nothing"})
     assert quality_fn("stepdistill.bench.quality:toy_quality") is QUALITY["toy"]
-    assert quality_fn("stepdistill.bench.sampler:toy_quality") is QUALITY["toy"]  # the README's older path
     with pytest.raises(ValueError, match="batch_sizes=0 must be >= 1"):
         make_settings({"batch_sizes": "1,0"})
     bad = tmp_path / "bad.yaml"

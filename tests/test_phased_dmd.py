@@ -289,16 +289,17 @@ def test_export_with_expert_switch_reproduces_the_sampler(tmp_path, family, extr
 def test_bench_runs_every_expert_of_the_export(tmp_path):
     """``stepdistill bench`` runs a mixture-of-experts export with its ExpertSwitch (expert i at step i),
     and refuses it where one network per call is assumed (a hybrid's student, fast=true)."""
-    from stepdistill.bench import sampler as bench
+    from stepdistill.bench import runner as bench_runner
+    from stepdistill.bench import spec as bench_spec
     from stepdistill.sampling.experts import SwitchedPipeline
 
     cfg = tiny_config(tmp_path / "run", "phased_dmd", "train.sample_every=0")
     lifecycle.run(cfg)
     folder = str(tmp_path / "run" / "export")
-    settings = bench.make_settings({"batch_sizes": [1], "runs": 1, "warmup": 0, "quality": "none", "device": "cpu",
+    settings = bench_spec.make_settings({"batch_sizes": [1], "runs": 1, "warmup": 0, "quality": "none", "device": "cpu",
                                     "out": str(tmp_path / "bench")})
-    entry = bench.parse_entry(f"{folder} steps=2 guidance=0")[0]
-    runner = bench.build_runner(entry, settings, bench.PipelineCache(torch.device("cpu"), torch.float32))
+    entry = bench_spec.parse_entry(f"{folder} steps=2 guidance=0")[0]
+    runner = bench_runner.build_runner(entry, settings, bench_runner.PipelineCache(torch.device("cpu"), torch.float32))
     assert isinstance(runner.pipe, SwitchedPipeline)
     prompts = ["a blue square", "a red circle"]
     images = runner(prompts, seed=3)
@@ -316,11 +317,11 @@ def test_bench_runs_every_expert_of_the_export(tmp_path):
     assert (images - call()).abs().max() > 1e-4  # expert 0 alone is another sampler
     for text in (f"hybrid teacher=tiny:sd15 student={folder} teacher_steps=1 steps=2", f"{folder} fast=true"):
         with pytest.raises(ValueError, match="is a mixture of experts"):
-            bench.validate(bench.parse_entry(text), settings)
+            bench_spec.validate(bench_spec.parse_entry(text), settings)
     # A compiled entry: the pipeline's backbone is a torch.compile wrapper; the other experts load as the
     # module class under it and are compiled by the bench too (compilation itself is lazy: nothing runs here).
-    compiled = bench.parse_entry(f"{folder} steps=2 guidance=0 compile=true")[0]
-    runner = bench.build_runner(compiled, settings, bench.PipelineCache(torch.device("cpu"), torch.float32))
+    compiled = bench_spec.parse_entry(f"{folder} steps=2 guidance=0 compile=true")[0]
+    runner = bench_runner.build_runner(compiled, settings, bench_runner.PipelineCache(torch.device("cpu"), torch.float32))
     backbones = runner.pipe.switch.backbones
     assert len(backbones) == 2 and all(hasattr(b, "_orig_mod") for b in backbones)
     assert type(backbones[1]._orig_mod) is type(pipe.unet)

@@ -46,7 +46,7 @@ def markdown_table(result: dict) -> str:
                     for k in qcols])
         lines.append("| " + " | ".join(cells) + " |")
     if not qcols:
-        lines.append("\nquality: n/a (no quality function for these pipelines; see stepdistill.bench.sampler.register_quality)")
+        lines.append("\nquality: n/a (no quality function for these pipelines; see stepdistill.bench.quality.register_quality)")
     notes = (f"\n{result['device_name']}, {result['dtype']}; latency: median of {result['settings']['runs']} "
              f"end-to-end calls after {result['settings']['warmup']} warm-up; memory: {memory}.")
     return "\n".join(lines) + "\n" + notes + "\n"
