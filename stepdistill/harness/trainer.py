@@ -40,6 +40,7 @@ from stepdistill.harness.checkpoint import (
 )
 from stepdistill.harness.guard import NonFiniteError, NonFiniteGuard
 from stepdistill.harness.logging import MetricsWriter, image_grid
+from stepdistill.harness.parallel import all_reduce_mean_
 from stepdistill.harness.preflight import Plan, move_aside, preflight, record_resume
 from stepdistill.harness.signals import GracefulStop
 
@@ -271,9 +272,8 @@ class Trainer:
             params = role.trainable_parameters()
             if role.wrapped is None and acc.num_processes > 1:
                 in_head = {id(p) for p in role.head.parameters()} if role.wrapped_head is not None else set()
-                for p in params:
-                    if p.grad is not None and id(p) not in in_head:  # the head's DDP wrapper averaged those
-                        p.grad = acc.reduce(p.grad, reduction="mean")
+                # the head's DDP wrapper averaged its own; the rest (shared-base LoRA) in one flat bucket
+                all_reduce_mean_([p.grad for p in params if p.grad is not None and id(p) not in in_head])
             max_norm = role.cfg.max_grad_norm if role.cfg.max_grad_norm > 0 else math.inf
             grad_norms[name] = acc.clip_grad_norm_(params, max_norm).detach().float()
             logs[f"grad_norm/{name}"] = grad_norms[name]
