@@ -30,7 +30,7 @@ def export_student(trainer: Trainer, out: str | Path | None = None, dtype: str |
     out = Path(out) if out is not None else trainer.run_dir / "export"
     dtype = dtype or cfg.export.dtype
     use_ema = cfg.export.use_ema if use_ema is None else use_ema
-    with trainer.ema_weights(enabled=use_ema):
+    with trainer.ema_weights(enabled=use_ema), trainer.gathered_roles():
         if trainer.accelerator.is_main_process:
             export_pipeline(trainer.teacher, trainer.method, trainer.roles[trainer.method.student_role], out,
                             dtype=dtype, config=OmegaConf.to_container(cfg, resolve=True), run_dir=trainer.run_dir,

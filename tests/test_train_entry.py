@@ -7,6 +7,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from tests.helpers import PYTHON, REPO, run
@@ -76,12 +77,18 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path, config, roles):
     out = tmp_path / "ddp"
     run([*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no", "train.py",
          "--config", config, "train.max_steps=2", "export.enabled=false", "train.sample_every=0",
+         "train.log_every=1", "roles.generator.lr_scheduler=constant_with_warmup", "roles.generator.lr_warmup_steps=4",
          f"run.output_dir={out}"], env={"CUDA_VISIBLE_DEVICES": ""})
     done = json.loads((out / "DONE.json").read_text())
     assert done["num_processes"] == 2
     for role, per_rank in done["weight_sha256"].items():
         assert len(per_rank) == 2 and per_rank[0] == per_rank[1], f"{role} differs between ranks"
     assert set(done["weight_sha256"]) == roles
+    # The warmup counts updates, not updates x processes: after the first one the LR is 1/4 of the base.
+    base = yaml.safe_load((out / "config.yaml").read_text())["roles"]["generator"]["lr"]
+    first = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                 if "lr/generator" in line)
+    assert first["lr/generator"] == pytest.approx(base / 4, rel=1e-6)
 
 
 def test_export_command_from_a_checkpoint(tmp_path):

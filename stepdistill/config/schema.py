@@ -111,7 +111,7 @@ class RoleConfig:
     weight_decay: float = 0.01
     adam_eps: float = 1e-8
     lr_scheduler: str = "constant"  # any name of diffusers.optimization.get_scheduler
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int = 0  # counted in this role's optimizer updates, the same on any number of processes
     max_grad_norm: float = 10.0  # <= 0 disables clipping
     ema_decay: float = 0.0  # > 0 keeps an EMA copy (used for export)
 
@@ -172,10 +172,19 @@ class TrainConfig:
     # nonfinite/skipped; more than max_nonfinite_skips in a row stop the run as "stop" does).
     on_nonfinite: str = "stop"
     max_nonfinite_skips: int = 10
+    # How several processes share the work. ddp: every process holds every network whole and gradients
+    # are averaged (accelerate's DDP). fsdp2: each trainable full-weight role (and EMA target role) is
+    # sharded over the processes with torch's fully_shard, one unit per UNet / transformer block, so its
+    # weights, gradients and AdamW states take 1/N of the memory each; the frozen teacher stays whole and
+    # LoRA roles on its shared base train as under ddp. Same launch: accelerate launch --multi_gpu ...
+    parallel: str = "ddp"
+    fsdp_reshard_after_forward: bool = True  # free each block's gathered weights after its forward (less memory, one more all-gather in backward)
+    fsdp_cpu_offload: bool = False  # keep the sharded weights, gradients and optimizer states in CPU memory
 
     def __post_init__(self) -> None:
         _check_choice("train", "mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _check_choice("train", "on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        _check_choice("train", "parallel", self.parallel, ("ddp", "fsdp2"))
         if self.max_nonfinite_skips < 0:
             raise ValueError(f"train.max_nonfinite_skips={self.max_nonfinite_skips} must be >= 0")
         if self.cpu_threads < 0:

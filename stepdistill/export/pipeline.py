@@ -298,7 +298,8 @@ def load_student(checkpoint: Path, built, use_ema: bool) -> None:
     from stepdistill.harness.build import export_ema, saved_modules, student_states
 
     exported = set(built.method.export_roles())
-    for i, (label, module) in enumerate(saved_modules(built.roles, built.teacher)):
+    parallel = built.parallel
+    for i, (label, module) in enumerate(saved_modules(built.roles, built.teacher, parallel)):
         if label.split(".")[0] in exported:
             _load_module(module, checkpoint / ("model.safetensors" if i == 0 else f"model_{i}.safetensors"))
     states, emas = {}, []
@@ -307,7 +308,7 @@ def load_student(checkpoint: Path, built, use_ema: bool) -> None:
         ema = export_ema(role) if use_ema else None
         if ema is not None:
             emas.append((ema, role))
-        states.update(student_states(role, built.teacher, ema))
+        states.update(student_states(role, built.teacher, ema, parallel))
     load_extra_states(checkpoint, states)
     for ema, role in emas:
         ema.copy_to(role.trainable_parameters())

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from stepdistill.config.schema import RoleConfig
-from stepdistill.harness.checkpoint import EMAState, ExtraState, ParamsState
+from stepdistill.harness.checkpoint import EMAState, ExtraState, ModuleState, ParamsState
 from stepdistill.methods import DistillMethod, MethodContext, get_method
 from stepdistill.models import Teacher, load_teacher
 from stepdistill.models.loading import as_dtype
@@ -47,6 +47,7 @@ class Built:
     teacher: Teacher
     roles: dict[str, Role]
     method: DistillMethod
+    parallel: str = "ddp"  # train.parallel: the checkpoint layout (``saved_modules``, ``student_states``)
 
 
 def build(cfg: DictConfig, device: torch.device, weight_dtype: torch.dtype) -> Built:
@@ -62,16 +63,22 @@ def build(cfg: DictConfig, device: torch.device, weight_dtype: torch.dtype) -> B
     roles = build_roles(teacher, role_cfgs, method_cls.role_heads(method_cfg), device)
     method = method_cls(method_cfg, MethodContext(teacher=teacher, roles=roles, resolution=cfg.model.resolution,
                                                   device=device, has_real_data=bool(cfg.data.images)))
-    return Built(method_cls, method_cfg, teacher, roles, method)
+    return Built(method_cls, method_cfg, teacher, roles, method, cfg.train.parallel)
 
 
-def saved_modules(roles: dict[str, Role], teacher: Teacher) -> list[tuple[str, torch.nn.Module]]:
+def is_sharded_role(role: Role, teacher: Teacher, parallel: str) -> bool:
+    """Under ``train.parallel=fsdp2``: every trainable role with its own backbone (not the teacher's)."""
+    return parallel == "fsdp2" and role.trainable and role.module is not teacher.backbone
+
+
+def saved_modules(roles: dict[str, Role], teacher: Teacher, parallel: str = "ddp") -> list[tuple[str, torch.nn.Module]]:
     """The modules accelerate checkpoints as ``model.safetensors``, ``model_1.safetensors``, ... in the
     order the trainer prepares them: per trainable role its own backbone (not when it lives on the
-    teacher's), then its head. Labels are ``<role>`` and ``<role>.head``."""
+    teacher's), then its head. Labels are ``<role>`` and ``<role>.head``. FSDP2-sharded roles are not
+    accelerate's: ``student_states`` names them."""
     modules = []
     for name, role in roles.items():
-        if not role.trainable:
+        if not role.trainable or is_sharded_role(role, teacher, parallel):
             continue
         if role.module is not teacher.backbone:
             modules.append((name, role.module))
@@ -83,6 +90,12 @@ def saved_modules(roles: dict[str, Role], teacher: Teacher) -> list[tuple[str, t
 def lora_state_name(role: str) -> str:
     """The checkpoint's extra-state name of a LoRA trained on the teacher's shared backbone."""
     return f"lora.{role}"
+
+
+def sharded_state_name(module: str) -> str:
+    """The checkpoint's extra-state name of an FSDP2-sharded role's weights (``<role>`` or ``<role>.head``),
+    stored whole."""
+    return f"fsdp.{module}"
 
 
 def ema_state_name(role: str) -> str:
@@ -101,10 +114,15 @@ def export_ema(role: Role):
     return EMAModel(role.trainable_parameters(), decay=role.cfg.ema_decay, foreach=True)
 
 
-def student_states(role: Role, teacher: Teacher, ema=None) -> dict[str, ExtraState]:
+def student_states(role: Role, teacher: Teacher, ema=None, parallel: str = "ddp") -> dict[str, ExtraState]:
     """The extra states of ``role`` that hold its weights outside accelerate's models: a LoRA on the
-    shared teacher backbone, and the export EMA ``ema`` (a diffusers ``EMAModel``) when given."""
+    shared teacher backbone, an FSDP2-sharded role's backbone and head, and the export EMA ``ema`` (a
+    diffusers ``EMAModel``) when given."""
     states: dict[str, ExtraState] = {}
+    if is_sharded_role(role, teacher, parallel):
+        states[sharded_state_name(role.name)] = ModuleState(role.module)
+        if role.head is not None:
+            states[sharded_state_name(f"{role.name}.head")] = ModuleState(role.head)
     if role.module is teacher.backbone and role.adapter is not None:
         states[lora_state_name(role.name)] = ParamsState(role.trainable_parameters())
     if ema is not None:

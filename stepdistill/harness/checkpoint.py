@@ -32,6 +32,8 @@ from accelerate.utils import gather_object
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from stepdistill.harness.parallel import full_tensor, is_sharded, load_full_
+
 logger = logging.getLogger("stepdistill")
 
 STATE_FILE = "stepdistill_state.json"
@@ -71,11 +73,11 @@ class ParamsState(ExtraState):
     def load(self, tensors, scalars):
         _check_keys(tensors, [str(i) for i in range(len(self.params))])
         for i, p in enumerate(self.params):
-            p.copy_(tensors[str(i)])
+            load_full_(p, tensors[str(i)])
 
 
 class ModuleState(ExtraState):
-    """A whole module's state dict (a frozen EMA target role)."""
+    """A whole module's state dict (a frozen EMA target role; an FSDP2-sharded role's weights)."""
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
@@ -83,8 +85,54 @@ class ModuleState(ExtraState):
     def tensors(self):
         return {k: v.detach() for k, v in self.module.state_dict().items()}
 
+    @torch.no_grad()
     def load(self, tensors, scalars):
-        self.module.load_state_dict(tensors)
+        own = self.module.state_dict()
+        _check_keys(tensors, list(own))
+        for k, dst in own.items():
+            load_full_(dst, tensors[k])
+
+
+class OptimizerState(ExtraState):
+    """An optimizer and its LR schedule outside accelerate (an FSDP2-sharded role): the per-parameter
+    states as whole tensors (so a run resumes onto any process count), hyper-parameters and the
+    schedule's counters as scalars."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler):
+        self.optimizer, self.scheduler = optimizer, scheduler
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def tensors(self):
+        out = {}
+        for i, p in enumerate(self._params()):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                out[f"{i}.{key}"] = value.detach()
+        return out
+
+    def scalars(self):
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        return {"param_groups": groups, "scheduler": sched}
+
+    @torch.no_grad()
+    def load(self, tensors, scalars):
+        from torch.distributed.tensor import distribute_tensor
+
+        for i, p in enumerate(self._params()):
+            state = {}
+            for key in sorted(k.split(".", 1)[1] for k in tensors if k.split(".", 1)[0] == str(i)):
+                full = tensors[f"{i}.{key}"]
+                if is_sharded(p) and full.shape == p.shape:  # a moment: this process's shard of it
+                    full = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements,
+                                             src_data_rank=None)
+                state[key] = full
+            if state:
+                self.optimizer.state[p] = state
+        for group, saved in zip(self.optimizer.param_groups, scalars["param_groups"]):
+            group.update({k: tuple(v) if k == "betas" else v for k, v in saved.items()})
+        self.scheduler.load_state_dict({**self.scheduler.state_dict(), **scalars["scheduler"]})
 
 
 class EMAState(ExtraState):
@@ -106,7 +154,7 @@ class EMAState(ExtraState):
     def load(self, tensors, scalars):
         _check_keys(tensors, [f"shadow.{i}" for i in range(len(self.ema.shadow_params))])
         for i, p in enumerate(self.ema.shadow_params):
-            p.copy_(tensors[f"shadow.{i}"])
+            load_full_(p, tensors[f"shadow.{i}"])
         for k in self._SCALARS:
             if k in scalars:
                 setattr(self.ema, k, scalars[k])
@@ -117,12 +165,23 @@ def _check_keys(tensors: dict, expected: list[str]) -> None:
         raise ValueError(f"checkpoint extra state holds {len(tensors)} tensors where this run has {len(expected)}")
 
 
-def save_extra_states(folder: Path, states: dict[str, ExtraState]) -> None:
+def gather_extra_states(states: dict[str, ExtraState], keep: bool) -> tuple[dict, dict]:
+    """The flat tensors and scalars of ``states``, whole. Every process calls it: a sharded (DTensor)
+    tensor is gathered, which takes all of them; only where ``keep`` (the process that writes) are the
+    tensors copied to the CPU and returned."""
     tensors, scalars = {}, {}
     for name, state in states.items():
         for key, value in state.tensors().items():
-            tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+            value = full_tensor(value.detach())
+            if keep:
+                tensors[f"{name}/{key}"] = value.cpu().contiguous()
         scalars[name] = state.scalars()
+    return tensors, scalars
+
+
+def save_extra_states(folder: Path, states: dict[str, ExtraState],
+                      gathered: tuple[dict, dict] | None = None) -> None:
+    tensors, scalars = gathered if gathered is not None else gather_extra_states(states, keep=True)
     save_file(tensors, str(folder / EXTRA_FILE), metadata={"scalars": json.dumps(scalars)})
 
 
@@ -298,14 +357,17 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, extra: dict, ke
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
+    gathered = None
     try:
         accelerator.save_state(str(tmp))  # every process writes its RNG state; main writes the rest
+        # every process: sharded states are gathered collectively (the main process keeps them)
+        gathered = gather_extra_states(extra_states or {}, keep=accelerator.is_main_process)
     except Exception as e:  # noqa: BLE001 - reported below, on every process, with the disk named
         error = e
     error = _first_error(accelerator, error)
     if accelerator.is_main_process and error is None:
         try:
-            save_extra_states(tmp, extra_states or {})
+            save_extra_states(tmp, extra_states or {}, gathered)
             fsync_tree(tmp)
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             write_json_atomic(tmp / STATE_FILE, {"step": step, **extra, "files": files})

@@ -30,3 +30,72 @@ def all_reduce_mean_(tensors: list[torch.Tensor]) -> int:
         for t, chunk in zip(group, flat.split([t.numel() for t in group])):
             t.copy_(chunk.view_as(t))
     return len(buckets)
+
+
+# ---- FSDP2 ----------------------------------------------------------------------------------------
+# accelerate applies its FSDP plugin only to GPU process groups (on a CPU it falls back to DDP), so the
+# harness shards roles itself with torch's ``fully_shard``: the same code on gloo and NCCL.
+
+# The repeated blocks of the backbones the families use: each becomes one FSDP unit (its parameters
+# all-gathered for its forward, freed after), the rest of the backbone the root unit.
+BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks", "blocks")
+SINGLE_BLOCKS = ("mid_block",)
+
+
+def fsdp_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules ``shard`` wraps one by one (the root is wrapped last, around them)."""
+    units: list[torch.nn.Module] = []
+    for name in BLOCK_LISTS:
+        blocks = getattr(module, name, None)
+        if isinstance(blocks, torch.nn.ModuleList):
+            units.extend(blocks)
+    for name in SINGLE_BLOCKS:
+        block = getattr(module, name, None)
+        if isinstance(block, torch.nn.Module):
+            units.append(block)
+    return units
+
+
+def shard(module: torch.nn.Module, mixed_precision: str = "no", reshard_after_forward: bool = True,
+          cpu_offload: bool = False) -> torch.nn.Module:
+    """Shard ``module`` in place over every process (``fully_shard`` per block, then the root).
+
+    Parameters become DTensors holding this process's shard; build optimizers after this. With bf16
+    mixed precision the all-gathered parameters are bf16 and gradients are reduced in float32."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kwargs: dict = {"reshard_after_forward": reshard_after_forward}
+    if mixed_precision in ("bf16", "fp16"):
+        param_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for unit in fsdp_units(module):
+        fully_shard(unit, **kwargs)
+    fully_shard(module, **kwargs)
+    return module
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (a collective: every process calls it), else ``tensor``."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+@torch.no_grad()
+def load_full_(dst: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a whole tensor into ``dst``; a DTensor ``dst`` takes its own shard of it (every process
+    holds ``full``, so no communication is needed)."""
+    if is_sharded(dst):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full.to(dst.device, dst.dtype), dst.device_mesh, dst.placements,
+                                 src_data_rank=None)
+        dst.to_local().copy_(full.to_local())
+    else:
+        dst.copy_(full)

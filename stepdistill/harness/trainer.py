@@ -12,6 +12,8 @@ roles it trains, over ``gradient_accumulation_steps`` micro-batches.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,10 +29,18 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from stepdistill.harness.build import build, export_ema, resolve_precision, saved_modules, student_states
+from stepdistill.harness.build import (
+    build,
+    export_ema,
+    is_sharded_role,
+    resolve_precision,
+    saved_modules,
+    student_states,
+)
 from stepdistill.harness.checkpoint import (
     ExtraState,
     ModuleState,
+    OptimizerState,
     clean_stale_temps,
     latest_checkpoint,
     list_checkpoints,
@@ -40,7 +50,7 @@ from stepdistill.harness.checkpoint import (
 )
 from stepdistill.harness.guard import NonFiniteError, NonFiniteGuard
 from stepdistill.harness.logging import MetricsWriter, image_grid
-from stepdistill.harness.parallel import all_reduce_mean_
+from stepdistill.harness.parallel import all_reduce_mean_, full_tensor, shard
 from stepdistill.harness.preflight import Plan, move_aside, preflight, record_resume
 from stepdistill.harness.signals import GracefulStop
 
@@ -81,6 +91,20 @@ def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
     return tensor
 
 
+def _unsharded(module: torch.nn.Module, skeleton: torch.nn.Module, keep: bool,
+               device: torch.device) -> torch.nn.Module | None:
+    """A whole copy of an FSDP2-sharded ``module`` built from its meta ``skeleton`` (on the process
+    that ``keep``s it; every process takes part in the gathering)."""
+    state = {k: full_tensor(v.detach()) for k, v in module.state_dict().items()}
+    if not keep:
+        return None
+    whole = copy.deepcopy(skeleton).to_empty(device=device)
+    whole.load_state_dict(state)
+    for name, buffer in module.named_buffers():  # buffers are not sharded (non-persistent ones too)
+        whole.get_buffer(name).copy_(buffer)
+    return whole.requires_grad_(False)
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -91,11 +115,16 @@ class Trainer:
         if "wandb" in trackers:
             os.environ.setdefault("WANDB_MODE", cfg.run.wandb_mode)
             os.environ.setdefault("WANDB_DIR", str(self.run_dir))
+        self.fsdp = cfg.train.parallel == "fsdp2"
         self.accelerator = Accelerator(
             # On a CPU-only machine, `accelerate launch --multi_gpu` must still give gloo DDP: accelerate
             # only sets up a CPU process group when told it runs on CPU.
             cpu=not torch.cuda.is_available(),
             mixed_precision=mixed_precision,
+            # One LR-schedule step per optimizer step, whatever the process count: train.max_steps and
+            # lr_warmup_steps count iterations. (accelerate's default steps a prepared scheduler
+            # num_processes times per call, which on 8 GPUs would end a 500-step warmup after 63.)
+            step_scheduler_with_optimizer=False,
             log_with=trackers or None,
             project_dir=str(self.run_dir),
         )
@@ -121,6 +150,8 @@ class Trainer:
         built = build(cfg, self.device, self.weight_dtype)
         self.method_cls, self.method_cfg, self.method = built.method_cls, built.method_cfg, built.method
         self.teacher, self.roles = built.teacher, built.roles
+        if self.accelerator.num_processes > 1:
+            self.method.ctx.agree = self._agree
         self.real_data = None
         if cfg.data.images:
             from stepdistill.data.images import RealLatents
@@ -141,6 +172,12 @@ class Trainer:
         )
         set_seed(cfg.run.seed, device_specific=True)  # different noise on every rank from here on
 
+    def _agree(self, value: int) -> int:
+        """The first process's ``value`` on every process (``MethodContext.agree``)."""
+        t = torch.tensor([value], device=self.device)
+        torch.distributed.broadcast(t, src=0)
+        return int(t.item())
+
     # ---- setup --------------------------------------------------------------------------------
     def _prepare_optimizers(self) -> None:
         from diffusers.optimization import get_scheduler
@@ -154,6 +191,10 @@ class Trainer:
         for name, role in self.roles.items():
             if not role.trainable:
                 continue
+            shared = role.module is self.teacher.backbone
+            sharded = is_sharded_role(role, self.teacher, self.cfg.train.parallel)
+            if sharded:  # before the optimizer: it holds the sharded (DTensor) parameters
+                self._shard(role)
             params = role.trainable_parameters()
             if not params:
                 raise ValueError(f"role {name!r} is trainable but has no parameters to train")
@@ -165,8 +206,12 @@ class Trainer:
                                     eps=rc.adam_eps, fused=fused or None)
             sched = get_scheduler(rc.lr_scheduler, opt, num_warmup_steps=rc.lr_warmup_steps,
                                   num_training_steps=self.cfg.train.max_steps)
-            shared = role.module is self.teacher.backbone
-            if shared:
+            if sharded:
+                # fully_shard hooks the module itself: no wrapper; weights, optimizer and schedule are
+                # checkpointed whole as extra states (gathered from the shards), outside accelerate.
+                role.wrapped, role.wrapped_head = role.module, role.head
+                self.extra_states[f"optimizer.{name}"] = OptimizerState(opt, sched)
+            elif shared:
                 # The base belongs to the teacher: no DDP wrapper; LoRA gradients are averaged by hand,
                 # heads (a heads-only role's whole trainable part) are DDP-wrapped on their own.
                 opt, sched = acc.prepare(opt, sched)
@@ -184,9 +229,20 @@ class Trainer:
             if ema is not None:
                 ema.to(self.device)
                 self.emas[name] = ema
-            self.extra_states.update(student_states(role, self.teacher, ema))
+            self.extra_states.update(student_states(role, self.teacher, ema, self.cfg.train.parallel))
         # export_from_run reads the checkpoint by this layout: keep the two in step.
-        assert [id(m) for m in prepared] == [id(m) for _, m in saved_modules(self.roles, self.teacher)]
+        assert [id(m) for m in prepared] == [id(m) for _, m in saved_modules(self.roles, self.teacher,
+                                                                            self.cfg.train.parallel)]
+
+    def _shard(self, role) -> None:
+        """FSDP2: shard a role's backbone (and head) over the processes, keeping an unsharded skeleton on
+        the meta device (no memory) into which ``gathered_role`` loads whole weights for an export."""
+        tc = self.cfg.train
+        role.skeleton = copy.deepcopy(role.module).to("meta")
+        role.head_skeleton = copy.deepcopy(role.head).to("meta") if role.head is not None else None
+        for module in (role.module, role.head):
+            if module is not None:
+                shard(module, self.accelerator.mixed_precision, tc.fsdp_reshard_after_forward, tc.fsdp_cpu_offload)
 
     def _prepare_ema_targets(self) -> None:
         """Check the method's EMA target roles (``DistillMethod.ema_targets``) and checkpoint them."""
@@ -205,6 +261,10 @@ class Trainer:
             if not 0.0 <= decay < 1.0:
                 raise ValueError(f"EMA decay {decay} of target role {target!r} must be in [0, 1)")
             tgt.module.to(torch.float32)  # the average accumulates small updates: float32 like the source
+            if self.fsdp:  # sharded like its source, so the average runs shard by shard
+                tc = self.cfg.train
+                shard(tgt.module, self.accelerator.mixed_precision, tc.fsdp_reshard_after_forward,
+                      tc.fsdp_cpu_offload)
             tp, sp = list(tgt.module.parameters()), list(src.module.parameters())
             if [p.shape for p in tp] != [p.shape for p in sp]:
                 raise ValueError(f"roles.{target} and roles.{source} have different architectures")
@@ -275,7 +335,7 @@ class Trainer:
                 # the head's DDP wrapper averaged its own; the rest (shared-base LoRA) in one flat bucket
                 all_reduce_mean_([p.grad for p in params if p.grad is not None and id(p) not in in_head])
             max_norm = role.cfg.max_grad_norm if role.cfg.max_grad_norm > 0 else math.inf
-            grad_norms[name] = acc.clip_grad_norm_(params, max_norm).detach().float()
+            grad_norms[name] = full_tensor(acc.clip_grad_norm_(params, max_norm)).detach().float()
             logs[f"grad_norm/{name}"] = grad_norms[name]
         # Nothing non-finite reaches the weights (train.on_nonfinite; harness/guard.py).
         verdict = self.guard.check(step, phase, logs[f"{phase}/loss"], grad_norms)
@@ -285,7 +345,8 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 continue
             if verdict is not True:  # device path: the fused optimizer skips where found_inf is 1
-                optimizer.optimizer.found_inf, optimizer.optimizer.grad_scale = verdict, None
+                raw = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper, or a sharded role's own
+                raw.found_inf, raw.grad_scale = verdict, None
             params = self.roles[name].trainable_parameters()
             optimizer.step()
             self.schedulers[name].step()
@@ -300,8 +361,8 @@ class Trainer:
     # ---- outputs ------------------------------------------------------------------------------
     @torch.no_grad()
     def save_samples(self, step: int) -> Path | None:
-        if not self.accelerator.is_main_process:
-            return None
+        if not self.accelerator.is_main_process and not self.fsdp:
+            return None  # (sharded networks need every process in their forward: all sample, main saves)
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self.accelerator.autocast():
             gen = torch.Generator(self.device).manual_seed(self.cfg.run.seed)
@@ -312,6 +373,8 @@ class Trainer:
             uncond = self.teacher.encode_negative(n, self.cfg.data.negative_prompt)
             latents = self.method.sample(noise, cond, uncond, generator=gen)
             images = self.teacher.decode(latents)
+        if not self.accelerator.is_main_process:
+            return None
         path = self.run_dir / "samples" / f"step_{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid = image_grid(images, rows=1 if n <= 4 else None)
@@ -340,6 +403,30 @@ class Trainer:
         finally:
             for ema, params in swapped:
                 ema.restore(params)
+
+    @contextlib.contextmanager
+    def gathered_roles(self, roles: tuple[str, ...] | None = None):
+        """Within the block, ``self.roles`` (the method's too) holds whole, unsharded copies of the
+        FSDP2-sharded ``roles`` (default: every role the method exports) on the main process, for an
+        export; other processes keep theirs. Every process enters it (the weights are gathered
+        collectively). Without sharded roles it changes nothing."""
+        main = self.accelerator.is_main_process
+        originals = {}
+        try:
+            for name in roles if roles is not None else self.method.export_roles():
+                role = self.roles[name]
+                if role.skeleton is None:
+                    continue
+                whole = {"module": _unsharded(role.module, role.skeleton, main, self.device)}
+                if role.head is not None:
+                    whole["head"] = _unsharded(role.head, role.head_skeleton, main, self.device)
+                if main:
+                    originals[name] = role
+                    self.roles[name] = dataclasses.replace(role, wrapped=None, wrapped_head=None, skeleton=None,
+                                                           head_skeleton=None, _denoisers={}, **whole)
+            yield
+        finally:
+            self.roles.update(originals)
 
     # ---- the loop -----------------------------------------------------------------------------
     def _resume(self, plan: Plan) -> int:
@@ -375,7 +462,7 @@ class Trainer:
         carries the old ones): learning rate through the current LR schedule at its current step, betas,
         weight decay, eps. A no-op when nothing changed."""
         for name, optimizer in self.optimizers.items():
-            rc, sched = self.roles[name].cfg, self.schedulers[name].scheduler
+            rc, sched = self.roles[name].cfg, getattr(self.schedulers[name], "scheduler", self.schedulers[name])
             groups = optimizer.param_groups
             for i, group in enumerate(groups):
                 group.update(initial_lr=rc.lr, betas=tuple(rc.betas), weight_decay=rc.weight_decay, eps=rc.adam_eps)
@@ -485,7 +572,7 @@ class Trainer:
                 continue
             h = hashlib.sha256()
             for p in role.trainable_parameters():
-                h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+                h.update(full_tensor(p.detach()).float().cpu().contiguous().numpy().tobytes())
             digests[name] = gather_object([h.hexdigest()])
         return digests
 

@@ -21,6 +21,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from stepdistill.models.roles import Role
 
 
+def _as_drawn(value: int) -> int:
+    return value
+
+
 @dataclass
 class MethodContext:
     """What the harness hands to a method: the loaded teacher and the built roles."""
@@ -30,6 +34,11 @@ class MethodContext:
     resolution: int
     device: torch.device
     has_real_data: bool = False  # data.images is set: batches carry batch["real"] = {"latents", "cond"}
+    # ``agree(k)``: one value for every process (the first process's) of a random draw that decides how
+    # many network calls a step makes, e.g. how many backward-simulation steps. Sharded (FSDP2) networks
+    # need the same calls on every process, and under DDP no process then waits for one that drew more.
+    # The harness sets it for a multi-process run; one process keeps its own draw.
+    agree: Callable[[int], int] = _as_drawn
 
     @property
     def schedule(self):

@@ -121,7 +121,7 @@ class FewStepGenerator(DistillMethod):
         noise = torch.randn((n, *self.latent_shape), device=self.ctx.device)
         if len(self.timesteps) == 1:
             return noise, self._t(self.timesteps[0], n)
-        k = int(torch.randint(len(self.timesteps), ()).item())
+        k = self.ctx.agree(int(torch.randint(len(self.timesteps), ()).item()))  # same k on every process
         if getattr(self.cfg, "backward_simulation", True):
             x = noise
             with torch.no_grad():

@@ -37,6 +37,9 @@ class Role:
     wrapped: torch.nn.Module | None = None  # set by the harness after accelerator.prepare
     wrapped_head: torch.nn.Module | None = None
     active: bool = False  # True while the current phase trains this role
+    # FSDP2 (train.parallel=fsdp2): the unsharded module / head on the meta device, kept to rebuild them whole
+    skeleton: torch.nn.Module | None = None
+    head_skeleton: torch.nn.Module | None = None
     _denoisers: dict = field(default_factory=dict)
 
     @property
