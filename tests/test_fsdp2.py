@@ -1,0 +1,118 @@
+"""FSDP2 (``train.parallel=fsdp2``) on 2 CPU processes over gloo, against the same run under DDP.
+
+The harness shards the trainable full-weight roles itself with torch's ``fully_shard`` (accelerate's
+FSDP plugin is GPU-only), so these runs exercise the very code a GPU run takes, over gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import PYTHON, run
+
+ACCELERATE = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--mixed_precision", "no", "train.py"]
+LOSS_TOL = 1e-5  # summation order differs (sharded reduce-scatter vs DDP's all-reduce)
+WEIGHT_TOL = 1e-5
+
+
+def _launch(config: str, out: Path, *overrides: str) -> None:
+    run([*ACCELERATE, "--config", config, "train.log_every=1", "train.sample_every=0", "eval.enabled=false",
+         "run.trackers=[none]", "train.progress_bar=false", f"run.output_dir={out}", *overrides],
+        env={"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+
+
+def _metrics(run_dir: Path) -> dict[int, dict]:
+    return {m["step"]: m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def _losses_close(a: dict[int, dict], b: dict[int, dict], steps) -> None:
+    for step in steps:
+        keys = [k for k in a[step] if "loss" in k or "grad_norm" in k or k.startswith("lr/")]
+        assert keys
+        for key in keys:
+            assert b[step][key] == pytest.approx(a[step][key], abs=LOSS_TOL, rel=LOSS_TOL), (step, key)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    assert files, folder
+    return {k: v for f in files for k, v in load_file(str(f)).items()}
+
+
+def _assert_weights_close(a: Path, b: Path, tol: float) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+    assert worst <= tol, worst
+
+
+def _check_against_ddp(tmp_path: Path, config: str, student_dir: str, *overrides: str) -> Path:
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp2"
+    _launch(config, ddp, "train.max_steps=6", *overrides)
+    _launch(config, fsdp, "train.max_steps=6", "train.parallel=fsdp2", "train.checkpoint_every=3",
+            "train.checkpoints_total_limit=0", *overrides)
+    _losses_close(_metrics(ddp), _metrics(fsdp), range(6))
+    _assert_weights_close(ddp / "export" / student_dir, fsdp / "export" / student_dir, WEIGHT_TOL)
+    done = json.loads((fsdp / "DONE.json").read_text())
+    for role, per_rank in done["weight_sha256"].items():
+        assert per_rank[0] == per_rank[1], f"{role}: the gathered weights differ between processes"
+    return fsdp
+
+
+def test_fsdp2_dmd2_matches_ddp_resumes_exactly_and_exports(tmp_path):
+    """Tiny DMD2 (full-weight generator and critic with its GAN head, a 2-step student): FSDP2 gives DDP's
+    losses and weights; a run resumed from its step-3 checkpoint ends where the uninterrupted one did; the
+    checkpoint exports what the run exported; the export loads in plain diffusers."""
+    from diffusers import DiffusionPipeline
+
+    from stepdistill.export.pipeline import export_from_run
+
+    fsdp = _check_against_ddp(tmp_path, "tests/tiny_dmd2", "unet")
+
+    # Kill -> resume: the step-3 checkpoint alone, resumed to step 6 under FSDP2.
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(fsdp / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
+    shutil.copy(fsdp / "config.yaml", resumed / "config.yaml")
+    _launch("tests/tiny_dmd2", resumed, "train.max_steps=6", "train.parallel=fsdp2", "train.resume=latest")
+    a, b = _metrics(fsdp), _metrics(resumed)
+    for step in (3, 4, 5):
+        assert b[step] == a[step], step  # bit for bit: same shards, same RNG states
+    _assert_weights_close(fsdp / "export" / "unet", resumed / "export" / "unet", 0.0)
+
+    # `stepdistill export` of the final checkpoint: the full weights gathered into the plain folder.
+    exported = export_from_run(fsdp / "checkpoints" / "checkpoint-6", tmp_path / "from_checkpoint")
+    _assert_weights_close(fsdp / "export" / "unet", exported / "unet", 0.0)
+
+    pipe = DiffusionPipeline.from_pretrained(str(fsdp / "export"))
+    pipe.set_progress_bar_config(disable=True)
+    info = json.loads((fsdp / "export" / "stepdistill.json").read_text())
+    res = info["config"]["model"]["resolution"]
+    image = pipe("a prompt", num_inference_steps=info["num_inference_steps"], guidance_scale=0.0, height=res,
+                 width=res, output_type="np", generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (res, res, 3) and image.std() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config, student_dir", [
+    ("tests/tiny_vsd", "unet"),  # LoRA critic on the teacher's shared base beside a sharded generator
+    ("tests/tiny_lcm", "unet"),  # a sharded student and its sharded EMA target
+])
+def test_fsdp2_matches_ddp(tmp_path, config, student_dir):
+    _check_against_ddp(tmp_path, config, student_dir)
+
+
+def test_fsdp2_is_a_config_choice():
+    from stepdistill.runconfig import load_config
+
+    cfg = load_config("tests/tiny_dmd2", ["train.parallel=fsdp2"])
+    assert cfg.train.parallel == "fsdp2"
+    with pytest.raises(ValueError, match="train.parallel"):
+        load_config("tests/tiny_dmd2", ["train.parallel=fsdp"])
