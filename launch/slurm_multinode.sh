@@ -2,7 +2,7 @@
 # Multi-node training on SLURM: one `accelerate launch` per node (srun), each starting one process per GPU.
 #
 #   sbatch launch/slurm_multinode.sh dmd2_sdxl [key=value ...]
-#   ACCELERATE_CONFIG=launch/fsdp.yaml sbatch --nodes=8 launch/slurm_multinode.sh dmd2_sdxl
+#   sbatch --nodes=8 launch/slurm_multinode.sh dmd2_sdxl          # the config sets train.parallel: fsdp2
 #
 # The first argument is the config (name or path); the rest are config overrides. The node rank,
 # the number of machines and the rendezvous address come from SLURM's variables; the accelerate

@@ -116,3 +116,38 @@ def test_fsdp2_is_a_config_choice():
     assert cfg.train.parallel == "fsdp2"
     with pytest.raises(ValueError, match="train.parallel"):
         load_config("tests/tiny_dmd2", ["train.parallel=fsdp"])
+
+
+def test_accelerates_fsdp_plugin_is_refused_with_the_fix(monkeypatch, tmp_path):
+    from stepdistill.harness.preflight import preflight
+    from stepdistill.runconfig import load_config
+
+    cfg = load_config("tests/tiny_dmd2", [f"run.output_dir={tmp_path / 'run'}"])
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for distributed_type: FSDP
+    with pytest.raises(ValueError, match="train.parallel=fsdp2"):
+        preflight(cfg)
+
+
+def test_one_process_fsdp2_run_keeps_the_fsdp2_layout_and_resumes(tmp_path):
+    """One process has nothing to shard over: the roles stay whole, but the checkpoint has the fsdp2 layout
+    (weights, AdamW states and schedule whole beside accelerate's files), so it resumes and exports."""
+    from stepdistill import lifecycle
+    from stepdistill.export.pipeline import export_from_run
+    from tests.helpers import tiny_config
+
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(run_dir, "dmd2", "train.parallel=fsdp2", "train.max_steps=2", "train.checkpoint_every=1",
+                      "train.checkpoints_total_limit=0", "train.sample_every=0", "eval.enabled=false")
+    lifecycle.run(cfg)
+    checkpoint = run_dir / "checkpoints" / "checkpoint-2"
+    assert not (checkpoint / "model.safetensors").exists()  # no role is accelerate's: both are in extra states
+    resumed = tiny_config(tmp_path / "resumed", "dmd2", "train.parallel=fsdp2", "train.max_steps=2",
+                          "train.sample_every=0", "eval.enabled=false")
+    shutil.copytree(run_dir / "checkpoints" / "checkpoint-1", tmp_path / "resumed" / "checkpoints" / "checkpoint-1")
+    shutil.copy(run_dir / "config.yaml", tmp_path / "resumed" / "config.yaml")
+    resumed.train.resume = "latest"
+    lifecycle.run(resumed)
+    assert _metrics(tmp_path / "resumed")[1] == _metrics(run_dir)[1]
+    _assert_weights_close(run_dir / "export" / "unet", tmp_path / "resumed" / "export" / "unet", 0.0)
+    exported = export_from_run(checkpoint, tmp_path / "from_checkpoint")
+    _assert_weights_close(run_dir / "export" / "unet", exported / "unet", 0.0)

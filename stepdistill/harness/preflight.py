@@ -39,7 +39,9 @@ from stepdistill.models.loading import check_pretrained, check_resolution, resol
 # seed, batch size and accumulation, which data and noise each step sees). Everything else may change
 # on resume and is applied for real (learning rates and schedules, max_steps, cadences, logging, export).
 _FIXED_SECTIONS = ("method.", "model.")
-_FIXED_KEYS = {"run.seed", "data.batch_size", "train.gradient_accumulation_steps", "train.mixed_precision"}
+# train.parallel: an fsdp2 checkpoint holds sharded roles whole beside accelerate's files, a ddp one in them.
+_FIXED_KEYS = {"run.seed", "data.batch_size", "train.gradient_accumulation_steps", "train.mixed_precision",
+               "train.parallel"}
 _FIXED_ROLE_FIELDS = {"init_from", "trainable", "lora_rank", "lora_alpha", "lora_target_modules",
                       "share_teacher_base", "heads_only", "guidance_embedding_dim", "ema_decay"}
 # Where the run is and how this launch was told to start: never a change of the run.
@@ -254,6 +256,10 @@ def check_room(cfg: DictConfig, run_dir: Path) -> None:
 # ---- the whole check -----------------------------------------------------------------------------
 def preflight(cfg: DictConfig) -> Plan:
     """Check the run folder and a resume against the recorded run; returns the plan. Raises ValueError."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise ValueError("this launch uses accelerate's FSDP plugin (an accelerate config with distributed_type: "
+                         "FSDP); stepdistill shards the roles itself with FSDP2: launch with --multi_gpu (or "
+                         "--config_file launch/multi_gpu_ddp.yaml) and set train.parallel=fsdp2")
     run_dir = Path(cfg.run.output_dir)
     validate_out_dir(run_dir, "run.output_dir")  # not a file, not below one, writable
     plan = Plan()

@@ -237,6 +237,8 @@ class Trainer:
     def _shard(self, role) -> None:
         """FSDP2: shard a role's backbone (and head) over the processes, keeping an unsharded skeleton on
         the meta device (no memory) into which ``gathered_role`` loads whole weights for an export."""
+        if self.accelerator.num_processes == 1:
+            return  # nothing to shard over; the checkpoint keeps the fsdp2 layout (resumable on N processes)
         tc = self.cfg.train
         role.skeleton = copy.deepcopy(role.module).to("meta")
         role.head_skeleton = copy.deepcopy(role.head).to("meta") if role.head is not None else None
@@ -261,7 +263,7 @@ class Trainer:
             if not 0.0 <= decay < 1.0:
                 raise ValueError(f"EMA decay {decay} of target role {target!r} must be in [0, 1)")
             tgt.module.to(torch.float32)  # the average accumulates small updates: float32 like the source
-            if self.fsdp:  # sharded like its source, so the average runs shard by shard
+            if self.fsdp and self.accelerator.num_processes > 1:  # sharded like its source: averaged shard by shard
                 tc = self.cfg.train
                 shard(tgt.module, self.accelerator.mixed_precision, tc.fsdp_reshard_after_forward,
                       tc.fsdp_cpu_offload)
