@@ -67,21 +67,22 @@ def _check_against_ddp(tmp_path: Path, config: str, student_dir: str, *overrides
 
 
 def test_fsdp2_dmd2_matches_ddp_resumes_exactly_and_exports(tmp_path):
-    """Tiny DMD2 (full-weight generator and critic with its GAN head, a 2-step student): FSDP2 gives DDP's
-    losses and weights; a run resumed from its step-3 checkpoint ends where the uninterrupted one did; the
+    """Tiny DMD2 (full-weight generator with an export EMA, critic with its GAN head, a 2-step student):
+    FSDP2 gives DDP's losses and exported (EMA) weights; a run resumed from its step-3 checkpoint ends where the uninterrupted one did; the
     checkpoint exports what the run exported; the export loads in plain diffusers."""
     from diffusers import DiffusionPipeline
 
     from stepdistill.export.pipeline import export_from_run
 
-    fsdp = _check_against_ddp(tmp_path, "tests/tiny_dmd2", "unet")
+    ema = "roles.generator.ema_decay=0.9"  # the export EMA: shadows sharded like the weights, swapped in to export
+    fsdp = _check_against_ddp(tmp_path, "tests/tiny_dmd2", "unet", ema)
 
     # Kill -> resume: the step-3 checkpoint alone, resumed to step 6 under FSDP2.
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(fsdp / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
     shutil.copy(fsdp / "config.yaml", resumed / "config.yaml")
-    _launch("tests/tiny_dmd2", resumed, "train.max_steps=6", "train.parallel=fsdp2", "train.resume=latest")
+    _launch("tests/tiny_dmd2", resumed, "train.max_steps=6", "train.parallel=fsdp2", "train.resume=latest", ema)
     a, b = _metrics(fsdp), _metrics(resumed)
     for step in (3, 4, 5):
         assert b[step] == a[step], step  # bit for bit: same shards, same RNG states

@@ -398,13 +398,17 @@ class Trainer:
                 ema = self.emas.get(name) if enabled else None
                 if ema is not None:
                     params = self.roles[name].trainable_parameters()
-                    ema.store(params)
-                    ema.copy_to(params)
-                    swapped.append((ema, params))
+                    # per tensor, not EMAModel.store / copy_to: their torch._foreach_copy_ has no DTensor rule
+                    with torch.no_grad():
+                        swapped.append((params, [p.detach().clone() for p in params]))
+                        for p, shadow in zip(params, ema.shadow_params):
+                            p.copy_(shadow.to(p.device, p.dtype))
             yield
         finally:
-            for ema, params in swapped:
-                ema.restore(params)
+            with torch.no_grad():
+                for params, stored in swapped:
+                    for p, value in zip(params, stored):
+                        p.copy_(value)
 
     @contextlib.contextmanager
     def gathered_roles(self, roles: tuple[str, ...] | None = None):
