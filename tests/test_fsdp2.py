@@ -88,6 +88,24 @@ def test_fsdp2_dmd2_matches_ddp_resumes_exactly_and_exports(tmp_path):
         assert b[step] == a[step], step  # bit for bit: same shards, same RNG states
     _assert_weights_close(fsdp / "export" / "unet", resumed / "export" / "unet", 0.0)
 
+    # Onto another process count: the 2-process checkpoint resumed by one process (weights and AdamW states
+    # whole in the checkpoint) continues; its step-3 weights are those a checkpoint export gives.
+    from stepdistill import lifecycle
+    from tests.helpers import tiny_config
+
+    single = tmp_path / "single"
+    (single / "checkpoints").mkdir(parents=True)
+    shutil.copytree(fsdp / "checkpoints" / "checkpoint-3", single / "checkpoints" / "checkpoint-3")
+    shutil.copy(fsdp / "config.yaml", single / "config.yaml")
+    cfg = tiny_config(single, "dmd2", "train.parallel=fsdp2", "train.max_steps=3", "train.resume=latest",
+                      "train.sample_every=0", "eval.enabled=false", "export.use_ema=false", ema)
+    lifecycle.run(cfg)  # resumed at step 3 of 3: nothing to train, the loaded weights exported
+    at_3 = export_from_run(fsdp / "checkpoints" / "checkpoint-3", tmp_path / "at_3", use_ema=False)
+    _assert_weights_close(at_3 / "unet", single / "export" / "unet", 0.0)
+    cfg.train.max_steps = 5
+    lifecycle.run(cfg)  # and two more steps, with the loaded AdamW states and schedule
+    assert sorted(_metrics(single)) == [3, 4]
+
     # `stepdistill export` of the final checkpoint: the full weights gathered into the plain folder.
     exported = export_from_run(fsdp / "checkpoints" / "checkpoint-6", tmp_path / "from_checkpoint")
     _assert_weights_close(fsdp / "export" / "unet", exported / "unet", 0.0)
