@@ -128,3 +128,24 @@ def test_gradient_checkpointing_recomputes_with_the_right_adapter():
     assert len(plain) == len(checkpointed) > 0
     for a, b in zip(plain, checkpointed):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_a_roles_lr_schedule_spans_its_own_updates(tmp_path):
+    """Under TTUR the generator updates every 2nd iteration (tiny_dmd2): a linear decay over 10 iterations
+    reaches zero at the generator's 5th update, not half way."""
+    from stepdistill.harness.trainer import Trainer
+    from tests.helpers import tiny_config
+
+    cfg = tiny_config(tmp_path, "dmd2", "train.max_steps=10", "roles.generator.lr_scheduler=linear",
+                      "roles.critic.lr_scheduler=linear")
+    trainer = Trainer(cfg)
+    lrs = {}
+    for name, updates in (("generator", 5), ("critic", 10)):
+        sched = trainer.schedulers[name]
+        for _ in range(updates - 1):
+            sched.step()
+        lrs[name] = sched.get_last_lr()[0]
+        sched.step()
+        assert sched.get_last_lr()[0] == 0.0, name  # the last update's schedule ends here
+    assert lrs["generator"] == pytest.approx(cfg.roles.generator.lr / 5)
+    assert lrs["critic"] == pytest.approx(cfg.roles.critic.lr / 10)

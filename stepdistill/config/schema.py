@@ -110,7 +110,7 @@ class RoleConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
     adam_eps: float = 1e-8
-    lr_scheduler: str = "constant"  # any name of diffusers.optimization.get_scheduler
+    lr_scheduler: str = "constant"  # any name of diffusers.optimization.get_scheduler; it spans the role's own updates in train.max_steps
     lr_warmup_steps: int = 0  # counted in this role's optimizer updates, the same on any number of processes
     max_grad_norm: float = 10.0  # <= 0 disables clipping
     ema_decay: float = 0.0  # > 0 keeps an EMA copy (used for export)

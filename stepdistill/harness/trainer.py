@@ -205,7 +205,7 @@ class Trainer:
             opt = torch.optim.AdamW(params, lr=rc.lr, betas=tuple(rc.betas), weight_decay=rc.weight_decay,
                                     eps=rc.adam_eps, fused=fused or None)
             sched = get_scheduler(rc.lr_scheduler, opt, num_warmup_steps=rc.lr_warmup_steps,
-                                  num_training_steps=self.cfg.train.max_steps)
+                                  num_training_steps=self._updates(name))
             if sharded:
                 # fully_shard hooks the module itself: no wrapper; weights, optimizer and schedule are
                 # checkpointed whole as extra states (gathered from the shards), outside accelerate.
@@ -233,6 +233,14 @@ class Trainer:
         # export_from_run reads the checkpoint by this layout: keep the two in step.
         assert [id(m) for m in prepared] == [id(m) for _, m in saved_modules(self.roles, self.teacher,
                                                                             self.cfg.train.parallel)]
+
+    def _updates(self, name: str) -> int:
+        """How many optimizer updates role ``name`` gets in ``train.max_steps`` iterations: the length of its
+        LR schedule (under TTUR the generator updates only every k-th iteration, so a decaying schedule
+        over max_steps would stop at 1/k of its course)."""
+        method = self.method
+        return max(1, sum(1 for step in range(self.cfg.train.max_steps)
+                          if any(name in method.phase_roles(phase) for phase in method.phases(step))))
 
     def _shard(self, role) -> None:
         """FSDP2: shard a role's backbone (and head) over the processes, keeping an unsharded skeleton on
