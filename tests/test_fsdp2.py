@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from tests.helpers import PYTHON, run
@@ -53,16 +54,25 @@ def _assert_weights_close(a: Path, b: Path, tol: float) -> None:
     assert worst <= tol, worst
 
 
+# A 4-update warmup: the LR after update 1 is base / 4 on any number of processes (both runs log it).
+WARMUP = ("roles.generator.lr_scheduler=constant_with_warmup", "roles.generator.lr_warmup_steps=4")
+
+
 def _check_against_ddp(tmp_path: Path, config: str, student_dir: str, *overrides: str) -> Path:
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp2"
-    _launch(config, ddp, "train.max_steps=6", *overrides)
+    _launch(config, ddp, "train.max_steps=6", *WARMUP, *overrides)
     _launch(config, fsdp, "train.max_steps=6", "train.parallel=fsdp2", "train.checkpoint_every=3",
-            "train.checkpoints_total_limit=0", *overrides)
+            "train.checkpoints_total_limit=0", *WARMUP, *overrides)
+    for run_dir in (ddp, fsdp):
+        done = json.loads((run_dir / "DONE.json").read_text())
+        assert done["num_processes"] == 2
+        for role, per_rank in done["weight_sha256"].items():
+            assert len(per_rank) == 2 and per_rank[0] == per_rank[1], f"{run_dir.name}: {role} differs between ranks"
+    base = yaml.safe_load((ddp / "config.yaml").read_text())["roles"]["generator"]["lr"]
+    first = next(m for _, m in sorted(_metrics(ddp).items()) if "lr/generator" in m)
+    assert first["lr/generator"] == pytest.approx(base / 4, rel=1e-6)
     _losses_close(_metrics(ddp), _metrics(fsdp), range(6))
     _assert_weights_close(ddp / "export" / student_dir, fsdp / "export" / student_dir, WEIGHT_TOL)
-    done = json.loads((fsdp / "DONE.json").read_text())
-    for role, per_rank in done["weight_sha256"].items():
-        assert per_rank[0] == per_rank[1], f"{role}: the gathered weights differ between processes"
     return fsdp
 
 
@@ -82,7 +92,8 @@ def test_fsdp2_dmd2_matches_ddp_resumes_exactly_and_exports(tmp_path):
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(fsdp / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
     shutil.copy(fsdp / "config.yaml", resumed / "config.yaml")
-    _launch("tests/tiny_dmd2", resumed, "train.max_steps=6", "train.parallel=fsdp2", "train.resume=latest", ema)
+    _launch("tests/tiny_dmd2", resumed, "train.max_steps=6", "train.parallel=fsdp2", "train.resume=latest", *WARMUP,
+            ema)
     a, b = _metrics(fsdp), _metrics(resumed)
     for step in (3, 4, 5):
         assert b[step] == a[step], step  # bit for bit: same shards, same RNG states
@@ -98,7 +109,7 @@ def test_fsdp2_dmd2_matches_ddp_resumes_exactly_and_exports(tmp_path):
     shutil.copytree(fsdp / "checkpoints" / "checkpoint-3", single / "checkpoints" / "checkpoint-3")
     shutil.copy(fsdp / "config.yaml", single / "config.yaml")
     cfg = tiny_config(single, "dmd2", "train.parallel=fsdp2", "train.max_steps=3", "train.resume=latest",
-                      "train.sample_every=0", "eval.enabled=false", "export.use_ema=false", ema)
+                      "train.sample_every=0", "eval.enabled=false", "export.use_ema=false", *WARMUP, ema)
     lifecycle.run(cfg)  # resumed at step 3 of 3: nothing to train, the loaded weights exported
     at_3 = export_from_run(fsdp / "checkpoints" / "checkpoint-3", tmp_path / "at_3", use_ema=False)
     _assert_weights_close(at_3 / "unet", single / "export" / "unet", 0.0)

@@ -67,11 +67,11 @@ def test_accelerate_launch_train_exports_a_plain_diffusers_pipeline(tmp_path):
 
 
 @pytest.mark.parametrize("config, roles", [
-    ("tests/tiny_dmd2", {"generator", "critic"}),
+    # (tiny DMD2 under 2-process DDP, with these checks, is tests/test_fsdp2.py's baseline run)
     # LADD's discriminator: DDP-wrapped heads on the teacher's never-wrapped backbone.
     ("tests/tiny_ladd", {"generator", "discriminator"}),
     # VSD's LoRA critic on the teacher's shared base: its gradients averaged by the harness in one bucket.
-    ("tests/tiny_vsd", {"generator", "critic"}),
+    pytest.param("tests/tiny_vsd", {"generator", "critic"}, marks=pytest.mark.slow),
 ])
 def test_two_process_ddp_ends_with_identical_weights(tmp_path, config, roles):
     out = tmp_path / "ddp"
