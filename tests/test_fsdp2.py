@@ -158,6 +158,7 @@ def test_accelerates_fsdp_plugin_is_refused_with_the_fix(monkeypatch, tmp_path):
         preflight(cfg)
 
 
+@pytest.mark.slow  # the default DMD2 test resumes a 2-process checkpoint on one process and exports it
 def test_one_process_fsdp2_run_keeps_the_fsdp2_layout_and_resumes(tmp_path):
     """One process has nothing to shard over: the roles stay whole, but the checkpoint has the fsdp2 layout
     (weights, AdamW states and schedule whole beside accelerate's files), so it resumes and exports."""

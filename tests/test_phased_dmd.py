@@ -219,7 +219,8 @@ LORA_SHARED = [f"roles.{r}.{k}" for r in ("generator", "expert_1", "critic")
 
 
 @pytest.mark.parametrize("family, extra", [
-    ("sd15", []),
+    # full-weight SD 1.5 experts: also exported and loaded by test_methods_contract's every-method export
+    pytest.param("sd15", [], marks=pytest.mark.slow),
     ("sd15", LORA_SHARED),  # LoRA experts on one base: each merged into its own UNet folder
     ("sd3", []),            # flow teacher: the s -> t kernel of rectified flow, transformer experts
     ("sd15", ["method.transition=ddim"]),  # deterministic DDIM transitions: exported with a DDIMScheduler

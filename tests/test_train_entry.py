@@ -92,9 +92,11 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path, config, roles):
 
 
 def test_export_command_from_a_checkpoint(tmp_path):
+    from stepdistill import lifecycle
+    from tests.helpers import tiny_config
+
     out = tmp_path / "run"
-    run([PYTHON, "train.py", "--config", "tests/tiny_dmd2", "train.max_steps=1", "export.enabled=false",
-         "train.sample_every=0", f"run.output_dir={out}", "run.trackers=[none]"])
+    lifecycle.run(tiny_config(out, "dmd2", "train.max_steps=1", "export.enabled=false", "train.sample_every=0"))
     assert not (out / "export").exists()
     exported = tmp_path / "exported"
     run([PYTHON, "-m", "stepdistill.cli", "export", str(out), "--out", str(exported)])
