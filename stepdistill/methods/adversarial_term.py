@@ -44,7 +44,7 @@ from stepdistill.losses import (
     hinge_generator_loss,
     r1_penalty,
 )
-from stepdistill.methods.base import MethodContext
+from stepdistill.methods.base import DistillMethod, MethodContext
 from stepdistill.models.denoiser import Conditioning, math_attention
 
 DISCRIMINATOR = "discriminator"
@@ -213,9 +213,9 @@ class AdversarialTerm:
         return out
 
 
-class AdversarialHost:
-    """Mixin for a method whose config has an ``adversarial`` section: the discriminator role's phase and the
-    LADD term of the generator loss, on an x0 estimate of the student that carries its graph.
+class AdversarialHost(DistillMethod):
+    """Base of a method whose config has an ``adversarial`` section: the discriminator role's heads and phase
+    and the LADD term of the generator loss, on an x0 estimate of the student that carries its graph.
 
     The discriminator phase scores this step's student samples (``_adversarial_samples``): by default those
     the generator phase of the same step kept (sCM, LCM, PCM, whose x0 estimates come from noised data);
@@ -225,6 +225,11 @@ class AdversarialHost:
 
     adv: AdversarialTerm | None = None
     _adv_samples: tuple | None = None
+
+    @classmethod
+    def role_heads(cls, cfg) -> dict:
+        """The discriminator's heads when ``adversarial.weight > 0`` (a subclass adds its own with super())."""
+        return adversarial_heads(cfg.adversarial)
 
     def _init_adversarial(self, acfg: AdversarialConfig, ctx: MethodContext) -> None:
         self.adv = AdversarialTerm(acfg, ctx) if acfg.weight > 0 else None

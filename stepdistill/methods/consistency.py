@@ -42,7 +42,6 @@ from stepdistill.methods.adversarial_term import (
     DISCRIMINATOR,
     AdversarialConfig,
     AdversarialHost,
-    adversarial_heads,
     adversarial_roles,
 )
 from stepdistill.methods.base import DistillMethod, MethodContext
@@ -195,10 +194,6 @@ class ConsistencyDistillation(AdversarialHost, DistillMethod):
         if getattr(cfg, "target_ema_decay", 0.0) > 0:
             roles["target"] = RoleConfig(init_from="teacher", trainable=False)
         return roles
-
-    @classmethod
-    def role_heads(cls, cfg) -> dict:
-        return adversarial_heads(cfg.adversarial)
 
     def ema_targets(self) -> dict[str, tuple[str, float]]:
         decay = getattr(self.cfg, "target_ema_decay", 0.0)

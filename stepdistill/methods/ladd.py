@@ -26,7 +26,6 @@ from stepdistill.methods.adversarial_term import (
     DISCRIMINATOR,
     AdversarialConfig,
     AdversarialHost,
-    adversarial_heads,
     adversarial_roles,
     check_adversarial_data,
 )
@@ -78,10 +77,6 @@ class LADD(FewStepGenerator, AdversarialHost):
             "teacher": RoleConfig(init_from="teacher", trainable=False),
             **adversarial_roles(cfg.adversarial),
         }
-
-    @classmethod
-    def role_heads(cls, cfg: LADDConfig) -> dict:
-        return adversarial_heads(cfg.adversarial)
 
     def phases(self, step: int) -> list[str]:
         if step % self.cfg.discriminator_steps_per_generator_step == 0:

@@ -34,7 +34,6 @@ from stepdistill.methods.adversarial_term import (
     DISCRIMINATOR,
     AdversarialConfig,
     AdversarialHost,
-    adversarial_heads,
     adversarial_roles,
 )
 from stepdistill.methods.base import DistillMethod, MethodContext
@@ -104,10 +103,6 @@ class SCM(AdversarialHost, DistillMethod):
         return {"generator": RoleConfig(init_from="teacher", trainable=True),
                 "teacher": RoleConfig(init_from="teacher", trainable=False),
                 **adversarial_roles(cfg.adversarial)}
-
-    @classmethod
-    def role_heads(cls, cfg) -> dict:
-        return adversarial_heads(cfg.adversarial)
 
     def phases(self, step: int) -> list[str]:
         return self._with_discriminator(["generator"])

@@ -27,7 +27,6 @@ from stepdistill.losses import denoising_loss, gan_critic_loss, gan_generator_lo
 from stepdistill.methods.adversarial_term import (
     DISCRIMINATOR,
     AdversarialHost,
-    adversarial_heads,
     adversarial_roles,
     check_adversarial_data,
 )
@@ -81,10 +80,6 @@ class ScoreDistillation(FewStepGenerator, AdversarialHost):
             "teacher": RoleConfig(init_from="teacher", trainable=False),
             **adversarial_roles(cfg.adversarial),
         }
-
-    @classmethod
-    def role_heads(cls, cfg) -> dict:
-        return adversarial_heads(cfg.adversarial)
 
     def phases(self, step: int) -> list[str]:
         # TTUR (DMD2 Sec. 4.2): the critic (and the LADD discriminator) every step, the generator every
