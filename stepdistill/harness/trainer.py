@@ -115,7 +115,6 @@ class Trainer:
         if "wandb" in trackers:
             os.environ.setdefault("WANDB_MODE", cfg.run.wandb_mode)
             os.environ.setdefault("WANDB_DIR", str(self.run_dir))
-        self.fsdp = cfg.train.parallel == "fsdp2"
         self.accelerator = Accelerator(
             # On a CPU-only machine, `accelerate launch --multi_gpu` must still give gloo DDP: accelerate
             # only sets up a CPU process group when told it runs on CPU.
@@ -129,6 +128,9 @@ class Trainer:
             project_dir=str(self.run_dir),
         )
         self.device = self.accelerator.device
+        # FSDP2 shards over the processes; one process has nothing to shard over (the checkpoint still has
+        # the fsdp2 layout, so the run resumes on N processes).
+        self.fsdp = cfg.train.parallel == "fsdp2" and self.accelerator.num_processes > 1
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads(cfg.train.cpu_threads, self.accelerator.num_processes))
         if torch.cuda.is_available():
@@ -245,14 +247,17 @@ class Trainer:
     def _shard(self, role) -> None:
         """FSDP2: shard a role's backbone (and head) over the processes, keeping an unsharded skeleton on
         the meta device (no memory) into which ``gathered_role`` loads whole weights for an export."""
-        if self.accelerator.num_processes == 1:
-            return  # nothing to shard over; the checkpoint keeps the fsdp2 layout (resumable on N processes)
-        tc = self.cfg.train
+        if not self.fsdp:
+            return
         role.skeleton = copy.deepcopy(role.module).to("meta")
         role.head_skeleton = copy.deepcopy(role.head).to("meta") if role.head is not None else None
         for module in (role.module, role.head):
             if module is not None:
-                shard(module, self.accelerator.mixed_precision, tc.fsdp_reshard_after_forward, tc.fsdp_cpu_offload)
+                self._shard_module(module)
+
+    def _shard_module(self, module: torch.nn.Module) -> None:
+        tc = self.cfg.train
+        shard(module, self.accelerator.mixed_precision, tc.fsdp_reshard_after_forward, tc.fsdp_cpu_offload)
 
     def _prepare_ema_targets(self) -> None:
         """Check the method's EMA target roles (``DistillMethod.ema_targets``) and checkpoint them."""
@@ -271,10 +276,8 @@ class Trainer:
             if not 0.0 <= decay < 1.0:
                 raise ValueError(f"EMA decay {decay} of target role {target!r} must be in [0, 1)")
             tgt.module.to(torch.float32)  # the average accumulates small updates: float32 like the source
-            if self.fsdp and self.accelerator.num_processes > 1:  # sharded like its source: averaged shard by shard
-                tc = self.cfg.train
-                shard(tgt.module, self.accelerator.mixed_precision, tc.fsdp_reshard_after_forward,
-                      tc.fsdp_cpu_offload)
+            if self.fsdp:  # sharded like its source: averaged shard by shard
+                self._shard_module(tgt.module)
             tp, sp = list(tgt.module.parameters()), list(src.module.parameters())
             if [p.shape for p in tp] != [p.shape for p in sp]:
                 raise ValueError(f"roles.{target} and roles.{source} have different architectures")
