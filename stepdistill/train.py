@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     except (NonFiniteError, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    finally:
+        _close_process_group()
     if not trainer.accelerator.is_main_process:
         return 0
     if trainer.stopped_by:
@@ -114,6 +116,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"run folder: {run_dir}")
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before the interpreter exits: a gloo group left to the exit handlers
+    can abort the process (``terminate called without an active exception``) after the run has finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
