@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +32,25 @@ def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> list[st
     return [k for k, v in before.items() if not torch.equal(v, after[k])]
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_free_port(cmd: list[str]) -> list[str]:
+    """``cmd`` with its own rendezvous port after ``accelerate.commands.launch`` (unless it names one): two
+    launches at once (a helper's next to the suite's) would otherwise meet on accelerate's default 29500."""
+    if "accelerate.commands.launch" not in cmd or "--main_process_port" in cmd:
+        return cmd
+    at = cmd.index("accelerate.commands.launch") + 1
+    return [*cmd[:at], "--main_process_port", str(free_port()), *cmd[at:]]
+
+
 def run(cmd: list[str], cwd: Path = REPO, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", **(env or {})}
+    cmd = with_free_port(cmd)
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

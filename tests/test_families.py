@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import socket
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from stepdistill.models import (
     resolve_pretrained,
 )
 from stepdistill.models.denoiser import CONDITIONING_KEYS, latent_image_ids, pack_latents, unpack_latents
+from tests.helpers import free_port
 
 OUTPUT_TYPES = ("x0", "epsilon", "v_prediction", "flow")
 NATIVE = {"sd15": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon", "sd3": "flow", "flux": "flow"}
@@ -309,12 +309,6 @@ def test_conditioning_batch_operations():
         Conditioning({"a": torch.zeros(2, 1), "b": torch.zeros(3, 1)})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_denoiser_calls_a_ddp_wrapped_backbone(tiny_pipeline_dir):
     """DDP (gloo, one process): the wrapper is called and the feature hook finds the inner model."""
     import torch.distributed as dist
@@ -323,7 +317,7 @@ def test_denoiser_calls_a_ddp_wrapped_backbone(tiny_pipeline_dir):
     x = torch.randn(2, *teacher.latent_shape(64))
     t = torch.tensor([500.0, 200.0])
     cond = teacher.encode_prompt(PROMPTS[:2])
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         ddp = torch.nn.parallel.DistributedDataParallel(copy.deepcopy(teacher.backbone).requires_grad_(True))
         d = teacher.denoiser(ddp)

@@ -31,7 +31,7 @@ from stepdistill.harness.checkpoint import (
 from stepdistill.harness.guard import NonFiniteError, NonFiniteGuard
 from stepdistill.harness.preflight import preflight
 from stepdistill.harness.trainer import Trainer
-from tests.helpers import PYTHON, REPO, tiny_config
+from tests.helpers import PYTHON, REPO, tiny_config, with_free_port
 
 FAST = ["train.sample_every=0", "train.log_every=1", "export.enabled=false"]
 
@@ -360,8 +360,8 @@ def test_two_process_sigterm_all_ranks_stop_at_one_step_and_resume_exactly(tmp_p
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     common = ["train.log_every=1", "train.sample_every=0", "export.enabled=false"]
     run, straight = tmp_path / "run", tmp_path / "straight"
-    proc = subprocess.Popen([*launch, *_tiny_cli(run, *common, "train.max_steps=100000",
-                                                 "train.checkpoint_every=100000")],
+    proc = subprocess.Popen(with_free_port([*launch, *_tiny_cli(run, *common, "train.max_steps=100000",
+                                                                "train.checkpoint_every=100000")]),
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -375,8 +375,8 @@ def test_two_process_sigterm_all_ranks_stop_at_one_step_and_resume_exactly(tmp_p
     assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     total = int(checkpoint.name.split("-")[1]) + 2
     for folder, extra in ((run, ["train.resume=latest"]), (straight, [])):
-        subprocess.run([*launch, *_tiny_cli(folder, *common, f"train.max_steps={total}", *extra)], cwd=REPO,
-                       env=env, check=True, capture_output=True, timeout=300)
+        subprocess.run(with_free_port([*launch, *_tiny_cli(folder, *common, f"train.max_steps={total}", *extra)]),
+                       cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
     done = [json.loads((d / "DONE.json").read_text())["weight_sha256"] for d in (run, straight)]
     assert done[0] == done[1]
 
