@@ -10,8 +10,9 @@ stored are fine; a stored key or step missing now fails. Regenerate (all, or the
 
     python -m tests.golden --regenerate --reason "why the numbers change" [tiny_dmd2 ...]
 
-(``--check`` runs the comparison without pytest). The numbers are those of this machine's CPU kernels and
-the recorded torch version; another CPU or torch may differ beyond 1e-6: regenerate with that as reason.
+(``--check`` runs the comparison without pytest). The runs use portable CPU kernels
+(``golden.PORTABLE_ARITHMETIC``, in one subprocess) so that any x86-64 CPU gives the stored numbers; another
+torch version may still differ beyond 1e-6: regenerate with that as reason.
 """
 
 from __future__ import annotations
@@ -22,15 +23,22 @@ from tests import golden
 from tests.golden.__main__ import main as golden_main
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every tiny config trained once, in one subprocess with the portable kernels (``run_portable``)."""
+    return golden.run_portable(golden.config_names(), tmp_path_factory.mktemp("golden"))
+
+
 @pytest.mark.parametrize("name", golden.config_names())
-def test_losses_match_the_golden_trajectory(name, tmp_path):
+def test_losses_match_the_golden_trajectory(name, runs):
     path = golden.golden_path(name)
     assert path.exists(), f"no golden trajectory {path.relative_to(golden.REPO)}; create it with " \
         f"{golden.REGENERATE} {name}"
     record = golden.stored(name)
     assert record["overrides"] == golden.overrides(name), (
         f"{name}: the runner's overrides changed since the file was written; regenerate with {golden.REGENERATE}")
-    problem = golden.first_mismatch(name, record["steps"], golden.run(name, tmp_path))
+    assert not isinstance(runs[name], str), f"{name}: the run failed:\n{runs[name]}"
+    problem = golden.first_mismatch(name, record["steps"], runs[name])
     assert problem is None, f"{problem}\nIf the change of numbers is intended: {golden.REGENERATE} {name}"
 
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import subprocess
+import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import torch
@@ -38,6 +42,12 @@ COMMON = [
 # Per-config extras. DMD's regression term reads teacher pairs (cache-pairs): made fresh for each run.
 EXTRA = {"tiny_dmd": ["method.regression_pairs={pairs}"]}
 PAIRS = {"num": 4, "steps": 2, "batch_size": 2}
+# The runs use the kernels every x86-64 CPU executes alike: ATen's baseline (no AVX2 / AVX-512 dispatch),
+# MKL's conditional numerical reproducibility and oneDNN capped at SSE4.1. The native kernels of an
+# AVX-512 machine and an AVX2 one differ in the last bits, which 6 training steps grow past 1e-6 (seen:
+# the files written on one machine failed on the next). Read once, when torch first runs an op: the runs
+# go to a subprocess (``run_portable``), which builds its own tiny pipelines with the same kernels.
+PORTABLE_ARITHMETIC = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41"}
 
 
 def config_names() -> list[str]:
@@ -87,10 +97,40 @@ def run(name: str, root: Path) -> list[dict]:
     return [{"step": r["step"], "losses": {k: v for k, v in r.items() if tracked(k)}} for r in rows]
 
 
+def emit(names: list[str], out: Path) -> None:
+    """Run ``names`` in this process (started by ``run_portable``) and write ``{name: steps | error}``."""
+    wrong = {k: os.environ.get(k) for k, v in PORTABLE_ARITHMETIC.items() if os.environ.get(k) != v}
+    if wrong or torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        raise RuntimeError(f"golden runs need the portable kernels {PORTABLE_ARITHMETIC}; this process has {wrong}")
+    results: dict[str, list[dict] | str] = {}
+    with tempfile.TemporaryDirectory(prefix="golden_") as tmp:
+        for name in names:
+            try:
+                results[name] = run(name, Path(tmp))
+            except Exception:  # reported by that config's test, the others still run
+                results[name] = traceback.format_exc()
+    out.write_text(json.dumps(results))
+
+
+def run_portable(names: list[str], root: Path) -> dict[str, list[dict] | str]:
+    """Train each of ``names`` (``run``) in one subprocess with ``PORTABLE_ARITHMETIC``; per name its steps,
+    or the traceback of its failure."""
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / "golden_runs.json"
+    # Its own tiny pipelines, built there with the same kernels (random init rounds like the rest).
+    env = {**os.environ, **PORTABLE_ARITHMETIC, "STEPDISTILL_CACHE": str(root / "stepdistill_cache")}
+    done = subprocess.run([sys.executable, "-m", "tests.golden", "--emit", str(out), *names], env=env, cwd=REPO,
+                          capture_output=True, text=True)
+    if done.returncode != 0 or not out.exists():
+        raise RuntimeError(f"the golden runs failed (exit {done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-5000:]}")
+    return json.loads(out.read_text())
+
+
 def write(name: str, steps: list[dict], reason: str) -> Path:
     path = golden_path(name)
     record = {
         "config": f"configs/tests/{name}.yaml", "overrides": overrides(name), "torch": torch.__version__,
+        "arithmetic": PORTABLE_ARITHMETIC,
         "reason": reason, "generated": datetime.date.today().isoformat(), "steps": steps,
     }
     path.write_text(json.dumps(record, indent=1) + "\n")

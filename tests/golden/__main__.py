@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--regenerate", action="store_true", help="run and write tests/golden/<config>.json")
     mode.add_argument("--check", action="store_true", help="run and compare with the stored files")
+    mode.add_argument("--emit", metavar="JSON", help=argparse.SUPPRESS)  # the subprocess of run_portable
     parser.add_argument("--reason", help="why the numbers change (required with --regenerate; stored)")
     parser.add_argument("configs", nargs="*", help="config names (default: every configs/tests/tiny_*.yaml)")
     args = parser.parse_args(argv)
@@ -38,21 +39,29 @@ def main(argv: list[str] | None = None) -> int:
         print('error: --regenerate needs --reason "why the numbers change" (recorded in each file)',
               file=sys.stderr)
         return 2
+    if args.emit:
+        golden.emit(names, Path(args.emit))
+        return 0
     failed = 0
     with tempfile.TemporaryDirectory(prefix="golden_") as tmp:
-        for name in names:
-            steps = golden.run(name, Path(tmp))
-            if args.regenerate:
-                print(f"wrote {golden.write(name, steps, args.reason.strip()).relative_to(golden.REPO)}")
-                continue
-            path = golden.golden_path(name)
-            if not path.exists():
-                print(f"{name}: no {path.relative_to(golden.REPO)}; create it with {golden.REGENERATE}")
-                failed += 1
-                continue
-            problem = golden.first_mismatch(name, golden.stored(name)["steps"], steps)
-            print(problem or f"{name}: ok")
-            failed += problem is not None
+        runs = golden.run_portable(names, Path(tmp))
+    for name in names:
+        steps = runs[name]
+        if isinstance(steps, str):
+            print(f"{name}: the run failed:\n{steps}")
+            failed += 1
+            continue
+        if args.regenerate:
+            print(f"wrote {golden.write(name, steps, args.reason.strip()).relative_to(golden.REPO)}")
+            continue
+        path = golden.golden_path(name)
+        if not path.exists():
+            print(f"{name}: no {path.relative_to(golden.REPO)}; create it with {golden.REGENERATE}")
+            failed += 1
+            continue
+        problem = golden.first_mismatch(name, golden.stored(name)["steps"], steps)
+        print(problem or f"{name}: ok")
+        failed += problem is not None
     return 1 if failed else 0
 
 
