@@ -24,7 +24,7 @@ FLOORS: dict[str, int] = {
     "runconfig": 4,
     "harness": 5,
     "export": 6, "eval": 6,
-    "lifecycle": 7, "bench": 7, "results": 7,
+    "lifecycle": 7, "bench": 7, "results": 7, "plan": 7,
     "train": 8, "cli": 8,
 }
 

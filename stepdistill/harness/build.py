@@ -7,6 +7,7 @@ Shared by the trainer (which adds data, optimizers and accelerate) and by export
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,17 +51,24 @@ class Built:
     parallel: str = "ddp"  # train.parallel: the checkpoint layout (``saved_modules``, ``student_states``)
 
 
-def build(cfg: DictConfig, device: torch.device, weight_dtype: torch.dtype) -> Built:
+def build(cfg: DictConfig, device: torch.device, weight_dtype: torch.dtype, teacher: Teacher | None = None,
+          networks=contextlib.nullcontext) -> Built:
     """Load the teacher, build the roles the method asks for, then the method (in that order: the
-    roles' fresh heads draw from torch's global RNG, which the caller seeds)."""
+    roles' fresh heads draw from torch's global RNG, which the caller seeds).
+
+    ``stepdistill plan`` trains without weights: it gives a ``teacher`` built under FakeTensorMode, and
+    ``networks``, the context in which the roles' new networks (copies, heads, LoRA adapters) are made.
+    """
     method_cls = get_method(cfg.method.name)
     method_cfg = OmegaConf.to_object(cfg.method)
     role_cfgs = role_configs(cfg, method_cls, method_cfg)
-    teacher = load_teacher(
-        cfg.model.pretrained, family=cfg.model.family, device=device, dtype=weight_dtype,
-        revision=cfg.model.revision, variant=cfg.model.variant, resolution=cfg.model.resolution,
-    )
-    roles = build_roles(teacher, role_cfgs, method_cls.role_heads(method_cfg), device)
+    if teacher is None:
+        teacher = load_teacher(
+            cfg.model.pretrained, family=cfg.model.family, device=device, dtype=weight_dtype,
+            revision=cfg.model.revision, variant=cfg.model.variant, resolution=cfg.model.resolution,
+        )
+    with networks():
+        roles = build_roles(teacher, role_cfgs, method_cls.role_heads(method_cfg), device)
     method = method_cls(method_cfg, MethodContext(teacher=teacher, roles=roles, resolution=cfg.model.resolution,
                                                   device=device, has_real_data=bool(cfg.data.images)))
     return Built(method_cls, method_cfg, teacher, roles, method, cfg.train.parallel)

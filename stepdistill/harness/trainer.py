@@ -53,6 +53,7 @@ from stepdistill.harness.logging import MetricsWriter, image_grid
 from stepdistill.harness.parallel import all_reduce_mean_, full_tensor, shard
 from stepdistill.harness.preflight import Plan, move_aside, preflight, record_resume
 from stepdistill.harness.signals import GracefulStop
+from stepdistill.models import Teacher
 
 logger = logging.getLogger("stepdistill")
 
@@ -106,7 +107,9 @@ def _unsharded(module: torch.nn.Module, skeleton: torch.nn.Module, keep: bool,
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, teacher: Teacher | None = None, networks=contextlib.nullcontext):
+        """``teacher`` (a ready teacher instead of ``model.pretrained``) and ``networks`` (the context the
+        roles' networks are built in): the planner's, which trains without weights (``harness.build``)."""
         self.cfg = cfg
         self.run_dir = Path(cfg.run.output_dir)
         self.stopped_by: str | None = None  # the signal that stopped train(), if one did
@@ -149,7 +152,7 @@ class Trainer:
         self.sample_prompts = list(cfg.train.sample_prompts) or prompts[:4]
 
         set_seed(cfg.run.seed)  # identical initialisation on every rank
-        built = build(cfg, self.device, self.weight_dtype)
+        built = build(cfg, self.device, self.weight_dtype, teacher, networks)
         self.method_cls, self.method_cfg, self.method = built.method_cls, built.method_cfg, built.method
         self.teacher, self.roles = built.teacher, built.roles
         if self.accelerator.num_processes > 1:
@@ -168,7 +171,7 @@ class Trainer:
         acc = self.accelerator
         self.guard = NonFiniteGuard(
             cfg.train.on_nonfinite, cfg.train.max_nonfinite_skips, self.device,
-            device_side=self.device.type != "cpu" and self.all_fused,
+            device_side=self.all_fused,  # fused optimizers take the verdict on the device
             reduce=_all_reduce if acc.num_processes > 1 else None,
             last_checkpoint=lambda: latest_checkpoint(self.run_dir, warn=False),
         )
@@ -202,7 +205,7 @@ class Trainer:
                 raise ValueError(f"role {name!r} is trainable but has no parameters to train")
             rc = role.cfg
             # One kernel per step instead of a loop over tensors; fused AdamW also takes the guard's found_inf.
-            fused = all(p.is_cuda for p in params)
+            fused = self.fused_optimizer(params)
             self.all_fused = self.all_fused and fused
             opt = torch.optim.AdamW(params, lr=rc.lr, betas=tuple(rc.betas), weight_decay=rc.weight_decay,
                                     eps=rc.adam_eps, fused=fused or None)
@@ -235,6 +238,10 @@ class Trainer:
         # export_from_run reads the checkpoint by this layout: keep the two in step.
         assert [id(m) for m in prepared] == [id(m) for _, m in saved_modules(self.roles, self.teacher,
                                                                             self.cfg.train.parallel)]
+
+    def fused_optimizer(self, params: list[torch.nn.Parameter]) -> bool:
+        """Fused AdamW (one kernel per step, takes the guard's found_inf) where every parameter is on a GPU."""
+        return all(p.is_cuda for p in params)
 
     def _updates(self, name: str) -> int:
         """How many optimizer updates role ``name`` gets in ``train.max_steps`` iterations: the length of its

@@ -513,6 +513,14 @@ def load_teacher(
         kwargs.update(safety_checker=None, requires_safety_checker=False)  # never load the NSFW checker
     kwargs[dtype_kwarg()] = as_dtype(dtype)
     pipeline = DiffusionPipeline.from_pretrained(path, revision=revision, variant=variant, **kwargs)
+    return frozen_teacher(pipeline, family, device, resolution=resolution)
+
+
+def frozen_teacher(pipeline, family: str, device: str | torch.device = "cpu", *,
+                   resolution: int | None = None) -> Teacher:
+    """``pipeline`` as a frozen ``Teacher``: every component on ``device``, ``requires_grad_(False)``, in eval
+    mode, without a progress bar. ``load_teacher`` loads the weights first; ``stepdistill plan`` builds the
+    pipeline from its config files under FakeTensorMode instead."""
     pipeline.to(device)
     for component in pipeline.components.values():
         if isinstance(component, nn.Module):

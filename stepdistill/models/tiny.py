@@ -77,7 +77,7 @@ def _clip_vocab_size() -> int:
     return 2 * 256 + 2
 
 
-def _write_t5_tokenizer(folder: Path):
+def write_t5_tokenizer(folder: Path):
     """A character-level T5 (SentencePiece-Unigram style) tokenizer: <pad>=0, </s>=1, <unk>=2."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
@@ -247,7 +247,7 @@ def _build_sdxl(seed: int, tmp: Path):
 def _build_sd3(seed: int, tmp: Path):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    t5_tokenizer = _write_t5_tokenizer(tmp / "tokenizer_3")
+    t5_tokenizer = write_t5_tokenizer(tmp / "tokenizer_3")
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=TINY_RESOLUTION["sd3"] // 8,
@@ -279,7 +279,7 @@ def _build_sd3(seed: int, tmp: Path):
 def _build_flux(seed: int, tmp: Path):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    t5_tokenizer = _write_t5_tokenizer(tmp / "tokenizer_2")
+    t5_tokenizer = write_t5_tokenizer(tmp / "tokenizer_2")
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1,
