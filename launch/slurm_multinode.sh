@@ -53,7 +53,10 @@ fi
 NUM_NODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:?SLURM did not say how many nodes the job has}}
 gpus=${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-8}}
 PROCS_PER_NODE=${PROCS_PER_NODE:-${gpus##*:}}   # SLURM_GPUS_PER_NODE may read "h100:8"
-MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# The whole list first: `| head -n 1` can kill scontrol with SIGPIPE, which pipefail turns into an exit.
+hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MAIN_ADDR=${hosts%%$'\n'*}   # node 0 (SLURM_NODEID 0 is the first host of the list)
+[[ -n "$MAIN_ADDR" ]] || { echo "slurm_multinode.sh: scontrol gave no host for $SLURM_JOB_NODELIST" >&2; exit 2; }
 MAIN_PORT=${MAIN_PORT:-$(( 10000 + SLURM_JOB_ID % 20000 ))}
 MAX_REQUEUES=${MAX_REQUEUES:-50}
 RESTARTS=${SLURM_RESTART_COUNT:-0}
@@ -84,7 +87,7 @@ trap 'interrupted=1; echo "slurm_multinode.sh: SIGTERM: SLURM is ending the job 
 
 # The task command is a constant string; the node script and the config arguments travel as its
 # positional parameters, so no shell on the nodes parses them again.
-srun "${srun_args[@]}" bash -c 'export NODE_RANK=$SLURM_NODEID; exec "$@"' node-launch \
+srun "${srun_args[@]}" bash -c 'export NODE_RANK=$SLURM_NODEID; exec bash "$@"' node-launch \
   "$NODE_LAUNCH" "$1" train.resume=latest "${@:2}" &
 srun_pid=$!
 
