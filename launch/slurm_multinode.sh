@@ -8,14 +8,14 @@
 # The first argument is the config (name or path); the rest are config overrides, passed to train.py on
 # every node exactly as given (spaces, quotes and $ included). Every start passes train.resume=latest
 # before them: the first start trains from scratch (nothing to resume yet), a requeued start continues
-# from the newest checkpoint. run.output_dir must be on storage every node sees (checkpoints are written
-# by the first process, which can be on any node, and read by all on resume).
+# from the newest checkpoint. run.output_dir must be on storage every node sees (every process writes
+# into the checkpoint folder and reads it on resume; process 0, which may be on any node, writes the rest).
 #
 # The cycle (docs/multi-gpu.md, "Multi-node (SLURM)"): --signal=B:USR1@300 makes SLURM send SIGUSR1 to
 # this batch shell 300 s before the time limit. The trap forwards SIGUSR1 through srun to every node's
 # node_launch.sh, which sends one SIGTERM to each training process; they finish the step, write one
 # checkpoint and exit 0; then this script runs `scontrol requeue`, and the job starts again from the top.
-# `scancel --batch --signal=USR2 <job>` stops the same way without the requeue. A plain scancel, a
+# `scancel --batch --signal=USR1 <job>` does the same by hand; `--signal=USR2` stops without the requeue. A plain scancel, a
 # preemption or the time limit itself end the step at once (srun turns the SIGTERM it gets into SIGKILL
 # for its tasks): the run then resumes from its last periodic checkpoint (train.checkpoint_every).
 #
@@ -85,7 +85,8 @@ trap 'forward_stop 1' USR1
 trap 'forward_stop 0' USR2
 trap 'interrupted=1; echo "slurm_multinode.sh: SIGTERM: SLURM is ending the job (scancel, preemption or the time limit)" >&2' TERM
 
-# The task command is a constant string; the node script and the config arguments travel as its
+# srun runs in the background so that the traps run while it does (a shell runs a trap only between
+# commands, and `wait` is one it interrupts). The task command is a constant string; the node script and the config arguments travel as its
 # positional parameters, so no shell on the nodes parses them again.
 srun "${srun_args[@]}" bash -c 'export NODE_RANK=$SLURM_NODEID; exec bash "$@"' node-launch \
   "$NODE_LAUNCH" "$1" train.resume=latest "${@:2}" &
