@@ -92,6 +92,10 @@ out, rank = os.environ["FAKE_OUT"], os.environ.get("NODE_RANK", "unset")
 usr1 = "ignored" if signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN else "not ignored"
 with open(f"{{out}}/launch-{{rank}}.json", "w") as f:
     json.dump({{"argv": sys.argv[1:], "usr1": usr1}}, f)
+if os.environ.get("FAKE_SLEEP"):  # still meeting the other nodes: no training process yet
+    open(f"{{out}}/launcher-{{rank}}.ready", "w").close()
+    import time
+    time.sleep(float(os.environ["FAKE_SLEEP"]))
 if os.environ.get("FAKE_WORKER"):
     worker = subprocess.Popen([sys.executable, os.environ["FAKE_WORKER"], f"{{out}}/worker-{{rank}}"],
                               start_new_session=True)
@@ -242,6 +246,19 @@ def test_a_signal_to_the_whole_node_gives_each_training_process_one_sigterm(stub
     assert proc.returncode == 0, err
     assert (stubs["out"] / "worker-0.log").read_text().splitlines() == ["usr1 ignored", "TERM"]
     assert "asking the training processes" in err
+
+
+def test_a_stop_before_the_training_processes_start_ends_the_launcher(stubs):
+    env = {**stubs["env"], "NUM_NODES": "1", "NODE_RANK": "0", "MAIN_ADDR": "127.0.0.1", "MAIN_PORT": "29400",
+           "PROCS_PER_NODE": "1", "FAKE_SLEEP": "60"}
+    proc = subprocess.Popen(["bash", str(NODE_LAUNCH), "tests/tiny_dmd2"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for([stubs["out"] / "launcher-0.ready"], proc)
+    started = time.time()
+    os.kill(proc.pid, signal.SIGUSR1)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM and time.time() - started < 20, err
+    assert "before the training processes started" in err
 
 
 @pytest.mark.parametrize("sig, requeued", [(signal.SIGUSR1, True), (signal.SIGUSR2, False)], ids=["USR1", "USR2"])
