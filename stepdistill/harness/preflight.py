@@ -103,7 +103,25 @@ def validate_paths(cfg: DictConfig | Config, *, method_checks: bool = True) -> A
     warning = check_resolution(str(cfg.model.pretrained), int(cfg.model.resolution), cfg.model.revision)
     if warning:
         logger.warning(warning)
+    if getattr(cfg.data, "embeddings", None):
+        check_embeddings(cfg, family)
     return family
+
+
+def check_embeddings(cfg: DictConfig | Config, family: str) -> None:
+    """``data.embeddings``: a cache made for this teacher, family and resolution that holds every prompt and
+    negative prompt the run encodes (``data.embeddings.run_prompts``). Reads index.json only."""
+    from stepdistill.data.embeddings import EmbeddingCache, run_prompts
+
+    cache = EmbeddingCache(str(cfg.data.embeddings))
+    cache.check(teacher=str(cfg.model.pretrained), family=family, resolution=int(cfg.model.resolution),
+                max_sequence_length=None)
+    prompts, negatives = run_prompts(cfg)
+    missing_prompts, missing_negatives = cache.missing(prompts, negatives)
+    if missing_prompts:
+        raise cache.missing_error("prompts", missing_prompts)
+    if missing_negatives:
+        raise cache.missing_error("negatives", missing_negatives)
 
 @dataclass
 class Plan:

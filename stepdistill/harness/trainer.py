@@ -149,7 +149,11 @@ class Trainer:
         self.sample_prompts = list(cfg.train.sample_prompts) or prompts[:4]
 
         set_seed(cfg.run.seed)  # identical initialisation on every rank
-        built = build(cfg, self.device, self.weight_dtype)
+        from stepdistill.models.loading import text_encoding
+
+        # data.embeddings: the teacher loads no text encoders; model.offload_text_encoders: they stay on the CPU.
+        with text_encoding(cfg.data.embeddings, offload=cfg.model.offload_text_encoders):
+            built = build(cfg, self.device, self.weight_dtype)
         self.method_cls, self.method_cfg, self.method = built.method_cls, built.method_cfg, built.method
         self.teacher, self.roles = built.teacher, built.roles
         if self.accelerator.num_processes > 1:
