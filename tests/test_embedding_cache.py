@@ -186,3 +186,18 @@ def test_offloaded_text_encoders_stay_on_the_cpu_and_give_the_conditioning_on_th
     for key in ref.keys():
         assert cond[key].device.type == "cuda"
         torch.testing.assert_close(cond[key], ref[key], rtol=1e-4, atol=1e-5)
+
+
+def test_offloaded_text_encoders_stay_where_they_are_and_hand_the_conditioning_over():
+    # The "meta" device stands in for a GPU on a CPU-only machine: the backbone goes there, the text encoders
+    # stay on the CPU, and the conditioning they compute is handed to the backbone's device.
+    from stepdistill.models.loading import text_encoding
+
+    with text_encoding(None, offload=True):  # what the trainer does for model.offload_text_encoders=true
+        teacher = load_teacher("tiny:sdxl", device="meta")
+    assert teacher.device.type == "meta" and teacher.text_encoder_device.type == "cpu"
+    assert {next(m.parameters()).device.type for m in teacher.text_encoders.values()} == {"cpu"}
+    cond = teacher.encode_prompt(PROMPTS[:2])
+    assert {t.device.type for t in cond.tensors.values()} == {"meta"}
+    assert cond["encoder_hidden_states"].shape == (2, 77, 64)
+    assert load_teacher("tiny:sdxl", device="meta").text_encoder_device.type == "meta"  # default: all on device
