@@ -201,3 +201,14 @@ def test_offloaded_text_encoders_stay_where_they_are_and_hand_the_conditioning_o
     assert {t.device.type for t in cond.tensors.values()} == {"meta"}
     assert cond["encoder_hidden_states"].shape == (2, 77, 64)
     assert load_teacher("tiny:sdxl", device="meta").text_encoder_device.type == "meta"  # default: all on device
+
+
+def test_the_cache_and_the_offload_may_change_on_resume():
+    from stepdistill.harness.preflight import config_changes
+
+    recorded = {"model": {"pretrained": "tiny:sd15"}, "data": {"prompts": "builtin:tiny"}}  # made before the keys
+    now = {"model": {"pretrained": "tiny:sd15", "offload_text_encoders": True},
+           "data": {"prompts": "builtin:tiny", "embeddings": "emb"}}
+    fixed, free = config_changes(recorded, now)
+    assert fixed == {} and set(free) == {"model.offload_text_encoders", "data.embeddings"}
+    assert config_changes(recorded, {**now, "model": {"pretrained": "tiny:sd2"}})[0]  # the teacher still is fixed

@@ -44,6 +44,8 @@ _FIXED_KEYS = {"run.seed", "data.batch_size", "train.gradient_accumulation_steps
                "train.parallel"}
 _FIXED_ROLE_FIELDS = {"init_from", "trainable", "lora_rank", "lora_alpha", "lora_target_modules",
                       "share_teacher_base", "heads_only", "guidance_embedding_dim", "ema_decay"}
+# Keys of a fixed section that say where a tensor lives, not what it is: free on resume.
+_FREE_KEYS = {"model.offload_text_encoders"}
 # Where the run is and how this launch was told to start: never a change of the run.
 _IGNORED = {"run.output_dir", "train.resume", "run.overwrite"}
 
@@ -144,6 +146,8 @@ def flat(tree, prefix: str = "") -> dict:
 
 
 def _fixed(key: str) -> bool:
+    if key in _FREE_KEYS:
+        return False
     if key in _FIXED_KEYS or key.startswith(_FIXED_SECTIONS):
         return True
     parts = key.split(".")
