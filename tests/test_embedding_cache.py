@@ -125,7 +125,7 @@ def test_the_cli_writes_the_shards_and_a_run_from_them_matches_the_live_run(tmp_
     from stepdistill.lifecycle import complete
 
     out = tmp_path / "emb"
-    common = ["data.negative_prompt=blurry", "train.max_steps=2", "train.sample_every=0", "train.cpu_threads=1",
+    common = ["data.negative_prompt=blurry", "train.max_steps=2", "train.sample_every=1", "train.cpu_threads=1",
               "train.log_every=1"]
     assert main(["cache-embeddings", "--config", "tests/tiny_dmd2", "--out", str(out), "--quiet", *common]) == 0
     index = json.loads((out / "index.json").read_text())
@@ -147,6 +147,7 @@ def test_the_cli_writes_the_shards_and_a_run_from_them_matches_the_live_run(tmp_
     assert len(live) == 2 and live[0]["generator/loss"] > 0
     assert cached == live  # the same floats
     assert trainer.teacher.pipeline.text_encoder is None and trainer.teacher.embeddings is not None
+    assert (tmp_path / "cached" / "samples" / "step_000001.png").is_file()  # the sample prompts came from the cache
 
     # The export of a run without text encoders loads them back: a complete pipeline, the teacher's encoder.
     complete(trainer)

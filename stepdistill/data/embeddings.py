@@ -92,8 +92,8 @@ def teacher_id(pretrained: str) -> str:
     """``model.pretrained`` as the cache records it: the absolute path of a local folder, else the name
     (``tiny:<family>``, ``toy-sd``, a Hub id) as written."""
     pretrained = str(pretrained)
-    if pretrained.startswith(("tiny:", "toy-")) and not os.path.isdir(pretrained):
-        return pretrained
+    if pretrained.startswith("tiny:") or (pretrained.startswith("toy-") and "/" not in pretrained):
+        return pretrained  # named teachers (models/loading.py resolve_pretrained): the name is the identity
     expanded = Path(pretrained).expanduser()
     return str(expanded.resolve()) if expanded.is_dir() else pretrained
 
