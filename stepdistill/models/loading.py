@@ -354,7 +354,8 @@ class Teacher:
         """Conditioning of ``prompts`` through the pipeline's own ``encode_prompt`` (no gradients).
 
         ``resolution`` (default ``self.resolution``) only matters for SDXL's size conditioning
-        (``time_ids``: original size = target size = resolution, crop (0, 0)).
+        (``time_ids``: original size = target size = resolution, crop (0, 0)). With an embedding cache
+        (``use_embeddings``) the rows come from it, and a prompt it lacks is a ValueError.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if self.embeddings is not None:
