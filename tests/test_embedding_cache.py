@@ -213,3 +213,19 @@ def test_the_cache_and_the_offload_may_change_on_resume():
     fixed, free = config_changes(recorded, now)
     assert fixed == {} and set(free) == {"model.offload_text_encoders", "data.embeddings"}
     assert config_changes(recorded, {**now, "model": {"pretrained": "tiny:sd2"}})[0]  # the teacher still is fixed
+
+
+@pytest.mark.gpu
+def test_the_cli_encodes_on_the_gpu_and_the_cache_serves_a_gpu_teacher(tmp_path):
+    from stepdistill.cli import main
+
+    out = tmp_path / "emb"
+    assert main(["cache-embeddings", "--config", "tests/tiny_dmd2", "--out", str(out), "--quiet",
+                 "model.pretrained=tiny:sdxl", "model.family=sdxl"]) == 0
+    cached = load_teacher("tiny:sdxl", device="cuda", embeddings=str(out))
+    live = load_teacher("tiny:sdxl", device="cuda")
+    assert cached.text_encoders == {}
+    cond, ref = cached.encode_prompt(PROMPTS[:2]), live.encode_prompt(PROMPTS[:2])
+    for key in ref.keys():
+        assert cond[key].device.type == "cuda" and cond[key].dtype == ref[key].dtype
+        torch.testing.assert_close(cond[key], ref[key], rtol=1e-5, atol=1e-6)
