@@ -178,6 +178,7 @@ def test_an_embedding_cache_index_of_another_format_is_refused(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_offloaded_text_encoders_stay_on_the_cpu_and_give_the_conditioning_on_the_gpu():
     live = load_teacher("tiny:sdxl", device="cuda")
     offloaded = load_teacher("tiny:sdxl", device="cuda", text_encoder_device="cpu")
@@ -216,6 +217,7 @@ def test_the_cache_and_the_offload_may_change_on_resume():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_cli_encodes_on_the_gpu_and_the_cache_serves_a_gpu_teacher(tmp_path):
     from stepdistill.cli import main
 
