@@ -1,4 +1,4 @@
-"""The ``stepdistill`` command line: ``stepdistill {train,export,cache-pairs,bench-train,eval} ...``.
+"""The ``stepdistill`` command line: ``stepdistill {train,export,cache-pairs,cache-embeddings,bench-train,eval} ...``.
 
 Each subcommand imports its implementation lazily, so ``stepdistill --help`` is instant and a
 subcommand only needs the modules it uses.
@@ -113,6 +113,61 @@ def validate_paths_for_pairs(cfg, validate_paths) -> None:
         validate_paths(cfg, method_checks=False)
 
 
+def _cmd_cache_embeddings(args: argparse.Namespace) -> int:
+    import time
+
+    from stepdistill.config.load import validate_out_dir
+    from stepdistill.harness.preflight import validate_paths
+    from stepdistill.runconfig import load_config
+
+    if args.batch_size is not None and args.batch_size < 1:
+        args.parser.error(f"--batch-size={args.batch_size} must be >= 1")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        out = args.out or cfg.data.embeddings
+        if not out:
+            raise ValueError("give --out DIR (or set data.embeddings: DIR in the config) for the embedding cache")
+        validate_out_dir(out, "--out")
+        cfg.data.embeddings = None  # the cache being made: not checked against itself
+        validate_paths_for_pairs(cfg, validate_paths)
+        from stepdistill.data.embeddings import run_prompts
+
+        prompts, negatives = run_prompts(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from stepdistill.data.embeddings import teacher_id, write_embedding_cache
+    from stepdistill.harness.build import resolve_precision
+    from stepdistill.models import load_teacher
+
+    # The run's own weight dtype, so the cached rows are what its live encoding would give; the backbone
+    # stays on the CPU (it is not run), the text encoders go to the GPU when there is one.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, dtype = resolve_precision(cfg.train.mixed_precision, cfg.model.weight_dtype)
+    try:
+        teacher = load_teacher(cfg.model.pretrained, family=cfg.model.family, device="cpu", dtype=dtype,
+                               revision=cfg.model.revision, variant=cfg.model.variant,
+                               resolution=cfg.model.resolution, embeddings=None, text_encoder_device=device)
+        meta = {"teacher": teacher_id(cfg.model.pretrained), "family": teacher.family,
+                "resolution": teacher.resolution, "max_sequence_length": teacher.max_sequence_length,
+                "dtype": str(dtype).removeprefix("torch."), "revision": cfg.model.revision,
+                "variant": cfg.model.variant, "config": str(args.config), "overrides": list(args.overrides),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        batch_size = args.batch_size if args.batch_size is not None else cfg.data.batch_size
+        folder = write_embedding_cache(out, lambda batch: teacher.encode_prompt(batch).tensors,
+                                       lambda text: teacher.encode_negative(1, text).tensors, prompts, negatives,
+                                       meta, batch_size=batch_size, progress=not args.quiet)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"cached the text embeddings of {len(prompts)} prompts and {len(negatives)} negative prompts in {folder}; "
+          f"train with data.embeddings={folder}")
+    return 0
+
+
 def _cmd_bench_train(argv: list[str]) -> int:
     from stepdistill.bench.train_step import main as bench_main
 
@@ -206,6 +261,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling batch size (default: data.batch_size)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_cmd_cache_pairs, parser=p)
+
+    p = sub.add_parser("cache-embeddings", help="encode the config's prompts once with the teacher's text encoders "
+                                                "(data.embeddings: a run then loads no text encoders)",
+                       description="Encode every prompt a run of the config uses (data.prompts, "
+                                   "train.sample_prompts, the captions of data.images, data.negative_prompt and "
+                                   "the empty prompt) with the teacher's own text encoders and write them as "
+                                   "safetensors shards with an index.json; train with data.embeddings=DIR.")
+    p.add_argument("--config", "-c", required=True, metavar="PATH_OR_NAME", help="config file or name")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: the config's data.embeddings)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="prompts per encoder call (default: data.batch_size, as the run encodes them)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=_cmd_cache_embeddings, parser=p)
 
     p = sub.add_parser("demo", help="the offline main job: DMD2 on the shipped toy teacher, then evaluation",
                        description="Distil the shipped toy-sd teacher with DMD2 into a one-step generator "

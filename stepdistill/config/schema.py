@@ -56,6 +56,10 @@ class ModelConfig:
     # dtype of frozen weights (teacher); "auto" = bf16 on GPU when mixed precision is bf16, else fp32.
     weight_dtype: str = "auto"
     resolution: int = 512
+    # Keep the text encoders in CPU memory and encode the prompts there (only the conditioning moves to the
+    # GPU): the GPU holds no T5 / CLIP weights, at the cost of encoding on the CPU. Not needed with
+    # data.embeddings (the run then loads no text encoders at all).
+    offload_text_encoders: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("model", "family", self.family, FAMILY_CHOICES)
@@ -80,6 +84,10 @@ class DataConfig:
     batch_size: int = 1  # per process
     negative_prompt: str = ""
     num_workers: int = 0
+    # A folder written by `stepdistill cache-embeddings` (the prompts above encoded once by the teacher's text
+    # encoders): the run loads no text encoders and reads the conditioning from it. It must match the
+    # teacher, family and resolution and hold every prompt; both are checked before anything loads.
+    embeddings: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -168,7 +168,8 @@ def _write_export(out: Path, teacher, method, role, experts, dtype, config, lora
     if student.dtype != torch_dtype:
         student.to(torch_dtype)
     components = {}
-    for key, value in teacher.pipeline.components.items():
+    # A teacher trained from data.embeddings has no text encoders: load them back, or the pipeline has none.
+    for key, value in {**teacher.pipeline.components, **teacher.dropped_text_encoders()}.items():
         if key == teacher.backbone_name:
             value = student
         elif isinstance(value, torch.nn.Module) and getattr(value, "dtype", torch_dtype) != torch_dtype:

@@ -52,12 +52,14 @@ class Built:
 
 
 def build(cfg: DictConfig, device: torch.device, weight_dtype: torch.dtype, teacher: Teacher | None = None,
-          networks=contextlib.nullcontext) -> Built:
+          networks=contextlib.nullcontext, for_training: bool = False) -> Built:
     """Load the teacher, build the roles the method asks for, then the method (in that order: the
     roles' fresh heads draw from torch's global RNG, which the caller seeds).
 
     ``stepdistill plan`` trains without weights: it gives a ``teacher`` built under FakeTensorMode, and
     ``networks``, the context in which the roles' new networks (copies, heads, LoRA adapters) are made.
+    ``for_training``: the trainer's teacher follows ``data.embeddings`` (no text encoders) and
+    ``model.offload_text_encoders`` (they stay on the CPU); an export loads them whole.
     """
     method_cls = get_method(cfg.method.name)
     method_cfg = OmegaConf.to_object(cfg.method)
@@ -66,6 +68,8 @@ def build(cfg: DictConfig, device: torch.device, weight_dtype: torch.dtype, teac
         teacher = load_teacher(
             cfg.model.pretrained, family=cfg.model.family, device=device, dtype=weight_dtype,
             revision=cfg.model.revision, variant=cfg.model.variant, resolution=cfg.model.resolution,
+            embeddings=cfg.data.embeddings if for_training else None,
+            text_encoder_device="cpu" if for_training and cfg.model.offload_text_encoders else None,
         )
     with networks():
         roles = build_roles(teacher, role_cfgs, method_cls.role_heads(method_cfg), device)

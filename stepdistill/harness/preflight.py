@@ -44,6 +44,8 @@ _FIXED_KEYS = {"run.seed", "data.batch_size", "train.gradient_accumulation_steps
                "train.parallel"}
 _FIXED_ROLE_FIELDS = {"init_from", "trainable", "lora_rank", "lora_alpha", "lora_target_modules",
                       "share_teacher_base", "heads_only", "guidance_embedding_dim", "ema_decay"}
+# Keys of a fixed section that say where a tensor lives, not what it is: free on resume.
+_FREE_KEYS = {"model.offload_text_encoders"}
 # Where the run is and how this launch was told to start: never a change of the run.
 _IGNORED = {"run.output_dir", "train.resume", "run.overwrite"}
 
@@ -103,7 +105,25 @@ def validate_paths(cfg: DictConfig | Config, *, method_checks: bool = True) -> A
     warning = check_resolution(str(cfg.model.pretrained), int(cfg.model.resolution), cfg.model.revision)
     if warning:
         logger.warning(warning)
+    if getattr(cfg.data, "embeddings", None):
+        check_embeddings(cfg, family)
     return family
+
+
+def check_embeddings(cfg: DictConfig | Config, family: str) -> None:
+    """``data.embeddings``: a cache made for this teacher, family and resolution that holds every prompt and
+    negative prompt the run encodes (``data.embeddings.run_prompts``). Reads index.json only."""
+    from stepdistill.data.embeddings import EmbeddingCache, run_prompts
+
+    cache = EmbeddingCache(str(cfg.data.embeddings))
+    cache.check(teacher=str(cfg.model.pretrained), family=family, resolution=int(cfg.model.resolution),
+                max_sequence_length=None)
+    prompts, negatives = run_prompts(cfg)
+    missing_prompts, missing_negatives = cache.missing(prompts, negatives)
+    if missing_prompts:
+        raise cache.missing_error("prompts", missing_prompts)
+    if missing_negatives:
+        raise cache.missing_error("negatives", missing_negatives)
 
 @dataclass
 class Plan:
@@ -126,6 +146,8 @@ def flat(tree, prefix: str = "") -> dict:
 
 
 def _fixed(key: str) -> bool:
+    if key in _FREE_KEYS:
+        return False
     if key in _FIXED_KEYS or key.startswith(_FIXED_SECTIONS):
         return True
     parts = key.split(".")

@@ -152,7 +152,7 @@ class Trainer:
         self.sample_prompts = list(cfg.train.sample_prompts) or prompts[:4]
 
         set_seed(cfg.run.seed)  # identical initialisation on every rank
-        built = build(cfg, self.device, self.weight_dtype, teacher, networks)
+        built = build(cfg, self.device, self.weight_dtype, teacher, networks, for_training=True)
         self.method_cls, self.method_cfg, self.method = built.method_cls, built.method_cfg, built.method
         self.teacher, self.roles = built.teacher, built.roles
         if self.accelerator.num_processes > 1:

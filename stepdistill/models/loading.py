@@ -17,6 +17,7 @@ the backbone or any trainable copy of it.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from stepdistill.data.embeddings import EmbeddingCache
 from stepdistill.families import FAMILIES, PIPELINE_FAMILIES
 from stepdistill.models.denoiser import Conditioning, Denoiser
 from stepdistill.models.schedules import NoiseSchedule
@@ -276,11 +278,30 @@ class Teacher:
         )
         self.prediction_type = self.schedule.prediction_type
         self._negative_cache: dict[tuple[str, int, str], Conditioning] = {}
+        # Where the conditioning comes from when not from the text encoders: an ``EmbeddingCache``
+        # (``use_embeddings``). ``source``: how ``load_teacher`` loaded the pipeline (to load dropped
+        # text encoders back); ``dropped``: the text encoders it was loaded without.
+        self.embeddings: EmbeddingCache | None = None
+        self.source: dict | None = None
+        self.dropped: list[str] = []
 
     # ---- basic facts ------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.pipeline.device
+        """Where the backbone (and the conditioning it is given) lives."""
+        return next(self.backbone.parameters()).device
+
+    @property
+    def text_encoders(self) -> dict[str, nn.Module]:
+        """The pipeline's loaded text encoders by component name (none when it answers from a cache)."""
+        return {name: module for name, module in self.pipeline.components.items()
+                if name.startswith("text_encoder") and isinstance(module, nn.Module)}
+
+    @property
+    def text_encoder_device(self) -> torch.device:
+        """Where the text encoders run: the CPU under ``model.offload_text_encoders``, else ``device``."""
+        encoders = self.text_encoders
+        return next(next(iter(encoders.values())).parameters()).device if encoders else self.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -331,9 +352,12 @@ class Teacher:
         """Conditioning of ``prompts`` through the pipeline's own ``encode_prompt`` (no gradients).
 
         ``resolution`` (default ``self.resolution``) only matters for SDXL's size conditioning
-        (``time_ids``: original size = target size = resolution, crop (0, 0)).
+        (``time_ids``: original size = target size = resolution, crop (0, 0)). With an embedding cache
+        (``use_embeddings``) the rows come from it, and a prompt it lacks is a ValueError.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if self.embeddings is not None:
+            return self._from_cache(self.embeddings.lookup(prompts), resolution or self.resolution)
         with torch.no_grad():
             return self._encode(prompts, negative=None, resolution=resolution or self.resolution)
 
@@ -349,15 +373,73 @@ class Teacher:
         resolution = resolution or self.resolution
         key = (negative_prompt, resolution, str(self.device))
         if key not in self._negative_cache:
-            with torch.no_grad():
-                self._negative_cache[key] = self._encode(
-                    [""], negative=negative_prompt, resolution=resolution
-                )
+            if self.embeddings is not None:
+                self._negative_cache[key] = self._from_cache(self.embeddings.negative(negative_prompt), resolution)
+            else:
+                with torch.no_grad():
+                    self._negative_cache[key] = self._encode(
+                        [""], negative=negative_prompt, resolution=resolution
+                    )
         return self._negative_cache[key].expand_to(batch_size)
+
+    # ---- the embedding cache ------------------------------------------------------------------------
+    def use_embeddings(self, cache: EmbeddingCache | str | os.PathLike) -> None:
+        """Answer ``encode_prompt`` / ``encode_negative`` from ``cache`` (a folder written by ``stepdistill
+        cache-embeddings``, or an opened ``EmbeddingCache``) and free the text encoders if they are loaded.
+
+        ValueError when the cache was made for another teacher, family, resolution or T5 length.
+        """
+        cache = cache if isinstance(cache, EmbeddingCache) else EmbeddingCache(cache)
+        expected = {"family": self.family, "resolution": self.resolution,
+                    "max_sequence_length": self.max_sequence_length}
+        if self.source is not None:
+            expected["teacher"] = self.source["pretrained"]
+        cache.check(**expected)
+        self.embeddings = cache
+        self._negative_cache.clear()
+        loaded = self.text_encoders
+        if loaded:
+            on_gpu = any(next(m.parameters()).is_cuda for m in loaded.values())
+            for name in loaded:
+                setattr(self.pipeline, name, None)
+            self.dropped = sorted({*self.dropped, *loaded})
+            if on_gpu:
+                torch.cuda.empty_cache()
+
+    def _from_cache(self, tensors: dict[str, Tensor], resolution: int) -> Conditioning:
+        """Cached rows as the live encoding gives them: on ``device``, floating fields in the weight dtype."""
+        cached = self.embeddings.meta.get("resolution")
+        if self.family == "sdxl" and resolution != cached:
+            raise ValueError(f"SDXL's size conditioning (time_ids) at resolution {resolution} is not in the embedding "
+                             f"cache {self.embeddings.folder}, which was made at {cached}; rebuild it with "
+                             f"`{self.embeddings.rebuild}` and model.resolution={resolution}")
+        dtype = self.dtype
+        return Conditioning({k: t.to(device=self.device, dtype=dtype if t.is_floating_point() else None)
+                             for k, t in tensors.items()})
+
+    def dropped_text_encoders(self) -> dict[str, nn.Module]:
+        """The text encoders this teacher was loaded without (``data.embeddings``), loaded now from its
+        pipeline (on the CPU, in its weight dtype, frozen): ``{component name: module}``, ``{}`` when none
+        were dropped. The export writes them, so its pipeline is complete."""
+        if not self.dropped:
+            return {}
+        if self.source is None:
+            raise ValueError("this Teacher's text encoders were freed and it does not know where it was loaded "
+                             "from; load it with load_teacher to export it")
+        src = self.source
+        index = read_model_index(src["pretrained"], src["revision"])
+        return {name: _load_component(src["pretrained"], name, index[name], src["dtype"], src["revision"],
+                                      src["variant"]) for name in self.dropped}
 
     def _encode(self, prompts: list[str], negative: str | None, resolution: int) -> Conditioning:
         """Positive conditioning of ``prompts`` or, when ``negative`` is a string, the pipeline's negative one."""
-        pipe, device = self.pipeline, self.device
+        if self.text_encoder_device != self.device:  # offloaded text encoders: encode there, hand over here
+            return self._encode_on(self.text_encoder_device, prompts, negative, resolution).to(self.device)
+        return self._encode_on(self.device, prompts, negative, resolution)
+
+    def _encode_on(self, device: torch.device, prompts: list[str], negative: str | None, resolution: int
+                   ) -> Conditioning:
+        pipe = self.pipeline
         cfg = negative is not None
         # The pipelines' convention: negative_prompt=None means "no negative prompt".
         neg_list = [negative] if negative else None
@@ -482,6 +564,33 @@ def dtype_kwarg() -> str:
         return "torch_dtype"
 
 
+def _text_encoder_names(model_index: dict) -> list[str]:
+    """The pipeline's text-encoder components that it has (``model_index.json`` entries not null)."""
+    return sorted(name for name, entry in model_index.items() if name.startswith("text_encoder")
+                  and isinstance(entry, list) and entry and entry[0] is not None)
+
+
+def _load_component(pretrained: str, name: str, entry: list, dtype: torch.dtype, revision: str | None,
+                    variant: str | None) -> nn.Module:
+    """One model component of a pipeline (``model_index.json`` entry ``[library, class]``), on the CPU, frozen."""
+    library, class_name = entry
+    cls = getattr(importlib.import_module(library), class_name)
+    kwargs = {"subfolder": name}
+    if revision:
+        kwargs["revision"] = revision
+    if variant:
+        kwargs["variant"] = variant
+    if library == "transformers":
+        import transformers
+        from packaging.version import Version
+
+        kwargs["dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"] = dtype
+    else:
+        kwargs[dtype_kwarg()] = dtype
+    module = cls.from_pretrained(resolve_pretrained(pretrained), **kwargs)
+    return module.requires_grad_(False).eval()
+
+
 def load_teacher(
     pretrained: str,
     family: str = "auto",
@@ -491,6 +600,8 @@ def load_teacher(
     variant: str | None = None,
     *,
     resolution: int | None = None,
+    embeddings: str | None = None,
+    text_encoder_device: str | torch.device | None = None,
 ) -> Teacher:
     """Load a diffusers pipeline as a frozen ``Teacher``.
 
@@ -499,6 +610,12 @@ def load_teacher(
     ``device`` in ``dtype``; the progress bar is disabled. ``resolution`` (default: the pipeline's
     own, ``TINY_RESOLUTION`` for ``tiny:<family>``) sets SDXL's size conditioning and FLUX's
     resolution-dependent timestep shift: pass the training resolution.
+
+    ``embeddings``: a folder written by ``stepdistill cache-embeddings``; the pipeline is then loaded with
+    ``text_encoder*=None`` and the teacher answers prompts from the cache (checked first: a cache made for
+    another teacher, family or resolution is a ValueError before any weight loads). ``text_encoder_device``:
+    where the text encoders live (default ``device``; ``"cpu"`` keeps them off the GPU, the encoding runs
+    there). The trainer passes a run's ``data.embeddings`` and ``model.offload_text_encoders`` (``harness.build``).
     """
     from diffusers import DiffusionPipeline
 
@@ -507,23 +624,41 @@ def load_teacher(
         from stepdistill.models.tiny import TINY_RESOLUTION
 
         resolution = TINY_RESOLUTION[family]
+    cache = None
+    text_names: list[str] = []
+    if embeddings:
+        cache = EmbeddingCache(embeddings)
+        checks = {"teacher": str(pretrained), "family": family}
+        if resolution is not None:
+            checks["resolution"] = int(resolution)
+        cache.check(**checks)  # before the weights load
+        text_names = _text_encoder_names(read_model_index(pretrained, revision))
     path = resolve_pretrained(pretrained)
-    kwargs = {}
+    kwargs = {name: None for name in text_names}  # never loaded: the cache answers for them
     if family in ("sd15", "sd2"):
         kwargs.update(safety_checker=None, requires_safety_checker=False)  # never load the NSFW checker
     kwargs[dtype_kwarg()] = as_dtype(dtype)
     pipeline = DiffusionPipeline.from_pretrained(path, revision=revision, variant=variant, **kwargs)
-    return frozen_teacher(pipeline, family, device, resolution=resolution)
+    teacher = frozen_teacher(pipeline, family, device, resolution=resolution,
+                             text_encoder_device=None if cache is not None else text_encoder_device)
+    teacher.source = {"pretrained": str(pretrained), "revision": revision, "variant": variant,
+                      "dtype": as_dtype(dtype)}
+    if cache is not None:
+        teacher.dropped = text_names
+        teacher.use_embeddings(cache)
+    return teacher
 
 
-def frozen_teacher(pipeline, family: str, device: str | torch.device = "cpu", *,
-                   resolution: int | None = None) -> Teacher:
-    """``pipeline`` as a frozen ``Teacher``: every component on ``device``, ``requires_grad_(False)``, in eval
-    mode, without a progress bar. ``load_teacher`` loads the weights first; ``stepdistill plan`` builds the
-    pipeline from its config files under FakeTensorMode instead."""
-    pipeline.to(device)
-    for component in pipeline.components.values():
+def frozen_teacher(pipeline, family: str, device: str | torch.device = "cpu", *, resolution: int | None = None,
+                   text_encoder_device: str | torch.device | None = None) -> Teacher:
+    """``pipeline`` as a frozen ``Teacher``: every component on ``device`` (the text encoders on
+    ``text_encoder_device`` when given), ``requires_grad_(False)``, in eval mode, without a progress bar.
+    ``load_teacher`` loads the weights first; ``stepdistill plan`` builds the pipeline from its config files
+    under FakeTensorMode instead."""
+    for name, component in pipeline.components.items():
         if isinstance(component, nn.Module):
+            on_cpu = text_encoder_device is not None and name.startswith("text_encoder")
+            component.to(text_encoder_device if on_cpu else device)
             component.requires_grad_(False)
             component.eval()
     pipeline.set_progress_bar_config(disable=True)
