@@ -466,9 +466,11 @@ class StreamDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
         if (info.num_workers if info is not None else 1) != self.workers:
             raise RuntimeError("StreamDataset runs under as many DataLoader workers as it was built for")
+        # The DataLoader's first batch comes from its worker 0, and batch start_index is the order's worker
+        # start_index % W: DataLoader worker k plays the order's worker (k + start_index) % W.
+        worker = ((info.id if info is not None else 0) + self.start_index) % self.workers
         consumer = self.rank * self.workers + worker
         done = len(range(worker, self.start_index, self.workers))  # batches of this worker before start_index
         items = self.order.stream(consumer, done * self.batch_size)
