@@ -40,7 +40,8 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path | str]:
     """The same 8 samples as an image folder, a save_to_disk folder, parquet (one file; a folder of two),
-    arrow files and webdataset shards (4 tars of 2, captions in .txt, and .json in the last shard)."""
+    arrow files and webdataset shards (4 tars of 2, captions in .txt, and .json in the last shard; beside
+    them img2dataset's metadata parquets)."""
     root = tmp_path_factory.mktemp("data")
     captions = [f"image {i}" for i in range(N)]
     folder = root / "folder"
@@ -68,6 +69,10 @@ def data(tmp_path_factory) -> dict[str, Path | str]:
                     _add(tar, f"{i:06d}.json", json.dumps({"caption": captions[i], "url": "x"}).encode())
                 else:
                     _add(tar, f"{i:06d}.txt", captions[i].encode())
+        # img2dataset's layout: a metadata parquet (no images) and stats next to each shard
+        datasets.Dataset.from_dict({"url": ["x", "y"], "caption": captions[2 * s:2 * s + 2]}).to_parquet(
+            str(root / "shards" / f"{s:05d}.parquet"))
+        (root / "shards" / f"{s:05d}_stats.json").write_text("{}")
     return {"root": root, "folder": folder, "disk": root / "disk", "parquet": root / "one.parquet",
             "parquets": root / "parquets", "arrow": root / "arrow", "shards": root / "shards",
             "braces": str(root / "shards" / "{00000..00003}.tar")}
@@ -99,8 +104,11 @@ def test_order_is_seeded_and_the_sample_of_a_batch_depends_on_its_index_only(dat
     assert a == [c for c, _ in _epoch(data["parquet"])]
     other = ImageStream(open_source(str(data["parquet"])), RES, 1, seed=1)
     assert [other.batch(i)[1][0] for i in range(N)] != a
-    jumped = ImageStream(open_source(str(data["parquet"])), RES, 1, seed=0)
+    jumped = ImageStream(open_source(str(data["parquet"])), RES, 1, seed=0, num_workers=1)
+    rng = torch.get_rng_state()
     assert jumped.batch(5)[1][0] == a[5] and jumped.batch(2)[1][0] == a[2]
+    # Starting the workers leaves the global RNG alone: a resumed run starts them at another step
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 @pytest.mark.parametrize("fmt, whole_units", [("shards", True), ("parquet", False)])
@@ -244,3 +252,19 @@ def test_tiny_dmd2_trains_two_steps_on_parquet_images(data, tmp_path):
     assert len(gan) == 2 and np.isfinite(gan).all(), metrics
     assert changed(before, head), "the GAN head trained on the real (parquet) latents"
     assert trainer.real_data.state_dict()["next_index"] == 2  # one real batch per step (no accumulation)
+
+
+@pytest.mark.slow  # three tiny trainings (about 50 s on 2 shared cores)
+def test_a_resumed_run_on_streamed_images_matches_the_uninterrupted_run(data, tmp_path):
+    from stepdistill.harness.trainer import Trainer
+
+    common = [f"data.images={data['parquets']}", "data.num_workers=2", "data.batch_size=3",
+              "method.gan_critic_weight=0.1", "method.gan_generator_weight=0.01", "train.sample_every=0",
+              "export.enabled=false", "train.checkpoint_every=1"]
+    Trainer(tiny_config(tmp_path / "whole", "dmd2", *common, "train.max_steps=4")).train()
+    Trainer(tiny_config(tmp_path / "cut", "dmd2", *common, "train.max_steps=3")).train()  # odd: worker 1 next
+    Trainer(tiny_config(tmp_path / "cut", "dmd2", *common, "train.max_steps=4", "train.resume=latest")).train()
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("whole", "cut")}
+    assert [r["step"] for r in rows["cut"]] == [0, 1, 2, 3]
+    assert rows["cut"] == rows["whole"]  # every loss and gradient norm, bit for bit

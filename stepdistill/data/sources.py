@@ -147,7 +147,8 @@ def find_source(location: str) -> tuple[str, list[str]] | None:
         return None
     if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
         return "dataset", [str(path)]
-    for suffix, kind in ((".parquet", "parquet"), (".arrow", "arrow"), (".tar", "webdataset")):
+    # Tars first: img2dataset writes a metadata .parquet (url, caption, status) next to each shard.
+    for suffix, kind in ((".tar", "webdataset"), (".parquet", "parquet"), (".arrow", "arrow")):
         files = sorted(str(f) for f in path.rglob(f"*{suffix}") if f.is_file())
         if files:
             return kind, files
@@ -536,8 +537,11 @@ class ImageStream:
         self.close()
         dataset = StreamDataset(self.source, self.order, self.resolution, self.batch_size, self.rank,
                                 self.workers, index, self.skip_unreadable)
+        # Its own generator: a DataLoader iterator draws a seed from the global RNG otherwise, and a resumed run
+        # (which starts the iterator at another step) would then see other training noise.
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=2 if self.num_workers else None)
+                            prefetch_factor=2 if self.num_workers else None,
+                            generator=torch.Generator().manual_seed(self.seed))
         self._iterator, self._next = iter(loader), index
 
     def batch(self, index: int) -> tuple[torch.Tensor, list[str]]:
