@@ -50,6 +50,9 @@ def data(tmp_path_factory) -> dict[str, Path | str]:
         (folder / f"{i}.png").write_bytes(_png(i))
     (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "caption": c}) + "\n"
                                                    for i, c in enumerate(captions)))
+    # image paths (relative to the parquet's folder) instead of bytes
+    datasets.Dataset.from_dict({"image": [f"{i}.png" for i in range(N)], "caption": captions}).to_parquet(
+        str(folder / "paths.parquet"))
     ds = datasets.Dataset.from_dict({"image": [{"bytes": _png(i), "path": None} for i in range(N)],
                                      "caption": captions}).cast_column("image", datasets.Image())
     ds.save_to_disk(str(root / "disk"))
@@ -73,7 +76,8 @@ def data(tmp_path_factory) -> dict[str, Path | str]:
         datasets.Dataset.from_dict({"url": ["x", "y"], "caption": captions[2 * s:2 * s + 2]}).to_parquet(
             str(root / "shards" / f"{s:05d}.parquet"))
         (root / "shards" / f"{s:05d}_stats.json").write_text("{}")
-    return {"root": root, "folder": folder, "disk": root / "disk", "parquet": root / "one.parquet",
+    return {"root": root, "folder": folder, "paths": folder / "paths.parquet", "disk": root / "disk",
+            "parquet": root / "one.parquet",
             "parquets": root / "parquets", "arrow": root / "arrow", "shards": root / "shards",
             "braces": str(root / "shards" / "{00000..00003}.tar")}
 
@@ -88,7 +92,7 @@ def _epoch(location, **kw) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-@pytest.mark.parametrize("fmt", ["disk", "parquet", "parquets", "arrow", "shards", "braces"])
+@pytest.mark.parametrize("fmt", ["disk", "parquet", "paths", "parquets", "arrow", "shards", "braces"])
 def test_every_format_yields_the_image_folders_samples(data, fmt):
     folder = RealLatents(str(data["folder"]), None, RES, 1)
     expected = {c: _load_image(f, RES) for f, c in zip(folder.files, folder.captions)}

@@ -69,6 +69,8 @@ class DataConfig:
     # Prompt source: a .txt file (one per line), .csv/.jsonl/.json with a caption column, or
     # "builtin:tiny" (a few fixed prompts, for tests and smoke runs).
     prompts: str = MISSING
+    # The caption column of a table data.prompts or data.images (save_to_disk, parquet, arrow), and the key
+    # of a tar shard's .json captions (there caption, then text, if it is absent).
     caption_column: str = "caption"
     # Real data for GAN terms (DMD2): a folder of images with a metadata.jsonl of captions, a folder of
     # teacher samples written by `stepdistill cache-pairs`, builtin:toy (procedural toy-domain images), or a

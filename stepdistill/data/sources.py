@@ -361,9 +361,11 @@ def _open_image(value: Any, root: str) -> Image.Image:
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray, memoryview)):
         return Image.open(io.BytesIO(bytes(value)))
-    if isinstance(value, str):
+    if isinstance(value, str):  # a relative path: next to the data, else from the working directory
         path = Path(value).expanduser()
-        return Image.open(path if path.is_absolute() else Path(root) / path)
+        if not path.is_absolute() and (Path(root) / path).is_file():
+            path = Path(root) / path
+        return Image.open(path)
     raise ValueError(f"an image value of type {type(value).__name__} (expected image bytes, a path, or a datasets "
                      "Image)")
 
