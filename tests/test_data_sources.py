@@ -272,3 +272,23 @@ def test_a_resumed_run_on_streamed_images_matches_the_uninterrupted_run(data, tm
             for name in ("whole", "cut")}
     assert [r["step"] for r in rows["cut"]] == [0, 1, 2, 3]
     assert rows["cut"] == rows["whole"]  # every loss and gradient norm, bit for bit
+
+
+def test_shard_headers_are_scanned_once_and_cached(data, tmp_path, monkeypatch):
+    import shutil
+
+    import stepdistill.data.sources as sources
+
+    shards = tmp_path / "shards"
+    shutil.copytree(data["shards"], shards, ignore=shutil.ignore_patterns(sources.SHARD_CACHE))
+    scanned = []
+    real = sources._tar_samples
+    monkeypatch.setattr(sources, "_tar_samples", lambda tar, name: scanned.append(Path(name).name) or real(tar, name))
+    assert open_source(str(shards)).num_samples == N and len(scanned) == 4
+    assert json.loads((shards / sources.SHARD_CACHE).read_text())["00001.tar"][2] == 2
+    scanned.clear()
+    assert open_source(str(shards)).num_samples == N and scanned == [], "an unchanged shard is not scanned again"
+    with tarfile.open(shards / "00001.tar", "a") as tar:  # a third sample: new size and mtime
+        _add(tar, "extra.png", _png(9))
+        _add(tar, "extra.txt", b"extra")
+    assert open_source(str(shards)).num_samples == N + 1 and scanned == ["00001.tar"]

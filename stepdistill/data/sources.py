@@ -205,19 +205,43 @@ def _tar_samples(tar: tarfile.TarFile, name: str) -> list[tuple[str, tarfile.Tar
     return samples
 
 
-_SHARD_COUNTS: dict[tuple[str, int, int], int] = {}  # (path, size, mtime_ns) -> samples: preflight scanned it
+SHARD_CACHE = ".stepdistill_shards.json"  # per shard folder: {file name: [size, mtime_ns, samples]}
 
 
-def _shard_length(path: str) -> int:
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key not in _SHARD_COUNTS:
+def shard_lengths(files: list[str]) -> list[int]:
+    """The number of samples of each tar shard, from its member headers (no image is read), checking that
+    every sample has a caption. Cached in ``<shard folder>/.stepdistill_shards.json`` by size and mtime, so
+    a large shard set is scanned once (not by every process of every launch); a read-only folder is scanned
+    again next time."""
+    by_folder: dict[Path, dict] = {}
+    lengths, dirty = [], set()
+    for f in files:
+        path = Path(f)
+        folder = path.parent
+        if folder not in by_folder:
+            try:
+                by_folder[folder] = json.loads((folder / SHARD_CACHE).read_text())
+            except (OSError, ValueError):
+                by_folder[folder] = {}
+        cache, st = by_folder[folder], path.stat()
+        entry = cache.get(path.name)
+        if not (isinstance(entry, list) and entry[:2] == [st.st_size, st.st_mtime_ns]):
+            try:
+                with tarfile.open(path, "r:") as tar:
+                    entry = [st.st_size, st.st_mtime_ns, len(_tar_samples(tar, str(path)))]
+            except tarfile.TarError as e:
+                raise ValueError(f"data.images: {path} is not an uncompressed tar file ({e})") from None
+            cache[path.name] = entry
+            dirty.add(folder)
+        lengths.append(int(entry[2]))
+    for folder in dirty:
         try:
-            with tarfile.open(path, "r:") as tar:
-                _SHARD_COUNTS[key] = len(_tar_samples(tar, path))
-        except tarfile.TarError as e:
-            raise ValueError(f"data.images: {path} is not an uncompressed tar file ({e})") from None
-    return _SHARD_COUNTS[key]
+            tmp = folder / f".tmp-{os.getpid()}{SHARD_CACHE}"
+            tmp.write_text(json.dumps(by_folder[folder]))
+            os.replace(tmp, folder / SHARD_CACHE)
+        except OSError:  # a read-only data folder
+            pass
+    return lengths
 
 
 def open_source(location: str, image_column: str = "image", caption_column: str = "caption") -> Source | None:
@@ -256,7 +280,7 @@ def open_source(location: str, image_column: str = "image", caption_column: str 
             _check_columns(location, ds.column_names, image_column, caption_column)
             units += [Unit(f, start, min(BLOCK_ROWS, len(ds) - start)) for start in range(0, len(ds), BLOCK_ROWS)]
     else:
-        units = [Unit(f, 0, _shard_length(f)) for f in files]
+        units = [Unit(f, 0, n) for f, n in zip(files, shard_lengths(files))]
     units = [u for u in units if u.length > 0]
     if not units:
         raise _error(location, f"holds no samples ({len(files)} {KINDS[kind]} file(s), all empty); "
