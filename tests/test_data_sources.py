@@ -60,6 +60,10 @@ def data(tmp_path_factory) -> dict[str, Path | str]:
     (root / "parquets").mkdir()
     for k in range(2):
         ds.shard(2, k, contiguous=True).to_parquet(str(root / "parquets" / f"part-{k}.parquet"))
+    (root / "hub" / "data").mkdir(parents=True)  # a Hub download: only the train split is read
+    ds.to_parquet(str(root / "hub" / "data" / "train-00000-of-00001.parquet"))
+    datasets.Dataset.from_dict({"image": [{"bytes": _png(99), "path": None}], "caption": ["test split"]}).cast_column(
+        "image", datasets.Image()).to_parquet(str(root / "hub" / "data" / "test-00000-of-00001.parquet"))
     (root / "arrow").mkdir()
     for f in (root / "disk").glob("*.arrow"):
         (root / "arrow" / f.name).write_bytes(f.read_bytes())
@@ -78,7 +82,7 @@ def data(tmp_path_factory) -> dict[str, Path | str]:
         (root / "shards" / f"{s:05d}_stats.json").write_text("{}")
     return {"root": root, "folder": folder, "paths": folder / "paths.parquet", "disk": root / "disk",
             "parquet": root / "one.parquet",
-            "parquets": root / "parquets", "arrow": root / "arrow", "shards": root / "shards",
+            "parquets": root / "parquets", "hub": root / "hub", "arrow": root / "arrow", "shards": root / "shards",
             "braces": str(root / "shards" / "{00000..00003}.tar")}
 
 
@@ -92,7 +96,7 @@ def _epoch(location, **kw) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-@pytest.mark.parametrize("fmt", ["disk", "parquet", "paths", "parquets", "arrow", "shards", "braces"])
+@pytest.mark.parametrize("fmt", ["disk", "parquet", "paths", "parquets", "hub", "arrow", "shards", "braces"])
 def test_every_format_yields_the_image_folders_samples(data, fmt):
     folder = RealLatents(str(data["folder"]), None, RES, 1)
     expected = {c: _load_image(f, RES) for f, c in zip(folder.files, folder.captions)}

@@ -121,6 +121,9 @@ def _kind_of(files: list[str], location: str) -> str:
     return kinds[suffixes.pop()]
 
 
+_TRAIN = re.compile(r"(^|[^a-z0-9])train([^a-z0-9]|$)", re.IGNORECASE)  # a train split's file or folder
+
+
 def find_source(location: str) -> tuple[str, list[str]] | None:
     """``(kind, files)`` of ``data.images``, or ``None`` for the formats ``RealLatents`` reads itself (an image
     folder with metadata.jsonl, a cache-pairs folder). Raises one ValueError for a path that is not there."""
@@ -150,6 +153,12 @@ def find_source(location: str) -> tuple[str, list[str]] | None:
     # Tars first: img2dataset writes a metadata .parquet (url, caption, status) next to each shard.
     for suffix, kind in ((".tar", "webdataset"), (".parquet", "parquet"), (".arrow", "arrow")):
         files = sorted(str(f) for f in path.rglob(f"*{suffix}") if f.is_file())
+        # A Hub download holds every split (data/train-*.parquet, data/test-*.parquet): train only.
+        train = [f for f in files if _TRAIN.search(os.path.relpath(f, path))]
+        if train and len(train) < len(files):
+            logger.info("data.images=%r: reading the %d train files of %d (the other splits are left out)",
+                        location, len(train), len(files))
+            files = train
         if files:
             return kind, files
     raise _error(location, f"the folder holds none of the known formats; {FORMATS_HINT}")
