@@ -203,7 +203,7 @@ def test_preflight_empty_shards_and_tars_without_captions(tmp_path):
     empty.mkdir()
     for s in range(2):
         tarfile.open(empty / f"{s}.tar", "w").close()
-    with pytest.raises(ValueError, match=r"holds no samples \(2 webdataset tar shards file\(s\), all empty\)"):
+    with pytest.raises(ValueError, match=r"holds no samples: its 2 tar shards are empty \(an empty set\)"):
         _validate(tmp_path, empty)
     bare = tmp_path / "bare"
     bare.mkdir()

@@ -49,8 +49,8 @@ logger = logging.getLogger("stepdistill")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "json")
 BLOCK_ROWS = 1024  # rows of an arrow table (save_to_disk, .arrow) per unit
-KINDS = {"dataset": "a datasets save_to_disk folder", "parquet": "parquet", "arrow": "arrow",
-         "webdataset": "webdataset tar shards"}
+KINDS = {"dataset": "save_to_disk folder", "parquet": "parquet file", "arrow": "arrow file",
+         "webdataset": "tar shard"}
 FORMATS_HINT = ("give a folder of images with a metadata.jsonl, a `stepdistill cache-pairs` folder, a datasets "
                 "save_to_disk folder, a .parquet file or folder of them, .arrow files, webdataset .tar shards "
                 "(a folder, or a brace pattern like shards/{00000..00003}.tar), or builtin:toy")
@@ -264,7 +264,8 @@ def open_source(location: str, image_column: str = "image", caption_column: str 
     kind, files = found
     location = str(location)
     units: list[Unit] = []
-    root = files[0] if kind == "dataset" else str(Path(files[0]).parent)
+    folder = Path(location).expanduser()
+    root = str(folder) if folder.is_dir() else str(Path(files[0]).parent)  # for relative image paths
     if kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -292,8 +293,8 @@ def open_source(location: str, image_column: str = "image", caption_column: str 
         units = [Unit(f, 0, n) for f, n in zip(files, shard_lengths(files))]
     units = [u for u in units if u.length > 0]
     if not units:
-        raise _error(location, f"holds no samples ({len(files)} {KINDS[kind]} file(s), all empty); "
-                               "give a non-empty set")
+        raise _error(location, f"holds no samples: its {len(files)} {KINDS[kind]}{'s' if len(files) > 1 else ''} "
+                               f"{'are' if len(files) > 1 else 'is'} empty (an empty set); give data with samples")
     return Source(kind, location, units, image_column, caption_column, root)
 
 
