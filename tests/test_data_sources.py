@@ -39,7 +39,8 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path | str]:
-    """The same 8 samples as an image folder, a save_to_disk folder, parquet (one file; a folder of two),
+    """The same 8 samples as an image folder, save_to_disk folders (a Dataset; a DatasetDict with a test
+    split), parquet (one file; image paths; a folder of two; a Hub layout with a test split),
     arrow files and webdataset shards (4 tars of 2, captions in .txt, and .json in the last shard; beside
     them img2dataset's metadata parquets)."""
     root = tmp_path_factory.mktemp("data")
@@ -56,14 +57,16 @@ def data(tmp_path_factory) -> dict[str, Path | str]:
     ds = datasets.Dataset.from_dict({"image": [{"bytes": _png(i), "path": None} for i in range(N)],
                                      "caption": captions}).cast_column("image", datasets.Image())
     ds.save_to_disk(str(root / "disk"))
+    test_split = datasets.Dataset.from_dict({"image": [{"bytes": _png(99), "path": None}], "caption": ["test split"]})
+    test_split = test_split.cast_column("image", datasets.Image())
+    datasets.DatasetDict({"test": test_split, "train": ds}).save_to_disk(str(root / "dict"))  # train is read
     ds.to_parquet(str(root / "one.parquet"))
     (root / "parquets").mkdir()
     for k in range(2):
         ds.shard(2, k, contiguous=True).to_parquet(str(root / "parquets" / f"part-{k}.parquet"))
     (root / "hub" / "data").mkdir(parents=True)  # a Hub download: only the train split is read
     ds.to_parquet(str(root / "hub" / "data" / "train-00000-of-00001.parquet"))
-    datasets.Dataset.from_dict({"image": [{"bytes": _png(99), "path": None}], "caption": ["test split"]}).cast_column(
-        "image", datasets.Image()).to_parquet(str(root / "hub" / "data" / "test-00000-of-00001.parquet"))
+    test_split.to_parquet(str(root / "hub" / "data" / "test-00000-of-00001.parquet"))
     (root / "arrow").mkdir()
     for f in (root / "disk").glob("*.arrow"):
         (root / "arrow" / f.name).write_bytes(f.read_bytes())
@@ -80,7 +83,7 @@ def data(tmp_path_factory) -> dict[str, Path | str]:
         datasets.Dataset.from_dict({"url": ["x", "y"], "caption": captions[2 * s:2 * s + 2]}).to_parquet(
             str(root / "shards" / f"{s:05d}.parquet"))
         (root / "shards" / f"{s:05d}_stats.json").write_text("{}")
-    return {"root": root, "folder": folder, "paths": folder / "paths.parquet", "disk": root / "disk",
+    return {"root": root, "folder": folder, "paths": folder / "paths.parquet", "disk": root / "disk", "dict": root / "dict",
             "parquet": root / "one.parquet",
             "parquets": root / "parquets", "hub": root / "hub", "arrow": root / "arrow", "shards": root / "shards",
             "braces": str(root / "shards" / "{00000..00003}.tar")}
@@ -96,7 +99,7 @@ def _epoch(location, **kw) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-@pytest.mark.parametrize("fmt", ["disk", "parquet", "paths", "parquets", "hub", "arrow", "shards", "braces"])
+@pytest.mark.parametrize("fmt", ["disk", "dict", "parquet", "paths", "parquets", "hub", "arrow", "shards", "braces"])
 def test_every_format_yields_the_image_folders_samples(data, fmt):
     folder = RealLatents(str(data["folder"]), None, RES, 1)
     expected = {c: _load_image(f, RES) for f, c in zip(folder.files, folder.captions)}
