@@ -73,16 +73,26 @@ class DataConfig:
     # Prompt source: a .txt file (one per line), .csv/.jsonl/.json with a caption column, or
     # "builtin:tiny" (a few fixed prompts, for tests and smoke runs).
     prompts: str = MISSING
+    # The caption column of a table data.prompts or data.images (save_to_disk, parquet, arrow), and the key
+    # of a tar shard's .json captions (there caption, then text, if it is absent).
     caption_column: str = "caption"
-    # Real data for GAN terms (DMD2): a folder of images with a metadata.jsonl of captions, or a folder of
-    # teacher samples written by `stepdistill cache-pairs`, or builtin:toy (procedural toy-domain images).
-    # Methods with a GAN term require it.
+    # Real data for GAN terms (DMD2): a folder of images with a metadata.jsonl of captions, a folder of
+    # teacher samples written by `stepdistill cache-pairs`, builtin:toy (procedural toy-domain images), or a
+    # streamed source: a datasets save_to_disk folder, a .parquet file or folder of them, .arrow files, or
+    # webdataset .tar shards (a folder, or a brace pattern like shards/{00000..00003}.tar). Methods with a
+    # GAN term require it.
     images: str | None = None
-    # Every image of data.images is opened and decoded once before training (cached by size and mtime);
-    # unreadable ones stop the run with their list, or with true are left out (one warning).
+    # The image column of a save_to_disk / parquet / arrow data.images (image bytes, a datasets Image, or
+    # a path relative to the data); data.caption_column names its captions.
+    image_column: str = "image"
+    # Every image of an image-folder data.images is opened and decoded once before training (cached by size
+    # and mtime); unreadable ones stop the run with their list, or with true are left out (one warning). A
+    # streamed source is decoded as it is drawn: an unreadable image stops the run, or with true is replaced
+    # by another sample of its batch (one warning each).
     skip_unreadable: bool = False
     batch_size: int = 1  # per process
     negative_prompt: str = ""
+    # DataLoader worker processes that read and decode a streamed data.images (0: the training process).
     num_workers: int = 0
     # A folder written by `stepdistill cache-embeddings` (the prompts above encoded once by the teacher's text
     # encoders): the run loads no text encoders and reads the conditioning from it. It must match the

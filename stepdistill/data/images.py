@@ -5,7 +5,9 @@
 - a folder of images with a ``metadata.jsonl`` (``{"file_name": ..., "caption"|"text": ...}`` per line,
   the Hugging Face ``imagefolder`` convention); images are resized and centre-cropped to the model
   resolution and encoded with the teacher's VAE on the fly, or
-- ``builtin:toy``: procedural images of the toy domain's training combinations, drawn on the fly.
+- ``builtin:toy``: procedural images of the toy domain's training combinations, drawn on the fly, or
+- a streamed source (``data/sources.py``): a datasets ``save_to_disk`` folder, parquet, arrow or webdataset
+  tar shards, read and decoded in ``data.num_workers`` DataLoader workers as the batches are drawn.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from stepdistill.data.pairs import load_pairs
+from stepdistill.data.sources import ImageStream, open_source, to_pixels
 
 logger = logging.getLogger("stepdistill")
 
@@ -113,26 +115,27 @@ def _load_image(path: Path, resolution: int) -> torch.Tensor:
         image = Image.open(path).convert("RGB")
     except Exception as err:  # PIL raises several types for unreadable files
         raise ValueError(f"cannot read image {path}: {err}") from err
-    w, h = image.size
-    scale = resolution / min(w, h)
-    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
-    w, h = image.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)
+    return to_pixels(image, resolution)
 
 
 class RealLatents:
     """Deterministic, resumable batches of real (or teacher-sample) latents with their conditioning."""
 
     def __init__(self, path: str, teacher, resolution: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, skip_unreadable: bool = False):
+                 rank: int = 0, world_size: int = 1, skip_unreadable: bool = False,
+                 image_column: str = "image", caption_column: str = "caption", num_workers: int = 0):
         self.teacher, self.resolution, self.batch_size = teacher, resolution, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.toy = path == "builtin:toy"
+        self.stream: ImageStream | None = None
         if self.toy:
             self.latents = self.files = None
+            return
+        source = open_source(path, image_column, caption_column)  # None: an image folder or cache-pairs folder
+        if source is not None:
+            self.stream = ImageStream(source, resolution, batch_size, seed=seed, rank=rank, world_size=world_size,
+                                      num_workers=num_workers, skip_unreadable=skip_unreadable)
+            self.latents = self.files = self.captions = None
             return
         folder = Path(path)
         if not folder.is_dir():
@@ -149,7 +152,16 @@ class RealLatents:
             self.captions = [c for c, ok in zip(captions, usable) if ok]
 
     def __len__(self) -> int:
-        return len(self.captions)
+        return len(self.stream) if self.stream is not None else len(self.captions)
+
+    def state_dict(self) -> dict:
+        """A streamed source's position (``ImageStream.state_dict``); ``{}`` for the other formats, whose
+        batches are a pure function of the step index. Per process (each rank has its own)."""
+        return self.stream.state_dict() if self.stream is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.stream is not None and state:
+            self.stream.load_state_dict(state)
 
     @torch.no_grad()
     def _toy_batch(self, index: int) -> dict:
@@ -176,8 +188,12 @@ class RealLatents:
     def batch_for_step(self, index: int) -> dict:
         if self.toy:
             return self._toy_batch(index)
-        idx = self._indices(index)
         device = self.teacher.backbone.device
+        if self.stream is not None:
+            images, captions = self.stream.batch(index)
+            latents = self.teacher.encode_images(images.to(device)).float()
+            return {"latents": latents, "cond": self.teacher.encode_prompt(captions), "prompts": captions}
+        idx = self._indices(index)
         if self.latents is not None:
             latents = self.latents[idx].to(device)
         else:

@@ -25,6 +25,7 @@ from stepdistill.config.load import validate_out_dir
 from stepdistill.config.schema import Config
 from stepdistill.data.images import read_metadata, scan_images
 from stepdistill.data.prompts import BUILTIN_PROMPTS, load_prompts
+from stepdistill.data.sources import check_first_sample, open_source
 from stepdistill.harness.checkpoint import (
     latest_checkpoint,
     mount_point,
@@ -55,7 +56,8 @@ logger = logging.getLogger("stepdistill")
 def validate_paths(cfg: DictConfig | Config, *, method_checks: bool = True) -> Any:
     """Check that the files and folders the config names exist; returns ``check_pretrained``'s result.
 
-    Checked: ``data.prompts`` (a file, or ``builtin:<name>``), ``data.images`` (a folder, if set),
+    Checked: ``data.prompts`` (a file, or ``builtin:<name>``), ``data.images`` (if set: an image folder
+    scanned whole, or a streamed source's metadata, columns, tar captions and first sample),
     ``roles.*.init_from`` (``teacher`` or a folder), ``method.regression_pairs`` (if the method has it
     and it is set) and ``model.pretrained`` (via ``models.loading.check_pretrained``: tiny:<family>,
     a local diffusers folder or a Hub id in the local cache; reads model_index.json, no weights).
@@ -74,13 +76,21 @@ def validate_paths(cfg: DictConfig | Config, *, method_checks: bool = True) -> A
                              f"give a .txt/.csv/.tsv/.json/.jsonl/.parquet file or builtin:tiny")
         load_prompts(prompts, cfg.data.caption_column)  # an unreadable file fails now, not after the model loads
     if cfg.data.images and str(cfg.data.images) != "builtin:toy":
-        images = Path(str(cfg.data.images)).expanduser()
-        if not images.is_dir():
-            raise ValueError(f"data.images={str(cfg.data.images)!r}: folder not found; give a folder of images "
-                             f"(with metadata.jsonl captions) or leave it empty (null)")
-        if not (images / "pairs.safetensors").is_file():
-            files, _ = read_metadata(images)
-            scan_images(files, images, bool(cfg.data.get("skip_unreadable", False)))
+        # A wrong path, a missing column, an empty shard set or a tar sample without a caption fails here.
+        source = open_source(str(cfg.data.images), str(cfg.data.get("image_column", "image")),
+                             str(cfg.data.caption_column))
+        if source is None:  # an image folder (metadata.jsonl) or a cache-pairs folder
+            images = Path(str(cfg.data.images)).expanduser()
+            if not (images / "pairs.safetensors").is_file():
+                files, _ = read_metadata(images)
+                scan_images(files, images, bool(cfg.data.get("skip_unreadable", False)))
+        else:
+            check_first_sample(source)
+            consumers = max(1, int(cfg.data.get("num_workers", 0))) * int(os.environ.get("WORLD_SIZE", "1") or 1)
+            if source.num_samples < consumers:
+                raise ValueError(f"data.images={str(cfg.data.images)!r} has {source.num_samples} samples, fewer "
+                                 f"than processes x data.num_workers = {consumers}: every worker needs at least "
+                                 "one; lower data.num_workers")
     for role_name, role in (cfg.roles or {}).items():
         init_from = str(role.init_from)
         if init_from != "teacher" and not Path(init_from).expanduser().exists():

@@ -164,7 +164,9 @@ class Trainer:
             self.real_data = RealLatents(cfg.data.images, self.teacher, cfg.model.resolution, cfg.data.batch_size,
                                          seed=cfg.run.seed, rank=self.accelerator.process_index,
                                          world_size=self.accelerator.num_processes,
-                                         skip_unreadable=cfg.data.skip_unreadable)
+                                         skip_unreadable=cfg.data.skip_unreadable,
+                                         image_column=cfg.data.image_column, caption_column=cfg.data.caption_column,
+                                         num_workers=cfg.data.num_workers)
         self._batch_cache: tuple[int, dict] | None = None
         self._prepare_optimizers()
         self._prepare_ema_targets()
