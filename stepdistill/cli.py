@@ -297,6 +297,9 @@ VERBATIM = {
               "(see `stepdistill bench --help`)", _cmd_bench),
     "eval": ("FID / KID, CLIP score and diversity of a pipeline, or a run against its teacher (see `stepdistill eval --help`)", _cmd_eval),
     "toy": ("toy-domain tools: train-teacher, train-classifier, eval", _cmd_toy),
+    "plan": ("memory and FLOPs per GPU of a config's training iteration at its real size, run without weights "
+             "(see `stepdistill plan --help`)",
+             lambda argv: __import__("stepdistill.plan.cli", fromlist=["plan_main"]).plan_main(argv)),
     "results": ("add a run's metrics to results/, render or check docs/results.md (see `stepdistill results "
                 "--help`)", lambda argv: __import__("stepdistill.results", fromlist=["results_main"]).results_main(argv)),
     "docs": ("render or check docs/configuration.md from the config dataclasses (see `stepdistill docs --help`)",

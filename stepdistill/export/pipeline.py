@@ -164,6 +164,22 @@ def _write_export(out: Path, teacher, method, role, experts, dtype, config, lora
         _write_info(out, teacher, method, scheduler, lora=".", config=config, lora_only=True, resumes=resumes)
         return
     torch_dtype = as_dtype(dtype)
+    pipe = student_pipeline(teacher, method, role, torch_dtype)
+    pipe.save_pretrained(str(out), safe_serialization=True, variant=variant)
+
+    lora_dir = None
+    expert_info = _export_experts(out, teacher, experts, torch_dtype) if experts else None
+    if role.is_lora and not experts:
+        # LoRA students are also written as LoRA weights for the teacher's own pipeline (LCM-LoRA style).
+        lora_dir = export_lora(teacher, role, out / "lora")
+    _write_info(out, teacher, method, pipe.scheduler,
+                lora="lora" if lora_dir is not None else None, config=config, variant=variant,
+                experts=expert_info, resumes=resumes)
+
+
+def student_pipeline(teacher, method, role, torch_dtype: torch.dtype):
+    """The exported pipeline in memory: the teacher's pipeline class and components, the student's backbone
+    (in ``torch_dtype``, as every other network) and the method's export scheduler."""
     student = student_backbone(role).eval()
     if student.dtype != torch_dtype:
         student.to(torch_dtype)
@@ -176,17 +192,7 @@ def _write_export(out: Path, teacher, method, role, experts, dtype, config, lora
             value = copy.deepcopy(value).to(torch_dtype)
         components[key] = value
     components["scheduler"] = method.export_scheduler()
-    pipe = type(teacher.pipeline)(**components)
-    pipe.save_pretrained(str(out), safe_serialization=True, variant=variant)
-
-    lora_dir = None
-    expert_info = _export_experts(out, teacher, experts, torch_dtype) if experts else None
-    if role.is_lora and not experts:
-        # LoRA students are also written as LoRA weights for the teacher's own pipeline (LCM-LoRA style).
-        lora_dir = export_lora(teacher, role, out / "lora")
-    _write_info(out, teacher, method, components["scheduler"],
-                lora="lora" if lora_dir is not None else None, config=config, variant=variant,
-                experts=expert_info, resumes=resumes)
+    return type(teacher.pipeline)(**components)
 
 
 def _export_experts(out: Path, teacher, experts: dict, torch_dtype) -> dict:

@@ -1,0 +1,204 @@
+"""`stepdistill plan`: the memory tracker, the FakeTensorMode iteration against a real one, the per-GPU
+projection, the command, and real-size architectures trained one iteration without weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from stepdistill.plan.cli import parse_bytes, plan_main
+from stepdistill.plan.estimate import estimate
+from stepdistill.plan.fake import fake_mode, pipeline_from_configs
+from stepdistill.plan.memory import ACTIVATIONS, MemoryTracker
+from stepdistill.plan.run import measure, phase_schedule
+from stepdistill.runconfig import load_config
+
+MiB = 2**20
+
+
+def test_tracker_counts_each_storage_once_and_frees_it():
+    tracker = MemoryTracker()
+    with tracker:
+        a = torch.zeros(256, 1024)  # 1 MiB
+        view = a[:128]  # same storage: not counted again
+        b = a + 1  # 1 MiB
+        assert tracker.live_bytes == 2 * MiB
+        del b
+        c = torch.zeros(128, 1024)  # 0.5 MiB
+    assert tracker.live_bytes == 1.5 * MiB and tracker.peak == 2 * MiB
+    assert tracker.at_peak == {ACTIVATIONS: 2 * MiB}
+    del view, a, c
+    assert tracker.live_bytes == 0
+
+
+def test_tracker_tags_parameters_gradients_and_autocast_copies():
+    layer = torch.nn.Linear(512, 512, bias=False)  # 1 MiB of float32 weight
+    tracker = MemoryTracker()
+    tracker.register_parameters(layer.parameters(), "params/net", "grads/net")
+    x = torch.randn(4, 512)
+    with tracker:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)  # the bf16 copy of the weight is autocast's
+            assert tracker.totals["autocast/net"] == MiB // 2
+        y.float().sum().backward()
+    assert tracker.totals["params/net"] == MiB and tracker.totals["grads/net"] == MiB
+    tracker.close()
+
+
+def test_phase_schedule_covers_one_ttur_cycle():
+    class TTUR:
+        def phases(self, step):
+            return ["critic", "generator"] if step % 5 == 0 else ["critic"]
+
+    first, counts, length = phase_schedule(TTUR())
+    assert first == {"critic": 0, "generator": 0} and counts == {"critic": 5, "generator": 1} and length == 5
+
+
+@pytest.fixture(scope="module")
+def tiny_dmd2():
+    cfg = load_config("tests/tiny_dmd2", ["run.trackers=[none]"])
+    fake = measure(cfg)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        real = measure(cfg, fake=False)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = allocator_peak = 0
+    for event in events:  # the CPU allocator's own record of every allocation and free
+        live += event.nbytes()
+        allocator_peak = max(allocator_peak, live)
+    return fake, real, allocator_peak
+
+
+def test_a_fake_iteration_measures_what_the_real_one_holds(tiny_dmd2):
+    fake, real, allocator_peak = tiny_dmd2
+    # Same harness, same ops: the same persistent bytes and FLOPs with and without weights, and the same peak
+    # but for a few bytes (a CPU kernel's own scratch: 2 KiB in 31 MiB here).
+    assert fake.persistent == real.persistent
+    assert fake.phase_flops == real.phase_flops and fake.flops_per_step > 0
+    assert abs(fake.peak - real.peak) <= 1e-3 * real.peak
+    trainable = fake.trainable["generator"]
+    assert fake.persistent["generator"]["optimizer"] >= 2 * 4 * trainable  # AdamW: two fp32 moments
+    assert fake.persistent["generator"]["params"] == 4 * trainable
+    # The real run's allocator peak (model building included) is within 15 % of the planner's.
+    print(f"planner {fake.peak} B, allocator {allocator_peak} B")
+    assert abs(allocator_peak - fake.peak) <= 0.15 * allocator_peak, (allocator_peak, fake.peak)
+
+
+def test_ddp_and_fsdp2_per_gpu_figures(tiny_dmd2):
+    m = tiny_dmd2[0]
+    one = estimate(m, "ddp", 1)
+    assert one.peak == m.peak and one.communication == 0
+    ddp = estimate(m, "ddp", 4)
+    assert ddp.communication == 4 * sum(m.ddp_bucketed.values()) and ddp.peak == m.peak + ddp.communication
+    fsdp = estimate(m, "fsdp2", 4)
+    assert set(m.fsdp_sharded) == {"generator", "critic"}
+    for role in m.fsdp_sharded:
+        for kind, nbytes in m.held[role].items():
+            if kind != "autocast":
+                assert fsdp.held[role][kind] == -(-nbytes // 4)
+    assert fsdp.held["unet"] == m.held["unet"]  # the frozen teacher stays whole
+    assert fsdp.peak < m.peak
+
+
+def test_plan_command_prints_json_and_refuses_bad_input(capsys):
+    assert plan_main(["--config", "tests/tiny_dmd2", "--json", "--num-processes", "2", "--parallel", "fsdp2",
+                      "--gpu-memory", "1MiB", "--no-suggestions", "data.batch_size=2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["measured"]["config"]["batch_size"] == 2 and out["estimate"]["num_processes"] == 2
+    assert out["budget"] == MiB and out["fits"] is False and out["seconds_per_step"] > 0
+    assert plan_main(["--config", "tests/tiny_dmd2", "--gpu-memory", "lots"]) == 2
+    assert "--gpu-memory='lots'" in capsys.readouterr().err
+    assert plan_main(["--config", "tests/tiny_dmd2", "data.nope=1"]) == 2
+    assert "data.nope" in capsys.readouterr().err
+    assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("24 GB") == 24 * 10**9 and parse_bytes("2") == 2 * 2**30
+
+
+@pytest.mark.slow
+def test_suggestions_are_measured_when_it_does_not_fit(capsys):
+    assert plan_main(["--config", "tests/tiny_dmd2", "--gpu-memory", "1MiB"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit in 0.00 GiB" in out and "Changes that cut the peak" in out
+    assert "gradient checkpointing: roles.generator.gradient_checkpointing=true" in out
+    assert "FSDP2 over 8 GPUs" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_planner_matches_the_allocator_on_a_mid_size_unet(precision, tmp_path, tiny_pipeline_dir):
+    """A 70 M-parameter SD-style UNet, DMD2 at batch 4: the planner's peak against the CPU allocator's."""
+    import shutil
+
+    folder = tmp_path / "mid"
+    shutil.copytree(tiny_pipeline_dir("sd15"), folder)
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    unet.update(block_out_channels=[128, 256, 512], layers_per_block=2, attention_head_dim=8, norm_num_groups=32,
+                down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+    (folder / "unet" / "config.json").write_text(json.dumps(unet))
+    cfg = load_config("tests/tiny_dmd2", ["run.trackers=[none]", f"model.pretrained={folder}", "data.batch_size=4",
+                                          "model.resolution=256"]
+                      + (["train.mixed_precision=bf16", "model.weight_dtype=bf16"] if precision == "bf16" else []))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        real = measure(cfg, fake=False)
+    live = allocator_peak = 0
+    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        allocator_peak = max(allocator_peak, live)
+    fake = measure(cfg)
+    assert 50e6 <= fake.parameters["unet"] <= 100e6
+    print(f"mid-size UNet, mixed precision {precision} ({fake.parameters['unet'] / 1e6:.0f} M): planner {fake.peak / 2**20:.1f} MiB, "
+          f"allocator {allocator_peak / 2**20:.1f} MiB, real-weights tracker {real.peak / 2**20:.1f} MiB")
+    assert abs(allocator_peak - fake.peak) <= 0.15 * allocator_peak
+
+
+# ---- real-size architectures, one iteration each, no weights ------------------------------------
+def _student_runs_in_its_export(cfg_name: str, overrides: list[str]):
+    """One training iteration of the real architecture, then its exported pipeline samples (latents)."""
+    import tempfile
+    from pathlib import Path
+
+    from stepdistill.export.pipeline import student_pipeline
+    from stepdistill.models import check_pretrained, frozen_teacher
+    from stepdistill.models.loading import as_dtype
+    from stepdistill.plan.run import PlanTrainer, architecture_folder, plan_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = plan_config(load_config(cfg_name, overrides), Path(tmp))
+        folder = architecture_folder(cfg.model.pretrained, Path(tmp))
+        family = check_pretrained(str(folder), cfg.model.family)
+        mode = fake_mode()
+        with mode:
+            pipe = pipeline_from_configs(folder, as_dtype(cfg.model.weight_dtype))
+            teacher = frozen_teacher(pipe, family, "cpu", resolution=cfg.model.resolution)
+        trainer = PlanTrainer(cfg, teacher=teacher, networks=lambda: mode)
+        first, _, _ = phase_schedule(trainer.method)
+        logs = {}
+        for phase, step in first.items():
+            logs.update(trainer.run_phase(phase, step))
+        exported = student_pipeline(teacher, trainer.method, trainer.roles[trainer.method.student_role],
+                                    as_dtype(cfg.model.weight_dtype))
+        timesteps = trainer.method.export_timesteps()
+        steps = {"timesteps": timesteps} if timesteps else {"num_inference_steps": getattr(cfg.method, "num_steps", 1)}
+        # The networks are fake; the scheduler and the initial noise stay real, as in training.
+        latents = exported(["a photo of a cat"], **steps, height=cfg.model.resolution, width=cfg.model.resolution,
+                           output_type="latent").images
+    return family, logs, latents
+
+
+@pytest.mark.parametrize("cfg_name, overrides, family, latent", [
+    ("dmd2_sd15", ["data.batch_size=1"], "sd15", (1, 4, 64, 64)),
+    pytest.param("dmd2_sdxl_4step_lora", ["data.batch_size=1"], "sdxl", (1, 4, 128, 128), marks=pytest.mark.slow),
+    pytest.param("scm_sd3", ["data.batch_size=1"], "sd3", (1, 16, 128, 128), marks=pytest.mark.slow),
+    pytest.param("dmd2_sd15", ["data.batch_size=1", "model.pretrained=black-forest-labs/FLUX.1-dev",
+                               "model.family=flux", "model.resolution=1024"], "flux", (1, 4096, 64),
+                 marks=pytest.mark.slow),
+])
+def test_real_size_iteration_and_export_without_weights(cfg_name, overrides, family, latent):
+    got, logs, latents = _student_runs_in_its_export(cfg_name, overrides)
+    assert got == family
+    losses = [k for k in logs if k.endswith("/loss")]
+    assert losses and all(logs[k].shape == () for k in losses)
+    assert tuple(latents.shape) == latent
