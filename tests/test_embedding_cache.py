@@ -160,6 +160,110 @@ def test_the_cli_writes_the_shards_and_a_run_from_them_matches_the_live_run(tmp_
         assert torch.equal(a, b), name
 
 
+# ---- streamed data.images (data/sources.py) -------------------------------------------------------------
+STREAMED = [f"a streamed photo {i}" for i in range(6)] + ["café au lait", "a photo of a dog"]
+GAN = ["method.gan_critic_weight=0.1", "method.gan_generator_weight=0.01"]
+
+
+def _png(i: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _streamed(tmp_path: Path, fmt: str) -> Path:
+    """The 8 samples of STREAMED as one parquet file of two row groups, a datasets save_to_disk folder (an
+    Image column), or two webdataset tar shards (the first with .txt captions, the second with .json ones)."""
+    if fmt == "disk":
+        import datasets
+
+        ds = datasets.Dataset.from_dict({"image": [{"bytes": _png(i), "path": None} for i in range(8)],
+                                         "caption": STREAMED}).cast_column("image", datasets.Image())
+        ds.save_to_disk(str(tmp_path / "disk"))
+        return tmp_path / "disk"
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = tmp_path / "images.parquet"
+        pq.write_table(pa.table({"image": [_png(i) for i in range(8)], "caption": STREAMED}), str(path),
+                       row_group_size=4)
+        return path
+    import io
+    import tarfile
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for s in range(2):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for i in range(4 * s, 4 * s + 4):
+                caption = STREAMED[i].encode() if s == 0 else json.dumps({"caption": STREAMED[i], "url": "x"}).encode()
+                for name, data in ((f"{i:06d}.png", _png(i)), (f"{i:06d}.{'txt' if s == 0 else 'json'}", caption)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return folder
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "disk", "shards"])
+def test_run_prompts_hold_every_caption_of_a_streamed_source_read_without_its_images(fmt, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from stepdistill.data.sources import ImageStream, open_source
+
+    images = _streamed(tmp_path, fmt)
+    cfg = tiny_config(tmp_path / "run", "dmd2", f"data.images={images}")
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("run_prompts decoded an image")
+
+    with monkeypatch.context() as m:
+        m.setattr(Image, "open", no_decoding)
+        prompts, _ = run_prompts(cfg)
+    assert prompts[:len(PROMPTS)] == PROMPTS and prompts[-1] == ""
+    assert prompts[len(PROMPTS):-1] == STREAMED  # in the source's order, after data.prompts
+    stream = ImageStream(open_source(str(images)), 32, 2)  # what the run's batches hold
+    assert {c for i in range(4) for c in stream.batch(i)[1]} == set(STREAMED)
+
+
+def test_a_run_on_streamed_images_trains_from_the_embedding_cache(tmp_path):
+    """`stepdistill cache-embeddings` then a run with data.embeddings, on parquet and on tar shards: preflight
+    finds every caption in the cache and the GAN terms' real batches are encoded from it; the losses are the
+    live run's."""
+    from stepdistill.cli import main
+    from stepdistill.harness.trainer import Trainer
+
+    common = [*GAN, "train.max_steps=2", "train.sample_every=0", "train.cpu_threads=1", "train.log_every=1",
+              "export.enabled=false"]
+
+    def losses(run: Path, *overrides: str):
+        cfg = tiny_config(run, "dmd2", *common, *overrides)
+        validate_paths(cfg)  # preflight: with data.embeddings, every prompt and caption must be in the cache
+        trainer = Trainer(cfg)
+        trainer.train()
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return trainer, [{k: v for k, v in r.items() if "loss" in k or "/gan" in k or k.startswith("grad_norm")}
+                         for r in rows]
+
+    parquet = _streamed(tmp_path, "parquet")
+    for images in (parquet, _streamed(tmp_path, "shards")):
+        out = tmp_path / f"emb-{images.stem}"
+        assert main(["cache-embeddings", "--config", "tests/tiny_dmd2", "--out", str(out), "--quiet", *common,
+                     f"data.images={images}"]) == 0
+        assert set(STREAMED) <= set(json.loads((out / "index.json").read_text())["prompts"])
+        trainer, cached = losses(tmp_path / f"cached-{images.stem}", f"data.images={images}", f"data.embeddings={out}")
+        assert trainer.teacher.pipeline.text_encoder is None and trainer.real_data.stream is not None
+        assert any(k.startswith("critic/gan") for row in cached for k in row), cached
+        if images == parquet:
+            _, live = losses(tmp_path / "live", f"data.images={images}")
+            assert cached == live  # the same floats
+
+
 def test_the_cli_refuses_a_folder_that_is_not_a_cache(tmp_path, capsys):
     from stepdistill.cli import main
 

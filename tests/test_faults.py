@@ -297,11 +297,80 @@ def test_stale_temp_folders_are_removed_at_start(tmp_path):
 
 
 # ---- graceful stop -------------------------------------------------------------------------------
-def test_sigterm_checkpoints_and_the_resumed_run_continues_exactly(tmp_path):
-    run, straight = tmp_path / "run", tmp_path / "straight"
-    proc = subprocess.Popen([PYTHON, "train.py", *_tiny_cli(run, "train.max_steps=100000", "train.log_every=1",
-                                                             "train.checkpoint_every=100000", "train.sample_every=0",
-                                                             "export.enabled=false")],
+class _OneProcess:
+    num_processes = 1
+    is_main_process = True
+
+
+@pytest.mark.parametrize("first", ["SIGTERM", "SIGINT"])
+def test_a_repeated_sigterm_keeps_stopping_and_a_sigint_while_stopping_interrupts(first, caplog):
+    """In-process: the launcher's and SLURM's copies of a SIGTERM are ignored (logged once); Ctrl-C while
+    stopping (twice in all, or after a SIGTERM) interrupts at once; the handlers are restored at the end."""
+    from stepdistill.harness.signals import GracefulStop
+
+    passed_on = []  # a SIGTERM that reached the handler from before GracefulStop ("stop now")
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, lambda signum, frame: passed_on.append(signum))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        outer = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        with caplog.at_level("WARNING", logger="stepdistill"):
+            with pytest.raises(KeyboardInterrupt), GracefulStop(_OneProcess()) as stop:
+                assert stop.requested() is None
+                signal.raise_signal(signal.Signals[first])
+                assert stop.requested() == first
+                for _ in range(3):
+                    signal.raise_signal(signal.SIGTERM)
+                assert stop.requested() == first and passed_on == []
+                signal.raise_signal(signal.SIGINT)
+                raise AssertionError("a SIGINT while stopping must interrupt at once")
+        assert caplog.text.count("SIGTERM again while stopping") == 1
+        assert {sig: signal.getsignal(sig) for sig in outer} == outer
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+# A training process (train.py's main) held once its stop has begun (after the step the first SIGTERM came
+# in, before the checkpoint): it writes <prefix>.<rank> and waits for <prefix>.go, which the test writes after
+# it has sent the second SIGTERM. That one then lands in the stop for certain, instead of racing the checkpoint
+# or merging with the first while both are pending (a process inside a C++ call runs Python handlers later).
+_HELD_TRAIN = """
+import os, sys, time
+from pathlib import Path
+sys.path.insert(0, os.getcwd())  # the repository's code, also when started as a script from elsewhere
+from stepdistill.harness.signals import GracefulStop
+prefix = sys.argv.pop(1)
+requested = GracefulStop.requested
+def held(self):
+    answer = requested(self)
+    mark = Path(prefix + "." + os.environ.get("RANK", "0"))
+    if answer and not mark.exists():
+        mark.write_text(answer)
+        deadline = time.time() + 60
+        while not Path(prefix + ".go").exists() and time.time() < deadline:
+            time.sleep(0.05)
+    return answer
+GracefulStop.requested = held
+from stepdistill.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _wait(paths: list[Path], proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None and not all(p.exists() for p in paths):
+        time.sleep(0.05)
+
+
+def test_sigterm_even_twice_checkpoints_and_the_resumed_run_continues_exactly(tmp_path):
+    """SIGTERM, then SIGTERM again while the run stops (a launcher forwarding its own, or SLURM signalling
+    every process): one checkpoint, exit 0, and the resumed run ends with the uninterrupted run's weights."""
+    run, straight, held = tmp_path / "run", tmp_path / "straight", str(tmp_path / "stopping")
+    proc = subprocess.Popen([PYTHON, "-c", _HELD_TRAIN, held,
+                             *_tiny_cli(run, "train.max_steps=100000", "train.log_every=1",
+                                        "train.checkpoint_every=100000", "train.sample_every=0",
+                                        "export.enabled=false")],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 240
@@ -311,9 +380,14 @@ def test_sigterm_checkpoints_and_the_resumed_run_continues_exactly(tmp_path):
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
+    _wait([Path(held + ".0")], proc)
+    proc.send_signal(signal.SIGTERM)  # the second copy, while the stop is under way
+    time.sleep(0.5)  # its handler runs in the held loop
+    Path(held + ".go").touch()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     assert "stopped by SIGTERM" in out and "train.resume=latest" in out
+    assert err.count("SIGTERM again while stopping after SIGTERM: ignored") == 1
     (checkpoint,) = list_checkpoints(run)
     stopped_at = int(checkpoint.name.split("-")[1])
     assert stopped_at >= 2 and not (run / "DONE.json").exists()
@@ -350,27 +424,54 @@ def test_preflight_refuses_an_output_dir_inside_a_file(tmp_path):
         preflight(tiny_config(tmp_path / "file" / "run", "dmd2"))
 
 
+def _children(pid: int) -> list[int]:
+    """The ids of the processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 @pytest.mark.slow
 def test_two_process_sigterm_all_ranks_stop_at_one_step_and_resume_exactly(tmp_path):
-    """SLURM preemption under `accelerate launch --multi_gpu --num_processes 2` (gloo): SIGTERM to the
-    launcher's process group; both ranks stop after the same step, one checkpoint; the resumed run ends
-    with the uninterrupted run's weights. (~90 s: slow.)"""
+    """SLURM's step signal (`--signal=TERM@...`, `scancel --signal=TERM`) under `accelerate launch --multi_gpu
+    --num_processes 2` (gloo): SIGTERM to the launcher, which forwards it to both training processes, and
+    SIGTERM to each of them while they stop (SLURM signals every process of the step), so each gets two;
+    both ranks stop after the same step, one checkpoint; the resumed run ends with the uninterrupted run's
+    weights. (~70 s: slow.)"""
     launch = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--mixed_precision", "no", "train.py"]
+    driver = tmp_path / "held_train.py"
+    driver.write_text(_HELD_TRAIN)
+    held = str(tmp_path / "stopping")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     common = ["train.log_every=1", "train.sample_every=0", "export.enabled=false"]
     run, straight = tmp_path / "run", tmp_path / "straight"
-    proc = subprocess.Popen(with_free_port([*launch, *_tiny_cli(run, *common, "train.max_steps=100000",
-                                                                "train.checkpoint_every=100000")]),
+    proc = subprocess.Popen(with_free_port([*launch[:-1], str(driver), held,
+                                            *_tiny_cli(run, *common, "train.max_steps=100000",
+                                                       "train.checkpoint_every=100000")]),
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (
             (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=180)
-    assert out.count("stopped by SIGTERM") == 1  # printed by the main process only
+    workers = _children(proc.pid)  # torchrun starts them in sessions of their own: the group signal misses them
+    assert len(workers) == 2
+    os.killpg(proc.pid, signal.SIGTERM)  # the launcher forwards it
+    _wait([Path(f"{held}.{rank}") for rank in (0, 1)], proc)
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)  # SLURM's copy to every process, while they stop
+    time.sleep(0.5)
+    Path(held + ".go").touch()
+    out, err = proc.communicate(timeout=180)
+    assert out.count("stopped by SIGTERM") == 1, err[-3000:]  # printed by the main process only
+    assert err.count("SIGTERM again while stopping after SIGTERM: ignored") == 1  # logged by the main process
     (checkpoint,) = list_checkpoints(run)
     assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     total = int(checkpoint.name.split("-")[1]) + 2

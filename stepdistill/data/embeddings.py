@@ -46,7 +46,7 @@ __all__ = ["EmbeddingCache", "INDEX", "prompt_hash", "rebuild_command", "run_pro
 
 
 # ---- what a run encodes -------------------------------------------------------------------------------
-def _image_captions(images: str | None) -> list[str]:
+def _image_captions(images: str | None, image_column: str = "image", caption_column: str = "caption") -> list[str]:
     """The captions ``data.images`` feeds the teacher's ``encode_prompt`` (``data/images.py RealLatents``)."""
     if not images:
         return []
@@ -54,6 +54,11 @@ def _image_captions(images: str | None) -> list[str]:
         from stepdistill.data.prompts import BUILTIN_PROMPTS
 
         return list(BUILTIN_PROMPTS["toy"])  # the toy training combinations sample_batch draws from
+    from stepdistill.data.sources import open_source
+
+    source = open_source(str(images), image_column, caption_column)  # None: the two formats read below
+    if source is not None:
+        return _stream_captions(source)
     folder = Path(str(images)).expanduser()
     if (folder / "prompts.json").is_file() and (folder / "pairs.safetensors").is_file():
         return [str(p) for p in json.loads((folder / "prompts.json").read_text())]
@@ -62,18 +67,54 @@ def _image_captions(images: str | None) -> list[str]:
     return read_metadata(folder)[1]
 
 
+def _stream_captions(source) -> list[str]:
+    """Every caption of a streamed ``data.images`` (``data/sources.py``), as its ``Reader`` gives them to the
+    run, in the source's stored order; only the caption column or the caption members are read (no image)."""
+    from stepdistill.data import sources
+
+    column, captions = source.caption_column, []
+    if source.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        files: dict[str, pq.ParquetFile] = {}
+        for unit in source.units:
+            table = files.setdefault(unit.path, pq.ParquetFile(unit.path)).read_row_group(unit.index, columns=[column])
+            captions += map(sources._caption, table.column(column).to_pylist())
+    elif source.kind in ("dataset", "arrow"):
+        import datasets
+
+        for path in dict.fromkeys(u.path for u in source.units):  # a file's units cover all of its rows
+            ds = sources._open_dataset(path, source.location) if source.kind == "dataset" else \
+                datasets.Dataset.from_file(path)
+            captions += map(sources._caption, ds.select_columns([column])[column])
+    else:  # webdataset: the caption members (.txt, or .json under data.caption_column / caption / text)
+        import tarfile
+
+        reader = sources.Reader(source)
+        for unit in source.units:
+            with tarfile.open(unit.path, "r:") as tar:
+                for _, _, member in sources._tar_samples(tar, unit.path):
+                    text = tar.extractfile(member).read().decode("utf-8", errors="replace")
+                    if member.name.lower().endswith(".json"):
+                        text = reader._json_caption(text, f"{unit.path}:{member.name}")
+                    captions.append(text)
+    return captions
+
+
 def run_prompts(cfg) -> tuple[list[str], list[str]]:
     """``(prompts, negatives)`` a run of ``cfg`` encodes, each in first-seen order without repeats.
 
     prompts: ``data.prompts``, ``train.sample_prompts`` (default: the first prompts, already in), the
-    captions of ``data.images`` and of ``method.regression_pairs``, and ``""`` (the empty prompt). negatives
+    captions of ``data.images`` (every format: an image folder's metadata.jsonl, a cache-pairs folder,
+    builtin:toy, and the streamed ones, read caption by caption without their images) and of
+    ``method.regression_pairs``, and ``""`` (the empty prompt). negatives
     (the unconditional batch of CFG, ``Teacher.encode_negative``): ``""`` and ``data.negative_prompt``.
     """
     from stepdistill.data.prompts import load_prompts
 
     prompts = list(load_prompts(str(cfg.data.prompts), cfg.data.caption_column))
     prompts += [str(p) for p in (cfg.train.sample_prompts or [])]
-    prompts += _image_captions(cfg.data.images)
+    prompts += _image_captions(cfg.data.images, cfg.data.image_column, cfg.data.caption_column)
     pairs = cfg.method.get("regression_pairs") if cfg.get("method") is not None else None
     if pairs and (Path(str(pairs)).expanduser() / "prompts.json").is_file():
         prompts += [str(p) for p in json.loads((Path(str(pairs)).expanduser() / "prompts.json").read_text())]

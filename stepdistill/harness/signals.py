@@ -5,18 +5,30 @@ The handler only records the signal; the loop asks ``requested()`` once per step
 they must stop after the same step (each writes its part of the checkpoint), so the flag is all-reduced
 (max) over a CPU (gloo) group of its own: a host-side collective that never waits for the GPU. (On the
 default group, that per-step all-reduce made 3 of 4 two-process CPU runs abort at exit with "terminate
-called without an active exception"; the own group ends with a barrier, then is destroyed.) A second signal
-restores the default behaviour and re-raises it: Ctrl-C twice interrupts at once.
+called without an active exception"; the own group ends with a barrier, then is destroyed.)
+
+While a stop is under way (from the first signal until the checkpoint is written and the loop has left the
+``with`` block):
+
+- a further SIGTERM is ignored (logged once, by the main process). Launchers and schedulers send one SIGTERM
+  to every process: under torchrun / ``accelerate launch`` a SIGTERM to the launcher is forwarded to the
+  workers, and SLURM's ``--signal=TERM@...`` or ``scancel --signal=TERM`` signal every process of the step,
+  the launcher included, so each worker gets two. Treating the second as "now" killed them before the
+  checkpoint (exit 143).
+- a SIGINT restores the behaviour from before ``GracefulStop`` and re-raises it: Ctrl-C twice (or Ctrl-C
+  after a SIGTERM) interrupts at once, without a checkpoint.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 
 import torch
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+logger = logging.getLogger("stepdistill")
 
 
 class GracefulStop:
@@ -25,6 +37,7 @@ class GracefulStop:
         self.received: str | None = None
         self._previous: dict = {}
         self._group = None
+        self._repeats_logged = False
 
     def __enter__(self) -> GracefulStop:
         if self.accelerator.num_processes > 1:
@@ -45,11 +58,19 @@ class GracefulStop:
             self._group = None
 
     def _handle(self, signum, frame) -> None:
-        if self.received is not None:  # the second one: do what it would have done without us
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            signal.raise_signal(signum)
+        if self.received is None:
+            self.received = signal.Signals(signum).name
             return
-        self.received = signal.Signals(signum).name
+        if signum == signal.SIGTERM:  # the launcher's or the scheduler's copy of the same request: keep stopping
+            if not self._repeats_logged and self.accelerator.is_main_process:
+                logger.warning("SIGTERM again while stopping after %s: ignored (a launcher or SLURM signals every "
+                               "process); the run still stops after this step with a checkpoint. A SIGINT "
+                               "(Ctrl-C) stops it at once, without one", self.received)
+            self._repeats_logged = True
+            return
+        # SIGINT while stopping: do what it would have done without us (Ctrl-C twice interrupts at once)
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        signal.raise_signal(signum)
 
     def requested(self) -> str | None:
         """The signal's name once any process received one (the same answer on every process)."""
