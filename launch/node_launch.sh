@@ -21,8 +21,8 @@
 #
 # Stopping (what SLURM's warning signal turns into, see docs/multi-gpu.md): SIGUSR1, SIGUSR2 or SIGTERM
 # to this script sends ONE SIGTERM to each training process of this node; they finish the step, write a
-# checkpoint together and exit 0 (stepdistill/harness/signals.py; a second SIGTERM would kill them at
-# once, so they must get exactly one). accelerate and the training processes are started with SIGUSR1
+# checkpoint together and exit 0 (stepdistill/harness/signals.py ignores a repeated SIGTERM while
+# stopping, but one is all they need). accelerate and the training processes are started with SIGUSR1
 # and SIGUSR2 ignored, so a signal that SLURM delivers to every process of the step (srun forwards
 # SIGUSR1 that way) only reaches them through this script. SIGINT (Ctrl-C) is left to accelerate, which
 # forwards it to the training processes once itself. TORCH_ELASTIC_SHUTDOWN_TIMEOUT is how long
