@@ -4,7 +4,10 @@
 #   2. the sampler benchmark's latency targets (configs/bench/sdxl_gpu.yaml: random-weight SDXL, 1024 px,
 #      1 step, text encoding and decode included; targets <= 70 ms full VAE, <= 40 ms tiny VAE);
 #   3. the DMD2 training iteration on the SD1.5 architecture, batch 8, 512 px (the official code: 597 ms;
-#      ours: target <= 400 ms).
+#      ours: target <= 400 ms), and the SDXL 4-step LoRA recipe at batch 2 (target <= 1.3 s, <= 40 GiB);
+#   4. the memory planner's prediction for both (`stepdistill plan`, run on the CPU with the GPU hidden:
+#      it needs none) beside the peaks bench-train measured there (plan_*.json against train_*.md).
+# FSDP2 needs two GPUs to shard anything: on a one-GPU machine it is the CPU tests' (gloo) job.
 # Results go to $OUT (default gpu_checks/): pytest log, bench.md / bench.csv / bench.png, iteration tables.
 #
 # On a machine with stepdistill installed:   bash launch/gpu_checks.sh
@@ -28,4 +31,11 @@ python3 -m stepdistill.cli bench --config configs/bench/sdxl_gpu.yaml --out "$OU
   | tee "$OUT/bench_sdxl.log" || status=1
 python3 -m stepdistill.cli bench-train --arch sd15 --batch-size 8 --every-step-generator --no-gradient-checkpointing \
   --out "$OUT/train_sd15_b8.md" 2>&1 | tee "$OUT/train_sd15_b8.log" || status=1
+python3 -m stepdistill.cli bench-train --arch sdxl --config dmd2_sdxl_4step_lora \
+  --out "$OUT/train_sdxl_lora_b2.md" 2>&1 | tee "$OUT/train_sdxl_lora_b2.log" || status=1
+CUDA_VISIBLE_DEVICES= python3 -m stepdistill.cli plan --config dmd2_sd15 data.batch_size=8 --json --no-suggestions \
+  roles.generator.gradient_checkpointing=false roles.critic.gradient_checkpointing=false \
+  > "$OUT/plan_sd15_b8.json" || status=1
+CUDA_VISIBLE_DEVICES= python3 -m stepdistill.cli plan --config dmd2_sdxl_4step_lora --json --no-suggestions \
+  > "$OUT/plan_sdxl_lora_b2.json" || status=1
 exit $status

@@ -13,6 +13,8 @@ import json
 import re
 import sys
 
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
 from stepdistill.plan.estimate import GPUS, Estimate, GiB, estimate, seconds_per_step
 
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -103,6 +105,17 @@ def _suggestions(m, cfg, overrides: list[str], parallel: str, n: int, budget: in
     return out
 
 
+def _unplannable(e: Exception) -> str:
+    """Where a run read a tensor's value, which no weights cannot give."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/stepdistill/" in f.filename]
+    where = f" at {frames[-1].filename.split('/stepdistill/', 1)[1]}:{frames[-1].lineno}" if frames else ""
+    return (f"the planner cannot run this config without weights: {e.func if hasattr(e, 'func') else e} needs a "
+            f"tensor's value{where} (an .item(), a bool of a tensor, or a shape that depends on values). Please "
+            "report it with the config: the harness is meant to need no values")
+
+
 def plan_main(argv: list[str] | None = None) -> int:
     from stepdistill.plan.run import measure
     from stepdistill.runconfig import load_config
@@ -122,7 +135,11 @@ def plan_main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     parallel = args.parallel or cfg.train.parallel
-    m = measure(cfg)
+    try:
+        m = measure(cfg)
+    except (DataDependentOutputException, DynamicOutputShapeException) as e:
+        print(f"error: {_unplannable(e)}", file=sys.stderr)
+        return 1
     main = estimate(m, parallel, args.num_processes)
     suggestions = [] if args.no_suggestions or main.peak <= budget else [
         s for s in _suggestions(m, args.config, overrides, parallel, args.num_processes, budget)]

@@ -8,6 +8,7 @@ time ids, FLUX packing). Anything that reads a value (``.item()``, ``if tensor:`
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 from pathlib import Path
@@ -49,28 +50,30 @@ def fake_mode() -> FakeTensorMode:
     return _PlanFakeMode()
 
 
-def _component(folder: Path, name: str, library: str, class_name: str, dtype: torch.dtype):
-    """One pipeline component from ``folder/name``: models from their config (random init: fake under
-    FakeTensorMode), schedulers from their config, tokenizers and processors as saved."""
+def _component(folder: Path, name: str, library: str, class_name: str, dtype: torch.dtype, mode):
+    """One pipeline component from ``folder/name``: models from their config (random init, in ``mode``),
+    schedulers from their config, tokenizers and processors as saved (both real: their values are read)."""
     cls = getattr(importlib.import_module(library), class_name)
     sub = folder / name
     if issubclass(cls, torch.nn.Module):
-        if library == "diffusers" or hasattr(cls, "load_config"):
-            module = cls.from_config(cls.load_config(sub))
-        else:  # transformers
-            from transformers import AutoConfig
+        with mode:
+            if library == "diffusers" or hasattr(cls, "load_config"):
+                module = cls.from_config(cls.load_config(sub))
+            else:  # transformers
+                from transformers import AutoConfig
 
-            module = cls._from_config(AutoConfig.from_pretrained(sub))
-        return module.to(dtype).eval()
+                module = cls._from_config(AutoConfig.from_pretrained(sub))
+            return module.to(dtype).eval()
     if hasattr(cls, "from_config") and hasattr(cls, "load_config"):  # a scheduler
         return cls.from_config(cls.load_config(sub))
     return cls.from_pretrained(sub)
 
 
-def pipeline_from_configs(folder: str | Path, dtype: torch.dtype = torch.float32):
+def pipeline_from_configs(folder: str | Path, dtype: torch.dtype = torch.float32, mode=None):
     """The diffusers pipeline of ``folder`` (``model_index.json`` and each component's config files; no
-    weights are read) with freshly initialised networks in ``dtype``. Under ``fake_mode()`` the networks
-    take no memory, so this builds a 12 B-parameter FLUX.1 in seconds."""
+    weights are read) with freshly initialised networks in ``dtype``. In ``mode`` (a ``fake_mode()``) the
+    networks take no memory, so this builds a 12 B-parameter FLUX.1 in seconds; the schedulers stay real."""
+    mode = contextlib.nullcontext() if mode is None else mode
     import diffusers
 
     folder = Path(folder)
@@ -84,6 +87,6 @@ def pipeline_from_configs(folder: str | Path, dtype: torch.dtype = torch.float32
         elif len(spec) != 2 or spec[0] is None or spec[1] is None:
             components[name] = None  # e.g. SD 1.5's safety_checker: [null, null]
         else:
-            components[name] = _component(folder, name, spec[0], spec[1], dtype)
+            components[name] = _component(folder, name, spec[0], spec[1], dtype, mode)
     pipeline_cls = getattr(diffusers, index["_class_name"])
     return pipeline_cls(**components, **options)

@@ -226,9 +226,8 @@ def measure(cfg: DictConfig, fake: bool = True) -> Measured:
         with _quiet():
             # Only the networks are fake: schedules, timesteps and the random draws stay real values.
             mode = fake_mode() if fake else contextlib.nullcontext()
-            with mode:
-                pipeline = pipeline_from_configs(folder, dtype)
-                teacher = frozen_teacher(pipeline, family, "cpu", resolution=cfg.model.resolution)
+            pipeline = pipeline_from_configs(folder, dtype, mode)
+            teacher = frozen_teacher(pipeline, family, "cpu", resolution=cfg.model.resolution)
             # accelerate keeps one mixed-precision setting per process; the planner's runs each set their own.
             AcceleratorState._reset_state()
             trainer = PlanTrainer(cfg, teacher=teacher, networks=lambda: mode)
