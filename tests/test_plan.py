@@ -56,23 +56,29 @@ def test_phase_schedule_covers_one_ttur_cycle():
     assert first == {"critic": 0, "generator": 0} and counts == {"critic": 5, "generator": 1} and length == 5
 
 
-@pytest.fixture(scope="module")
-def tiny_dmd2():
-    cfg = load_config("tests/tiny_dmd2", ["run.trackers=[none]"])
-    fake = measure(cfg)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        real = measure(cfg, fake=False)
+def _allocator_peak(prof) -> int:
+    """The CPU allocator's own peak over a profiled block: every allocation and free, in time order."""
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
-    live = allocator_peak = 0
-    for event in events:  # the CPU allocator's own record of every allocation and free
+    live = peak = 0
+    for event in events:
         live += event.nbytes()
-        allocator_peak = max(allocator_peak, live)
-    return fake, real, allocator_peak
+        peak = max(peak, live)
+    return peak
 
 
+@pytest.fixture(scope="module")
+def tiny_dmd2():
+    return measure(load_config("tests/tiny_dmd2", ["run.trackers=[none]"]))
+
+
+@pytest.mark.slow
 def test_a_fake_iteration_measures_what_the_real_one_holds(tiny_dmd2):
-    fake, real, allocator_peak = tiny_dmd2
+    fake = tiny_dmd2
+    cfg = load_config("tests/tiny_dmd2", ["run.trackers=[none]"])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        real = measure(cfg, fake=False)
+    allocator_peak = _allocator_peak(prof)
     # Same harness, same ops: the same persistent bytes and FLOPs with and without weights, and the same peak
     # but for a few bytes (a CPU kernel's own scratch: 2 KiB in 31 MiB here).
     assert fake.persistent == real.persistent
@@ -87,7 +93,8 @@ def test_a_fake_iteration_measures_what_the_real_one_holds(tiny_dmd2):
 
 
 def test_ddp_and_fsdp2_per_gpu_figures(tiny_dmd2):
-    m = tiny_dmd2[0]
+    m = tiny_dmd2
+    assert m.persistent["generator"]["params"] == 4 * m.trainable["generator"]  # fp32 master weights
     one = estimate(m, "ddp", 1)
     assert one.peak == m.peak and one.communication == 0
     ddp = estimate(m, "ddp", 4)
@@ -142,11 +149,7 @@ def test_planner_matches_the_allocator_on_a_mid_size_unet(precision, tmp_path, t
                       + (["train.mixed_precision=bf16", "model.weight_dtype=bf16"] if precision == "bf16" else []))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         real = measure(cfg, fake=False)
-    live = allocator_peak = 0
-    for event in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                        key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        allocator_peak = max(allocator_peak, live)
+    allocator_peak = _allocator_peak(prof)
     fake = measure(cfg)
     assert 50e6 <= fake.parameters["unet"] <= 100e6
     print(f"mid-size UNet, mixed precision {precision} ({fake.parameters['unet'] / 1e6:.0f} M): planner {fake.peak / 2**20:.1f} MiB, "

@@ -12,7 +12,6 @@ weights of trained full-weight roles); optimizers are fused AdamW as on a GPU.
 from __future__ import annotations
 
 import contextlib
-import logging
 import tempfile
 import time
 import warnings
@@ -31,10 +30,6 @@ from stepdistill.plan.architectures import ARCHITECTURES, write_architecture
 from stepdistill.plan.fake import fake_mode, pipeline_from_configs
 from stepdistill.plan.memory import ACTIVATIONS, MemoryTracker
 
-logger = logging.getLogger("stepdistill")
-
-KINDS = ("params", "grads", "optimizer", "ema")
-
 
 @dataclass
 class Measured:
@@ -42,10 +37,11 @@ class Measured:
 
     peak: int
     peak_phase: str
-    # role (or frozen pipeline component) -> kind ("params", "grads", "optimizer", "ema") -> bytes at the peak
+    # role (or frozen pipeline component) -> kind ("params", "grads", "optimizer", "ema", "autocast": its
+    # weights' bf16 casts) -> bytes at the peak
     held: dict[str, dict[str, int]]
     persistent: dict[str, dict[str, int]]  # the same, between iterations (gradients freed)
-    activations: int  # at the peak: saved activations, temporaries, the autocast weight cache
+    activations: int  # at the peak: activations saved for backward, temporaries
     flops_per_step: float  # mean over one generator cycle
     phase_flops: dict[str, int]  # FLOPs of each phase (one optimizer update of its roles)
     phase_counts: dict[str, int]  # how often each phase runs in one cycle
@@ -89,6 +85,11 @@ def architecture_folder(pretrained: str, workdir: Path) -> Path:
 
 class PlanTrainer(Trainer):
     """The real trainer, with the optimizers a GPU run gets (fused AdamW, the guard on the device)."""
+
+    def __init__(self, cfg: DictConfig, teacher=None, networks=contextlib.nullcontext):
+        # accelerate keeps one mixed-precision setting per process; each of the planner's runs sets its own.
+        AcceleratorState._reset_state()
+        super().__init__(cfg, teacher=teacher, networks=networks)
 
     def fused_optimizer(self, params) -> bool:
         return True
@@ -228,8 +229,6 @@ def measure(cfg: DictConfig, fake: bool = True) -> Measured:
             mode = fake_mode() if fake else contextlib.nullcontext()
             pipeline = pipeline_from_configs(folder, dtype, mode)
             teacher = frozen_teacher(pipeline, family, "cpu", resolution=cfg.model.resolution)
-            # accelerate keeps one mixed-precision setting per process; the planner's runs each set their own.
-            AcceleratorState._reset_state()
             trainer = PlanTrainer(cfg, teacher=teacher, networks=lambda: mode)
             tracker = MemoryTracker()
             counts_by_owner = _register(tracker, trainer)
