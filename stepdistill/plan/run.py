@@ -12,6 +12,7 @@ weights of trained full-weight roles); optimizers are fused AdamW as on a GPU.
 from __future__ import annotations
 
 import contextlib
+import json
 import tempfile
 import time
 import warnings
@@ -114,6 +115,21 @@ def plan_config(cfg: DictConfig, workdir: Path) -> DictConfig:
     cfg.train.sample_every = 0
     cfg.train.progress_bar = False
     return cfg
+
+
+def _stand_in_pairs(cfg: DictConfig, teacher, workdir: Path) -> None:
+    """DMD's regression term reads teacher pairs (``stepdistill cache-pairs``) from disk: the planner hands
+    it one batch of random ones of the right shape instead."""
+    if not cfg.method.get("regression_pairs"):
+        return
+    from safetensors.torch import save_file
+
+    shape = (cfg.data.batch_size, *teacher.latent_shape(cfg.model.resolution))
+    folder = workdir / "pairs"
+    folder.mkdir()
+    save_file({"noise": torch.randn(shape), "latents": torch.randn(shape)}, str(folder / "pairs.safetensors"))
+    (folder / "prompts.json").write_text(json.dumps(["a photo"] * shape[0]))
+    cfg.method.regression_pairs = str(folder)
 
 
 def phase_schedule(method, horizon: int = 64) -> tuple[dict[str, int], dict[str, int], int]:
@@ -229,6 +245,7 @@ def measure(cfg: DictConfig, fake: bool = True) -> Measured:
             mode = fake_mode() if fake else contextlib.nullcontext()
             pipeline = pipeline_from_configs(folder, dtype, mode)
             teacher = frozen_teacher(pipeline, family, "cpu", resolution=cfg.model.resolution)
+            _stand_in_pairs(cfg, teacher, workdir)
             trainer = PlanTrainer(cfg, teacher=teacher, networks=lambda: mode)
             tracker = MemoryTracker()
             counts_by_owner = _register(tracker, trainer)
@@ -257,6 +274,7 @@ def measure(cfg: DictConfig, fake: bool = True) -> Measured:
                     phase_counts=counts, cycle=length, trainable=trainable, parameters=counts_by_owner,
                     **layout, config=_what_ran(cfg, family), students=list(trainer.method.export_roles()),
                     roles={n: {"trainable": r.trainable, "lora": r.is_lora, "shared_base": r.module is teacher.backbone,
+                               "heads_only": bool(r.cfg.heads_only),
                                "gradient_checkpointing": bool(r.cfg.gradient_checkpointing)}
                            for n, r in trainer.roles.items() if n != "teacher"},
                     seconds=time.perf_counter() - started)

@@ -19,13 +19,18 @@ def shipped_recipes() -> list[Path]:
     return sorted(p for p in REPO_CONFIGS.glob("*.yaml") if p.stem != "base")
 
 
+def _kind(info: dict) -> str:
+    if info.get("heads_only"):
+        return "heads on the teacher"
+    return ("LoRA" if info["lora"] else "full") + (" (shared base)" if info["shared_base"] else "")
+
+
 def row(name: str, m, gpu: str = "h100", utilisation: float = 0.4) -> str:
     c = m.config
     one = estimate(m, c["parallel"], 1)
     ddp8 = estimate(m, "ddp", 8)
     fsdp8 = estimate(m, "fsdp2", 8) if m.fsdp_sharded else None
-    trained = ", ".join(f"{r} {'LoRA' if info['lora'] else 'full'}{' (shared base)' if info['shared_base'] else ''}"
-                        f"{' ckpt' if info['gradient_checkpointing'] else ''}"
+    trained = ", ".join(f"{r} {_kind(info)}{' ckpt' if info['gradient_checkpointing'] else ''}"
                         for r, info in m.roles.items() if info["trainable"])
     ms = seconds_per_step(m.flops_per_step, gpu, utilisation) * 1e3
     return (f"| `{name}` | {c['family']} {c['resolution']} px, batch {c['batch_size']} | {trained} | "
