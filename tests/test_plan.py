@@ -205,3 +205,21 @@ def test_real_size_iteration_and_export_without_weights(cfg_name, overrides, fam
     losses = [k for k in logs if k.endswith("/loss")]
     assert losses and all(logs[k].shape == () for k in losses)
     assert tuple(latents.shape) == latent
+
+
+def test_fsdp2_arithmetic_on_a_known_layout():
+    from stepdistill.plan.run import Measured
+
+    m = Measured(peak=1450, peak_phase="generator", activations=50, flops_per_step=1.0, phase_flops={"generator": 1},
+                 phase_counts={"generator": 1}, cycle=1,
+                 held={"unet": {"params": 100}, "generator": {"params": 400, "grads": 400, "optimizer": 400,
+                                                              "autocast": 100}},
+                 persistent={}, ddp_bucketed={"generator": 100}, fsdp_sharded=["generator", "unet"],
+                 largest_unit={"generator": 10, "unet": 5})
+    assert estimate(m, "ddp", 1).peak == 1450
+    ddp = estimate(m, "ddp", 2)
+    assert ddp.communication == 400 and ddp.peak == 1850
+    fsdp = estimate(m, "fsdp2", 2)  # the sharded teacher (unet) and the generator halve; no autocast copies
+    assert fsdp.held == {"unet": {"params": 50}, "generator": {"params": 200, "grads": 200, "optimizer": 200}}
+    assert fsdp.autocast == 0 and fsdp.communication == 2 * 2 * 10 + 4 * 10
+    assert fsdp.peak == 50 + 600 + 50 + 80

@@ -198,6 +198,9 @@ class TrainConfig:
     parallel: str = "ddp"
     fsdp_reshard_after_forward: bool = True  # free each block's gathered weights after its forward (less memory, one more all-gather in backward)
     fsdp_cpu_offload: bool = False  # keep the sharded weights, gradients and optimizer states in CPU memory
+    # fsdp2: shard the frozen teacher's backbone too (1/N of its weights per process, gathered block by block
+    # as it runs). Not with roles on its shared base (LoRA share_teacher_base, heads_only): they train as under ddp.
+    fsdp_shard_teacher: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("train", "mixed_precision", self.mixed_precision, MIXED_PRECISION)

@@ -110,6 +110,8 @@ def validate_paths(cfg: DictConfig | Config, *, method_checks: bool = True) -> A
             raise ValueError("eval.enabled=true evaluates the exported student: set export.enabled=true")
     if method_checks:
         get_method(str(cfg.method.name)).check_config(cfg)
+        if cfg.train.get("fsdp_shard_teacher", False):
+            check_teacher_sharding(cfg)
 
     family = check_pretrained(cfg.model.pretrained, cfg.model.family)
     warning = check_resolution(str(cfg.model.pretrained), int(cfg.model.resolution), cfg.model.revision)
@@ -118,6 +120,22 @@ def validate_paths(cfg: DictConfig | Config, *, method_checks: bool = True) -> A
     if getattr(cfg.data, "embeddings", None):
         check_embeddings(cfg, family)
     return family
+
+
+def check_teacher_sharding(cfg) -> None:
+    """``train.fsdp_shard_teacher`` shards the teacher's backbone: no role may live on it."""
+    from stepdistill.harness.build import role_configs
+
+    if cfg.train.parallel != "fsdp2":
+        raise ValueError("train.fsdp_shard_teacher=true shards the teacher with FSDP2: set train.parallel=fsdp2")
+    method_cls = get_method(str(cfg.method.name))
+    method_cfg = OmegaConf.to_object(cfg.method) if isinstance(cfg.method, DictConfig) else cfg.method
+    on_base = [name for name, role in role_configs(cfg, method_cls, method_cfg).items()
+               if name != "teacher" and (role.share_teacher_base or role.heads_only)]
+    if on_base:
+        raise ValueError(f"train.fsdp_shard_teacher=true, but roles {', '.join(on_base)} live on the teacher's "
+                         "backbone (share_teacher_base / heads_only): keep the teacher whole "
+                         "(train.fsdp_shard_teacher=false) or give them their own copy (share_teacher_base=false)")
 
 
 def check_embeddings(cfg: DictConfig | Config, family: str) -> None:

@@ -170,6 +170,8 @@ class Trainer:
         self._batch_cache: tuple[int, dict] | None = None
         self._prepare_optimizers()
         self._prepare_ema_targets()
+        if self.fsdp and cfg.train.fsdp_shard_teacher:  # frozen: only 1/N of its weights on each process
+            self._shard_module(self.teacher.backbone)
         acc = self.accelerator
         self.guard = NonFiniteGuard(
             cfg.train.on_nonfinite, cfg.train.max_nonfinite_skips, self.device,

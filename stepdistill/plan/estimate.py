@@ -8,7 +8,8 @@ measured again:
   averaged in one flat temporary bucket (``harness.parallel.all_reduce_mean_``): small, left out. One
   process wraps nothing.
 - **FSDP2** (N > 1): the parameters, gradients, optimizer states and EMA of every sharded role (trainable
-  full-weight roles, EMA targets) are divided by N. Their bf16 weights are all-gathered per unit as the
+  full-weight roles, EMA targets, and the teacher's backbone with ``train.fsdp_shard_teacher``) are divided
+  by N. Their bf16 weights are all-gathered per unit as the
   forward and backward reach it: the largest unit and the one prefetched after it, plus that unit's float32
   gradients before the reduce-scatter, are added. Autocast no longer keeps bf16 copies of their float32
   weights (the mixed-precision policy computes in bf16 parameters), so those copies are taken out. The

@@ -181,6 +181,10 @@ def _layout(trainer: Trainer) -> dict:
             inner = {id(p) for unit in units for p in unit.parameters()}
             rest = sum(p.numel() for p in role.module.parameters() if id(p) not in inner)
             largest[name] = max([rest, *(sum(p.numel() for p in unit.parameters()) for unit in units)])
+    if trainer.cfg.train.fsdp_shard_teacher:  # the frozen teacher's backbone, under its component name
+        name = teacher.backbone_name
+        sharded.append(name)
+        largest[name] = max(sum(p.numel() for p in unit.parameters()) for unit in fsdp_units(teacher.backbone))
     return {"ddp_bucketed": bucketed, "fsdp_sharded": sharded, "largest_unit": largest}
 
 
