@@ -182,3 +182,84 @@ def test_one_process_fsdp2_run_keeps_the_fsdp2_layout_and_resumes(tmp_path):
     _assert_weights_close(run_dir / "export" / "unet", tmp_path / "resumed" / "export" / "unet", 0.0)
     exported = export_from_run(checkpoint, tmp_path / "from_checkpoint")
     _assert_weights_close(run_dir / "export" / "unet", exported / "unet", 0.0)
+
+
+# ---- one process, in-process: what sharding does to a forward and a backward ---------------------
+
+@pytest.fixture
+def one_process_group():
+    """A 1-process gloo group in this process: ``fully_shard`` installs its hooks, casts and DTensors as
+    on N processes (nothing is split), so a forward and backward can be compared with the unsharded ones."""
+    import torch.distributed as dist
+
+    from tests.helpers import free_port
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _tiny_unet(tiny_pipeline_dir):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(str(tiny_pipeline_dir("sd15") / "unet"))
+
+
+def _unet_inputs():
+    g = torch.Generator().manual_seed(0)
+    # 999 and 561 are not bf16 numbers (bf16 rounds them to 1000 and 560)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([999.0, 561.0]), torch.randn(2, 7, 32, generator=g)
+
+
+def test_fsdp2_bf16_sees_the_timesteps_and_gives_the_autocast_forward(one_process_group, tiny_pipeline_dir):
+    """bf16 mixed precision: the sharded UNet gathers bf16 weights, but its inputs keep their dtype (the
+    trainer's autocast casts activations, as under DDP). FSDP's default input cast rounded the timesteps
+    to bf16 (999 -> 1000): a sharded critic saw other noise levels than the unsharded teacher, and its
+    prediction was 3.4% off the DDP one."""
+    from stepdistill.harness.parallel import is_sharded, shard
+
+    unet = _tiny_unet(tiny_pipeline_dir)
+    x, t, c = _unet_inputs()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ddp = unet(x, t, c).sample.float()  # what DDP runs: float32 weights under autocast
+    seen = []
+    unet.time_proj.register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
+    shard(unet, "bf16")
+    assert is_sharded(next(unet.parameters()))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fsdp = unet(x, t, c).sample.float()
+    assert seen[0].dtype == torch.float32 and seen[0].tolist() == [999.0, 561.0]
+    assert (fsdp - ddp).abs().max().item() == 0.0, ((fsdp - ddp).norm() / ddp.norm()).item()
+
+
+def test_fsdp2_gradient_checkpointing_recomputes_and_gives_the_same_gradients(one_process_group,
+                                                                                 tiny_pipeline_dir):
+    """Activation checkpointing (``roles.<role>.gradient_checkpointing``) under FSDP2: the blocks are run
+    again in backward (inside the sharded units, whose weights are gathered for it) and the gradients are
+    those of the sharded UNet without checkpointing, bit for bit."""
+    import copy
+
+    from stepdistill.harness.parallel import full_tensor, shard
+    from stepdistill.models.lora import enable_adapter_aware_checkpointing
+
+    x, t, c = _unet_inputs()
+    grads, calls = {}, {}
+    base = _tiny_unet(tiny_pipeline_dir).train()
+    for checkpointing in (False, True):
+        unet = copy.deepcopy(base)
+        if checkpointing:
+            enable_adapter_aware_checkpointing(unet)
+        n = []
+        # a pre-hook: checkpoint's recomputation stops once it has what backward needs (no post-hook)
+        unet.down_blocks[0].resnets[0].register_forward_pre_hook(lambda *_, n=n: n.append(1))
+        shard(unet)
+        unet(x, t, c).sample.square().mean().backward()
+        calls[checkpointing] = len(n)
+        grads[checkpointing] = {k: full_tensor(p.grad).clone() for k, p in unet.named_parameters()}
+    assert calls == {False: 1, True: 2}  # the checkpointed resnet ran again in backward
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 100
+    for k, g in grads[False].items():
+        assert torch.equal(grads[True][k], g), k
