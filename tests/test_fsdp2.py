@@ -372,7 +372,9 @@ def test_fsdp2_bf16_sees_the_timesteps_and_gives_the_autocast_forward(one_proces
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         fsdp = unet(x, t, c).sample.float()
     assert seen[0].dtype == torch.float32 and seen[0].tolist() == [999.0, 561.0]
-    assert (fsdp - ddp).abs().max().item() == 0.0, ((fsdp - ddp).norm() / ddp.norm()).item()
+    # measured: 0 (the same bf16 weights in the same kernels; this UNet's norm weights are 1 and 0, exact in
+    # bf16, where trained ones would be rounded); 3.4e-2 with the timesteps rounded
+    assert (fsdp - ddp).norm() / ddp.norm() < 1e-4
 
 
 def test_fsdp2_gradient_checkpointing_recomputes_and_gives_the_same_gradients(one_process_group,
