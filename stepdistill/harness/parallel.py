@@ -61,13 +61,17 @@ def shard(module: torch.nn.Module, mixed_precision: str = "no", reshard_after_fo
     """Shard ``module`` in place over every process (``fully_shard`` per block, then the root).
 
     Parameters become DTensors holding this process's shard; build optimizers after this. With bf16
-    mixed precision the all-gathered parameters are bf16 and gradients are reduced in float32."""
+    mixed precision the all-gathered parameters are bf16 and gradients are reduced in float32. The
+    forward inputs keep their dtype: the trainer's autocast casts activations as it does under DDP,
+    where FSDP's own input cast would round float timesteps to bf16 (999 -> 1000, 561 -> 560), so a
+    sharded student or critic would see other noise levels than the unsharded teacher."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kwargs: dict = {"reshard_after_forward": reshard_after_forward}
     if mixed_precision in ("bf16", "fp16"):
         param_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                                   cast_forward_inputs=False)
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for unit in fsdp_units(module):
