@@ -33,7 +33,8 @@ def row(name: str, m, gpu: str = "h100", utilisation: float = 0.4) -> str:
     trained = ", ".join(f"{r} {_kind(info)}{' ckpt' if info['gradient_checkpointing'] else ''}"
                         for r, info in m.roles.items() if info["trainable"])
     ms = seconds_per_step(m.flops_per_step, gpu, utilisation) * 1e3
-    return (f"| `{name}` | {c['family']} {c['resolution']} px, batch {c['batch_size']} | {trained} | "
+    accum = f" x {c['gradient_accumulation_steps']} accumulation" if c["gradient_accumulation_steps"] > 1 else ""
+    return (f"| `{name}` | {c['family']} {c['resolution']} px, batch {c['batch_size']}{accum} | {trained} | "
             f"{one.peak / GiB:.1f} | {ddp8.peak / GiB:.1f} | "
             f"{f'{fsdp8.peak / GiB:.1f}' if fsdp8 else '–'} | {m.flops_per_step / 1e12:.1f} | {ms:.0f} |")
 
