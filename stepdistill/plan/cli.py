@@ -67,7 +67,7 @@ def _table(e: Estimate, budget: int) -> list[str]:
     return lines
 
 
-def _suggestions(m, cfg, overrides: list[str], parallel: str, n: int, budget: int) -> list[Estimate]:
+def _suggestions(m, cfg, overrides: list[str], parallel: str, n: int) -> list[Estimate]:
     """The changes that cut memory, each with its predicted peak (re-measured where activations change)."""
     from stepdistill.plan.run import measure
     from stepdistill.runconfig import load_config
@@ -82,11 +82,12 @@ def _suggestions(m, cfg, overrides: list[str], parallel: str, n: int, budget: in
     ckpt = [f"roles.{r}.gradient_checkpointing=true" for r in trained if not m.roles[r]["gradient_checkpointing"]]
     if ckpt:
         remeasure("gradient checkpointing", ckpt)
-    critics = [r for r in trained if r not in m.students and not m.roles[r]["lora"]]
+    critics = [r for r in trained if r not in m.students and not m.roles[r]["lora"]
+               and not m.roles[r].get("heads_only")]
     if critics:
         remeasure("a LoRA critic on the teacher's base",
                   [x for r in critics for x in (f"roles.{r}.lora_rank=64", f"roles.{r}.share_teacher_base=true")])
-    if parallel == "ddp" and m.fsdp_sharded:
+    if m.fsdp_sharded and (parallel == "ddp" or n == 1):
         shards = n if n > 1 else 8
         out.append(estimate(m, "fsdp2", shards, label=f"FSDP2 over {shards} GPUs: train.parallel=fsdp2"))
     batch = int(m.config["batch_size"])
@@ -106,7 +107,7 @@ def _suggestions(m, cfg, overrides: list[str], parallel: str, n: int, budget: in
 
 
 def _unplannable(e: Exception) -> str:
-    """Where a run read a tensor's value, which no weights cannot give."""
+    """Where a run read a tensor's value, which a run without weights cannot give."""
     import traceback
 
     frames = [f for f in traceback.extract_tb(e.__traceback__) if "/stepdistill/" in f.filename]
@@ -141,12 +142,13 @@ def plan_main(argv: list[str] | None = None) -> int:
         print(f"error: {_unplannable(e)}", file=sys.stderr)
         return 1
     main = estimate(m, parallel, args.num_processes)
-    suggestions = [] if args.no_suggestions or main.peak <= budget else [
-        s for s in _suggestions(m, args.config, overrides, parallel, args.num_processes, budget)]
+    fits = main.peak <= budget
+    suggestions = [] if args.no_suggestions or fits else _suggestions(m, args.config, overrides, parallel,
+                                                                      args.num_processes)
     seconds = seconds_per_step(m.flops_per_step, args.gpu, args.utilisation)
     if args.json:
         print(json.dumps({"measured": m.to_dict(), "estimate": main.to_dict(), "budget": budget,
-                          "fits": main.peak <= budget, "gpu": args.gpu, "utilisation": args.utilisation,
+                          "fits": fits, "gpu": args.gpu, "utilisation": args.utilisation,
                           "seconds_per_step": seconds,
                           "suggestions": [{**s.to_dict(), "fits": s.peak <= budget} for s in suggestions]}))
         return 0
