@@ -198,11 +198,13 @@ class TrainConfig:
     parallel: str = "ddp"
     fsdp_reshard_after_forward: bool = True  # free each block's gathered weights after its forward (less memory, one more all-gather in backward)
     fsdp_cpu_offload: bool = False  # keep the sharded weights, gradients and optimizer states in CPU memory
+    fsdp_checkpoint: str = "gathered"  # fsdp2 checkpoints: gathered (sharded roles written whole by the first process) or sharded (each process writes its own shards through torch.distributed.checkpoint into dcp/; for roles too large for one process's memory); fixed on resume
 
     def __post_init__(self) -> None:
         _check_choice("train", "mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _check_choice("train", "on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         _check_choice("train", "parallel", self.parallel, ("ddp", "fsdp2"))
+        _check_choice("train", "fsdp_checkpoint", self.fsdp_checkpoint, ("gathered", "sharded"))
         if self.max_nonfinite_skips < 0:
             raise ValueError(f"train.max_nonfinite_skips={self.max_nonfinite_skips} must be >= 0")
         if self.cpu_threads < 0:

@@ -496,11 +496,25 @@ class Trainer:
             sched.base_lrs = [rc.lr] * len(groups)
             sched._last_lr = [g["lr"] for g in groups]
 
+    def _dcp_states(self) -> set[str]:
+        """The extra states each process writes its own shards of (``train.fsdp_checkpoint: sharded``):
+        every state of an FSDP2-sharded role (weights, optimizer and schedule, export EMA) and the EMA
+        target roles. Chosen by the config, not by the process count: one process writes the same layout."""
+        tc = self.cfg.train
+        if tc.parallel != "fsdp2" or tc.fsdp_checkpoint != "sharded":
+            return set()
+        names = {f"ema_target.{target}" for target in self.ema_targets}
+        for name, role in self.roles.items():
+            if is_sharded_role(role, self.teacher, tc.parallel):
+                names |= {f"optimizer.{name}", *student_states(role, self.teacher, self.emas.get(name), tc.parallel)}
+        return names & set(self.extra_states)
+
     def _checkpoint(self, step: int) -> None:
         self.guard.poll()  # never write a checkpoint after a non-finite update (device path)
         save_checkpoint(self.accelerator, self.run_dir, step,
                         {"method": self.cfg.method.name, "config": OmegaConf.to_container(self.cfg, resolve=True)},
-                        self.cfg.train.checkpoints_total_limit, extra_states=self.extra_states)
+                        self.cfg.train.checkpoints_total_limit, extra_states=self.extra_states,
+                        sharded=self._dcp_states())
 
     def train(self, plan: Plan | None = None) -> Path:
         """Train to ``train.max_steps``; nothing else (``lifecycle.run`` then exports, evaluates and calls
