@@ -24,12 +24,14 @@ them. A crash at any point leaves at most a ``.tmp-`` folder, removed at the nex
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,6 +255,14 @@ def _no_dist() -> bool:
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
+@contextlib.contextmanager
+def _alone_is_intended():
+    """DCP warns on every save and load without a process group; one process or an export means it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _shard_files(folder: Path, rank: int) -> list[Path]:
     """The files process ``rank`` wrote in ``folder`` (HuggingFaceStorageWriter numbers them from 1)."""
     return sorted(folder.glob(f"shard-{rank + 1:05d}-*.safetensors"))
@@ -267,7 +277,8 @@ def save_sharded_states(folder: Path, states: dict[str, ExtraState], rank: int) 
             for key, value in state.tensors().items()}
     out = folder / DCP_DIR
     out.mkdir(parents=True, exist_ok=True)
-    save(flat, storage_writer=HuggingFaceStorageWriter(str(out), save_distributed=True), no_dist=_no_dist())
+    with _alone_is_intended():
+        save(flat, storage_writer=HuggingFaceStorageWriter(str(out), save_distributed=True), no_dist=_no_dist())
     for path in _shard_files(out, rank):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -299,7 +310,8 @@ def load_sharded_states(folder: Path, states: dict[str, ExtraState], scalars: di
                                  f"{tuple(target.shape)}")
             flat[prefix + key] = target
     if flat:
-        load(flat, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=_no_dist())
+        with _alone_is_intended():
+            load(flat, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=_no_dist())
     for name, state in states.items():
         state.loaded(scalars[name])
 
@@ -497,7 +509,7 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, extra: dict, ke
             save_sharded_states(tmp, in_dcp, accelerator.process_index)
     except Exception as e:  # noqa: BLE001 - reported below, on every process, with the disk named
         error = e
-    error = _first_error(accelerator, error)
+    error = first_error(accelerator, error)
     if accelerator.is_main_process and error is None:
         try:
             save_extra_states(tmp, whole, gathered, in_dcp)
@@ -510,7 +522,7 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, extra: dict, ke
             fsync_dir(folder)
         except Exception as e:  # noqa: BLE001
             error = e
-    error = _first_error(accelerator, error)
+    error = first_error(accelerator, error)
     if error is not None:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -528,7 +540,7 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, extra: dict, ke
     return final
 
 
-def _first_error(accelerator, error: BaseException | None) -> BaseException | None:
+def first_error(accelerator, error: BaseException | None) -> BaseException | None:
     """Every process learns whether any process failed (so none waits at a barrier for a dead one)."""
     if accelerator.num_processes == 1:
         return error
