@@ -114,8 +114,8 @@ class ModuleState(ExtraState):
 
 class OptimizerState(ExtraState):
     """An optimizer and its LR schedule outside accelerate (an FSDP2-sharded role): the per-parameter
-    states as whole tensors (so a run resumes onto any process count), hyper-parameters and the
-    schedule's counters as scalars."""
+    states as whole tensors, or through DCP as each process's shards (either way a run resumes onto any
+    process count), hyper-parameters and the schedule's counters as scalars."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler):
         self.optimizer, self.scheduler = optimizer, scheduler

@@ -216,7 +216,7 @@ class Trainer:
                                   num_training_steps=self._updates(name))
             if sharded:
                 # fully_shard hooks the module itself: no wrapper; weights, optimizer and schedule are
-                # checkpointed whole as extra states (gathered from the shards), outside accelerate.
+                # extra states outside accelerate: gathered whole, or each process's shards (train.fsdp_checkpoint).
                 role.wrapped, role.wrapped_head = role.module, role.head
                 self.extra_states[f"optimizer.{name}"] = OptimizerState(opt, sched)
             elif shared:
