@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from tests.helpers import PYTHON, run, tiny_config
 
 ACCELERATE = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--mixed_precision", "no", "train.py", "--config", "tests/tiny_dmd2"]
+              "--mixed_precision", "no", "train.py"]
 EMA = "roles.generator.ema_decay=0.9"  # the export EMA: its shadows are sharded states too
 SHARDED = ("train.parallel=fsdp2", "train.fsdp_checkpoint=sharded", EMA)
 GATHERED = ("train.parallel=fsdp2", "train.fsdp_checkpoint=gathered", EMA)
@@ -30,8 +30,8 @@ DCP_STATES = ["ema.generator", "fsdp.critic", "fsdp.generator", "optimizer.criti
               "optimizer.generator"]
 
 
-def _launch(out: Path, *overrides: str) -> None:
-    run([*ACCELERATE, "train.log_every=1", "train.sample_every=0", "eval.enabled=false", "run.trackers=[none]",
+def _launch(out: Path, *overrides: str, config: str = "tests/tiny_dmd2") -> None:
+    run([*ACCELERATE, "--config", config, "train.log_every=1", "train.sample_every=0", "eval.enabled=false", "run.trackers=[none]",
          "train.progress_bar=false", f"run.output_dir={out}", *overrides],
         env={"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
 
@@ -155,6 +155,26 @@ def test_sharded_checkpoints_resume_exactly_reshard_and_export(tmp_path):
     assert 5 in m_s and m_s[5] == m_g[5]
     assert _worst(one["sharded"] / "export" / "unet", one["gathered"] / "export" / "unet") == 0.0
     _assert_sharded_layout(one["sharded"] / "checkpoints" / "checkpoint-6", processes=2)
+
+
+@pytest.mark.slow  # two 2-process launches per method
+@pytest.mark.parametrize("method, in_dcp, in_file", [
+    ("lcm", ["ema_target.target", "fsdp.generator", "optimizer.generator"], []),  # a sharded EMA target
+    ("vsd", ["fsdp.generator", "optimizer.generator"], ["lora.critic/"]),  # beside a shared-base LoRA critic
+])
+def test_sharded_checkpoints_of_other_layouts_resume_exactly(tmp_path, method, in_dcp, in_file):
+    first = tmp_path / "first"
+    layout = ("train.parallel=fsdp2", "train.fsdp_checkpoint=sharded", "train.max_steps=4")
+    _launch(first, *layout, "train.checkpoint_every=2", "train.checkpoints_total_limit=0",
+            config=f"tests/tiny_{method}")
+    with safe_open(str(first / "checkpoints" / "checkpoint-2" / "extra_state.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["dcp"]) == in_dcp
+        assert all(any(k.startswith(prefix) for k in f.keys()) for prefix in in_file)  # the LoRA stays whole here
+    resumed = _resume_dir(tmp_path, "resumed", first, 2)
+    _launch(resumed, *layout, "train.resume=latest", config=f"tests/tiny_{method}")
+    a, b = _metrics(first), _metrics(resumed)
+    assert sorted(b) == [2, 3] and all(a[s] == b[s] for s in (2, 3))
+    assert _worst(first / "export" / "unet", resumed / "export" / "unet") == 0.0
 
 
 def test_sharded_states_round_trip_without_a_process_group(tmp_path):
