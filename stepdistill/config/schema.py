@@ -196,9 +196,9 @@ class TrainConfig:
     # weights, gradients and AdamW states take 1/N of the memory each; the frozen teacher stays whole and
     # LoRA roles on its shared base train as under ddp. Same launch: accelerate launch --multi_gpu ...
     parallel: str = "ddp"
+    fsdp_checkpoint: str = "gathered"  # fsdp2 checkpoints: gathered (sharded roles written whole by the first process) or sharded (each process writes its own shards through torch.distributed.checkpoint into dcp/; for roles too large for one process's memory); fixed on resume
     fsdp_reshard_after_forward: bool = True  # free each block's gathered weights after its forward (less memory, one more all-gather in backward)
     fsdp_cpu_offload: bool = False  # keep the sharded weights, gradients and optimizer states in CPU memory
-    fsdp_checkpoint: str = "gathered"  # fsdp2 checkpoints: gathered (sharded roles written whole by the first process) or sharded (each process writes its own shards through torch.distributed.checkpoint into dcp/; for roles too large for one process's memory); fixed on resume
 
     def __post_init__(self) -> None:
         _check_choice("train", "mixed_precision", self.mixed_precision, MIXED_PRECISION)
