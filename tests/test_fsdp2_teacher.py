@@ -26,8 +26,12 @@ from stepdistill.harness.trainer import Trainer
 from stepdistill.runconfig import load_config
 trainer = Trainer(load_config("tests/tiny_dmd2", sys.argv[1:]))
 print("teacher sharded:", all(isinstance(p, DTensor) for p in trainer.teacher.backbone.parameters()))
-trainer.train()
-trainer.finish()
+try:
+    trainer.train()
+    trainer.finish()
+finally:  # as train.py does: a gloo group left to the exit handlers can abort the process
+    import torch.distributed as dist
+    dist.destroy_process_group()
 """
 
 

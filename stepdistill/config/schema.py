@@ -196,6 +196,7 @@ class TrainConfig:
     # weights, gradients and AdamW states take 1/N of the memory each; the frozen teacher stays whole and
     # LoRA roles on its shared base train as under ddp. Same launch: accelerate launch --multi_gpu ...
     parallel: str = "ddp"
+    fsdp_checkpoint: str = "gathered"  # fsdp2 checkpoints: gathered (sharded roles written whole by the first process) or sharded (each process writes its own shards through torch.distributed.checkpoint into dcp/; for roles too large for one process's memory); fixed on resume
     fsdp_reshard_after_forward: bool = True  # free each block's gathered weights after its forward (less memory, one more all-gather in backward)
     fsdp_cpu_offload: bool = False  # keep the sharded weights, gradients and optimizer states in CPU memory
     # fsdp2: shard the frozen teacher's backbone too (1/N of its weights per process, gathered block by block
@@ -206,6 +207,7 @@ class TrainConfig:
         _check_choice("train", "mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _check_choice("train", "on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         _check_choice("train", "parallel", self.parallel, ("ddp", "fsdp2"))
+        _check_choice("train", "fsdp_checkpoint", self.fsdp_checkpoint, ("gathered", "sharded"))
         if self.max_nonfinite_skips < 0:
             raise ValueError(f"train.max_nonfinite_skips={self.max_nonfinite_skips} must be >= 0")
         if self.cpu_threads < 0:

@@ -106,7 +106,7 @@ def lora_state_name(role: str) -> str:
 
 def sharded_state_name(module: str) -> str:
     """The checkpoint's extra-state name of an FSDP2-sharded role's weights (``<role>`` or ``<role>.head``),
-    stored whole."""
+    stored whole (or, with ``train.fsdp_checkpoint: sharded``, as each process's shards in ``dcp/``)."""
     return f"fsdp.{module}"
 
 

@@ -7,6 +7,12 @@ A run folder holds ``checkpoints/checkpoint-<step>``. Writing one:
 2. the harness's own extra states (EMA shadows, shared-base LoRA parameters, EMA target roles) as one
    ``extra_state.safetensors`` (scalars as JSON metadata): never accelerate's custom-object registration, whose
    ``custom_checkpoint_*.pkl`` accelerate unpickles with ``weights_only=False``;
+   With ``train.fsdp_checkpoint: sharded`` the FSDP2-sharded roles' states (weights, AdamW moments, export
+   EMA shadows, EMA target roles) are not gathered: every process writes its own shards through
+   ``torch.distributed.checkpoint`` into ``dcp/`` (``HuggingFaceStorageWriter``: safetensors files with the
+   shards' offsets in their metadata, no pickle), fsyncs them, and all processes meet before the state
+   file is written; their scalars stay in ``extra_state.safetensors``, which names the states in ``dcp/``.
+   Loading reshards onto any process count, or onto none (an export);
 3. every file fsynced, then ``stepdistill_state.json`` written last: the step, the resolved config of
    the run and a manifest of every file with its size;
 4. the folder renamed into place and the parent folder fsynced.
@@ -18,12 +24,14 @@ them. A crash at any point leaves at most a ``.tmp-`` folder, removed at the nex
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +46,7 @@ logger = logging.getLogger("stepdistill")
 
 STATE_FILE = "stepdistill_state.json"
 EXTRA_FILE = "extra_state.safetensors"
+DCP_DIR = "dcp"  # the sharded states (``train.fsdp_checkpoint: sharded``), one safetensors file per process
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 _TMP_PREFIX = ".tmp-"
 
@@ -58,6 +67,16 @@ class ExtraState:
 
     def load(self, tensors: dict[str, torch.Tensor], scalars: dict) -> None:
         raise NotImplementedError
+
+    # A state stored through torch.distributed.checkpoint is read in place: ``targets`` are the tensors
+    # (this process's shards, or whole tensors) that DCP fills, ``loaded`` finishes with the scalars.
+    def targets(self, saved: dict) -> dict[str, torch.Tensor]:
+        """The tensors to load ``saved`` (key -> DCP ``TensorStorageMetadata``) into; by default this
+        state's own tensors, which alias the live ones."""
+        return self.tensors()
+
+    def loaded(self, scalars: dict) -> None:
+        """After DCP filled ``targets``."""
 
 
 class ParamsState(ExtraState):
@@ -95,8 +114,8 @@ class ModuleState(ExtraState):
 
 class OptimizerState(ExtraState):
     """An optimizer and its LR schedule outside accelerate (an FSDP2-sharded role): the per-parameter
-    states as whole tensors (so a run resumes onto any process count), hyper-parameters and the
-    schedule's counters as scalars."""
+    states as whole tensors, or through DCP as each process's shards (either way a run resumes onto any
+    process count), hyper-parameters and the schedule's counters as scalars."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler):
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -130,9 +149,44 @@ class OptimizerState(ExtraState):
                 state[key] = full
             if state:
                 self.optimizer.state[p] = state
+        self._load_scalars(scalars)
+
+    def _load_scalars(self, scalars):
         for group, saved in zip(self.optimizer.param_groups, scalars["param_groups"]):
             group.update({k: tuple(v) if k == "betas" else v for k, v in saved.items()})
         self.scheduler.load_state_dict({**self.scheduler.state_dict(), **scalars["scheduler"]})
+
+    def targets(self, saved):
+        """Fresh per-parameter states shaped as ``saved`` says (a fresh optimizer has none yet): a moment
+        (the parameter's shape) like its parameter, a DTensor shard of it where the parameter is sharded;
+        anything else (AdamW's ``step``) where AdamW keeps it."""
+        groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        params = self._params()
+        self._pending: dict[int, dict[str, torch.Tensor]] = {}
+        out = {}
+        for key, meta in saved.items():
+            index, sub = key.split(".", 1)
+            if not index.isdigit() or int(index) >= len(params):
+                raise ValueError(f"checkpoint optimizer state {key!r} names no parameter of this run "
+                                 f"({len(params)} parameters)")
+            p = params[int(index)]
+            dtype = meta.properties.dtype
+            if tuple(meta.size) == tuple(p.shape):
+                value = torch.zeros_like(p, dtype=dtype)
+            else:
+                group = groups[id(p)]
+                on_device = group.get("fused") or group.get("capturable")
+                value = torch.zeros(tuple(meta.size), dtype=dtype,
+                                    device=_local_device(p) if on_device else "cpu")
+            self._pending.setdefault(int(index), {})[sub] = out[key] = value
+        return out
+
+    def loaded(self, scalars):
+        params = self._params()
+        for index, state in sorted(self._pending.items()):
+            self.optimizer.state[params[index]] = dict(sorted(state.items()))
+        self._pending = {}
+        self._load_scalars(scalars)
 
 
 class EMAState(ExtraState):
@@ -155,9 +209,16 @@ class EMAState(ExtraState):
         _check_keys(tensors, [f"shadow.{i}" for i in range(len(self.ema.shadow_params))])
         for i, p in enumerate(self.ema.shadow_params):
             load_full_(p, tensors[f"shadow.{i}"])
+        self.loaded(scalars)
+
+    def loaded(self, scalars):
         for k in self._SCALARS:
             if k in scalars:
                 setattr(self.ema, k, scalars[k])
+
+
+def _local_device(tensor: torch.Tensor) -> torch.device:
+    return tensor.to_local().device if is_sharded(tensor) else tensor.device
 
 
 def _check_keys(tensors: dict, expected: list[str]) -> None:
@@ -180,9 +241,79 @@ def gather_extra_states(states: dict[str, ExtraState], keep: bool) -> tuple[dict
 
 
 def save_extra_states(folder: Path, states: dict[str, ExtraState],
-                      gathered: tuple[dict, dict] | None = None) -> None:
+                      gathered: tuple[dict, dict] | None = None, sharded: dict[str, ExtraState] | None = None) -> None:
+    """Write ``extra_state.safetensors``: the tensors of ``states`` (``gathered``: already gathered) and
+    the scalars of both ``states`` and the ``sharded`` ones, whose tensors ``save_sharded_states`` wrote."""
     tensors, scalars = gathered if gathered is not None else gather_extra_states(states, keep=True)
-    save_file(tensors, str(folder / EXTRA_FILE), metadata={"scalars": json.dumps(scalars)})
+    scalars = {**scalars, **{name: state.scalars() for name, state in (sharded or {}).items()}}
+    save_file(tensors, str(folder / EXTRA_FILE),
+              metadata={"scalars": json.dumps(scalars), "dcp": json.dumps(sorted(sharded or {}))})
+
+
+def _no_dist() -> bool:
+    """No process group (one process, an export): DCP reads and writes alone."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+@contextlib.contextmanager
+def _alone_is_intended():
+    """DCP warns on every save and load without a process group; one process or an export means it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def _shard_files(folder: Path, rank: int) -> list[Path]:
+    """The files process ``rank`` wrote in ``folder`` (HuggingFaceStorageWriter numbers them from 1)."""
+    return sorted(folder.glob(f"shard-{rank + 1:05d}-*.safetensors"))
+
+
+def save_sharded_states(folder: Path, states: dict[str, ExtraState], rank: int) -> None:
+    """Every process: write its shards of ``states``' tensors into ``folder/dcp`` through
+    ``torch.distributed.checkpoint`` (a collective under a process group) and fsync them."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+
+    flat = {f"{name}/{key}": value.detach() for name, state in states.items()
+            for key, value in state.tensors().items()}
+    out = folder / DCP_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    with _alone_is_intended():
+        save(flat, storage_writer=HuggingFaceStorageWriter(str(out), save_distributed=True), no_dist=_no_dist())
+    for path in _shard_files(out, rank):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def load_sharded_states(folder: Path, states: dict[str, ExtraState], scalars: dict) -> None:
+    """Load ``states`` from ``folder/dcp`` in place, resharded onto this run's layout: every process
+    of a process group calls it (a collective); without one (an export) the tensors are read whole."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+
+    path = folder / DCP_DIR
+    if not path.is_dir():
+        raise ValueError(f"{folder} has no {DCP_DIR}/ folder, where its {EXTRA_FILE} says "
+                         f"{', '.join(states)} are stored")
+    saved = HuggingFaceStorageReader(str(path)).read_metadata().state_dict_metadata
+    flat = {}
+    for name, state in states.items():
+        prefix = f"{name}/"
+        mine = {k[len(prefix):]: meta for k, meta in saved.items() if k.startswith(prefix)}
+        targets = state.targets(mine)
+        if sorted(targets) != sorted(mine):
+            raise ValueError(f"{path}: {name} holds {len(mine)} tensors where this run has {len(targets)}")
+        for key, target in targets.items():
+            if tuple(target.shape) != tuple(mine[key].size):
+                raise ValueError(f"{path}: {name}/{key} has shape {tuple(mine[key].size)} where this run has "
+                                 f"{tuple(target.shape)}")
+            flat[prefix + key] = target
+    if flat:
+        with _alone_is_intended():
+            load(flat, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=_no_dist())
+    for name, state in states.items():
+        state.loaded(scalars[name])
 
 
 def load_extra_states(folder: Path, states: dict[str, ExtraState]) -> None:
@@ -192,14 +323,21 @@ def load_extra_states(folder: Path, states: dict[str, ExtraState]) -> None:
     if not path.is_file():
         raise ValueError(f"{folder} has no {EXTRA_FILE}: it was written by an older stepdistill or another run")
     with safe_open(str(path), "pt") as f:
-        scalars = json.loads((f.metadata() or {}).get("scalars", "{}"))
+        metadata = f.metadata() or {}
+    scalars = json.loads(metadata.get("scalars", "{}"))
+    in_dcp = set(json.loads(metadata.get("dcp", "[]")))  # train.fsdp_checkpoint=sharded: their tensors in dcp/
     flat = load_file(str(path))
     missing = [name for name in states if name not in scalars]
     if missing:
         raise ValueError(f"{path} has no state for {', '.join(missing)} (it holds {', '.join(scalars) or 'none'})")
     for name, state in states.items():
+        if name in in_dcp:
+            continue
         prefix = f"{name}/"
         state.load({k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}, scalars[name])
+    sharded = {name: state for name, state in states.items() if name in in_dcp}
+    if sharded:
+        load_sharded_states(folder, sharded, scalars)
 
 
 # ---- finding checkpoints -------------------------------------------------------------------------
@@ -345,9 +483,11 @@ def is_disk_full(e: BaseException) -> bool:
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, extra: dict, keep: int,
-                    extra_states: dict[str, ExtraState] | None = None) -> Path:
+                    extra_states: dict[str, ExtraState] | None = None, sharded: set[str] | frozenset = frozenset()
+                    ) -> Path:
     """Save the training state for ``step`` (the next step to run), complete or not at all; keep the
-    newest ``keep`` complete checkpoints (0: all). Raises ``CheckpointWriteError`` (the folder removed,
+    newest ``keep`` complete checkpoints (0: all). ``sharded``: the names of the ``extra_states`` every
+    process writes its own shards of through DCP (``train.fsdp_checkpoint: sharded``). Raises ``CheckpointWriteError`` (the folder removed,
     earlier checkpoints untouched) when the disk is full or a write fails."""
     folder = Path(run_dir) / "checkpoints"
     final = folder / f"checkpoint-{step}"
@@ -358,16 +498,21 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, extra: dict, ke
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     gathered = None
+    states = extra_states or {}
+    in_dcp = {name: state for name, state in states.items() if name in sharded}
+    whole = {name: state for name, state in states.items() if name not in sharded}
     try:
         accelerator.save_state(str(tmp))  # every process writes its RNG state; main writes the rest
         # every process: sharded states are gathered collectively (the main process keeps them)
-        gathered = gather_extra_states(extra_states or {}, keep=accelerator.is_main_process)
+        gathered = gather_extra_states(whole, keep=accelerator.is_main_process)
+        if in_dcp:  # or each process writes its own shards (every process has written before the barrier below)
+            save_sharded_states(tmp, in_dcp, accelerator.process_index)
     except Exception as e:  # noqa: BLE001 - reported below, on every process, with the disk named
         error = e
-    error = _first_error(accelerator, error)
+    error = first_error(accelerator, error)
     if accelerator.is_main_process and error is None:
         try:
-            save_extra_states(tmp, extra_states or {}, gathered)
+            save_extra_states(tmp, whole, gathered, in_dcp)
             fsync_tree(tmp)
             files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             write_json_atomic(tmp / STATE_FILE, {"step": step, **extra, "files": files})
@@ -377,7 +522,7 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, extra: dict, ke
             fsync_dir(folder)
         except Exception as e:  # noqa: BLE001
             error = e
-    error = _first_error(accelerator, error)
+    error = first_error(accelerator, error)
     if error is not None:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -395,7 +540,7 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, extra: dict, ke
     return final
 
 
-def _first_error(accelerator, error: BaseException | None) -> BaseException | None:
+def first_error(accelerator, error: BaseException | None) -> BaseException | None:
     """Every process learns whether any process failed (so none waits at a barrier for a dead one)."""
     if accelerator.num_processes == 1:
         return error

@@ -40,11 +40,14 @@ from stepdistill.models.loading import check_pretrained, check_resolution, resol
 # seed, batch size and accumulation, which data and noise each step sees). Everything else may change
 # on resume and is applied for real (learning rates and schedules, max_steps, cadences, logging, export).
 _FIXED_SECTIONS = ("method.", "model.")
-# train.parallel: an fsdp2 checkpoint holds sharded roles whole beside accelerate's files, a ddp one in them.
+# train.parallel: an fsdp2 checkpoint holds sharded roles whole beside accelerate's files, a ddp one in them;
+# train.fsdp_checkpoint: whole in extra_state.safetensors (gathered) or as each process's shards in dcp/ (sharded).
 _FIXED_KEYS = {"run.seed", "data.batch_size", "train.gradient_accumulation_steps", "train.mixed_precision",
-               "train.parallel"}
+               "train.parallel", "train.fsdp_checkpoint"}
 _FIXED_ROLE_FIELDS = {"init_from", "trainable", "lora_rank", "lora_alpha", "lora_target_modules",
                       "share_teacher_base", "heads_only", "guidance_embedding_dim", "ema_decay"}
+# Fixed keys added after checkpoints were written without them: such a checkpoint has the default.
+_ADDED_DEFAULTS = {"train.fsdp_checkpoint": "gathered"}
 # Keys of a fixed section that say where a tensor lives, not what it is: free on resume.
 _FREE_KEYS = {"model.offload_text_encoders"}
 # Where the run is and how this launch was told to start: never a change of the run.
@@ -184,7 +187,7 @@ def _fixed(key: str) -> bool:
 
 def config_changes(recorded: dict, current: dict) -> tuple[dict, dict]:
     """``(fixed, free)`` differences between a checkpoint's recorded config and this launch's."""
-    old, new = flat(recorded), flat(current)
+    old, new = {**_ADDED_DEFAULTS, **flat(recorded)}, flat(current)
     fixed, free = {}, {}
     old_roles, new_roles = set(recorded.get("roles") or {}), set(current.get("roles") or {})
     for role in sorted(old_roles ^ new_roles):  # a role added or removed: one entry, not one per field
@@ -339,9 +342,13 @@ def preflight(cfg: DictConfig) -> Plan:
                                  **{k: v for k, v in fixed.items() if not k.startswith("method.")}}
                     shown = [f"{k}: {v['from']!r} -> {v['to']!r}" for k, v in fixed.items()]
                     lines = "; ".join(shown[:8]) + (f"; and {len(shown) - 8} more" if len(shown) > 8 else "")
+                    layout = ("" if "train.fsdp_checkpoint" not in fixed else
+                              f" (train.fsdp_checkpoint is how the checkpoint holds the sharded roles' states: "
+                              f"resume with train.fsdp_checkpoint={fixed['train.fsdp_checkpoint']['from']}; "
+                              "`stepdistill export` reads either layout)")
                     raise ValueError(
                         f"train.resume: {plan.checkpoint} was trained with another setting of keys a resumed run "
-                        f"cannot change: {lines}. Resume with the recorded values (they are in "
+                        f"cannot change: {lines}{layout}. Resume with the recorded values (they are in "
                         f"{run_dir / 'config.yaml'}), or start a new run in another run.output_dir")
     check_room(cfg, run_dir)
     return plan

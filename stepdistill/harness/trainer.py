@@ -42,6 +42,7 @@ from stepdistill.harness.checkpoint import (
     ModuleState,
     OptimizerState,
     clean_stale_temps,
+    first_error,
     latest_checkpoint,
     list_checkpoints,
     load_extra_states,
@@ -217,7 +218,7 @@ class Trainer:
                                   num_training_steps=self._updates(name))
             if sharded:
                 # fully_shard hooks the module itself: no wrapper; weights, optimizer and schedule are
-                # checkpointed whole as extra states (gathered from the shards), outside accelerate.
+                # extra states outside accelerate: gathered whole, or each process's shards (train.fsdp_checkpoint).
                 role.wrapped, role.wrapped_head = role.module, role.head
                 self.extra_states[f"optimizer.{name}"] = OptimizerState(opt, sched)
             elif shared:
@@ -466,17 +467,33 @@ class Trainer:
         if self.cfg.train.resume == "latest":
             candidates = [c for c in reversed(list_checkpoints(self.run_dir))
                           if read_state(c)["step"] <= read_state(plan.checkpoint)["step"]]
+        acc = self.accelerator
         for i, checkpoint in enumerate(candidates):
+            error = None
             try:
-                self.accelerator.load_state(str(checkpoint))
-                load_extra_states(checkpoint, self.extra_states)
+                rng = checkpoint / f"random_states_{acc.process_index}.pkl"
+                # A checkpoint of another process count (a resume that cannot be exact: the batches split
+                # otherwise) holds no RNG state for the processes it did not have: they keep this launch's seeding.
+                written_by = len(list(checkpoint.glob("random_states_*.pkl")))
+                own_rng = rng.is_file() or written_by == acc.num_processes
+                if not own_rng:
+                    logger.warning("%s was written by %d processes: process %d keeps this launch's random state",
+                                   checkpoint, written_by, acc.process_index)
+                acc.load_state(str(checkpoint))
+                load_extra_states(checkpoint, self.extra_states)  # sharded states: a collective (DCP)
                 # accelerate only logs an RNG state it cannot read (a resume that is then not exact): refuse it.
-                accelerate_load(checkpoint / f"random_states_{self.accelerator.process_index}.pkl")
+                if own_rng:
+                    accelerate_load(rng)
             except Exception as e:  # noqa: BLE001 - a damaged file: say which, try the one before
+                error = e
+            # every process falls back together (each would otherwise load another checkpoint and wait forever)
+            error = first_error(acc, error)
+            if error is not None:
                 if i + 1 == len(candidates):
-                    raise ValueError(f"could not load checkpoint {checkpoint}: {e}; resume from another one "
-                                     "(train.resume=<folder>) or start fresh in a new run.output_dir") from e
-                logger.warning("could not load checkpoint %s (%s); falling back to %s", checkpoint, e, candidates[i + 1])
+                    raise ValueError(f"could not load checkpoint {checkpoint}: {error}; resume from another one "
+                                     "(train.resume=<folder>) or start fresh in a new run.output_dir") from error
+                logger.warning("could not load checkpoint %s (%s); falling back to %s", checkpoint, error,
+                               candidates[i + 1])
                 continue
             plan.checkpoint = checkpoint
             self._apply_optimizer_settings()
@@ -498,11 +515,25 @@ class Trainer:
             sched.base_lrs = [rc.lr] * len(groups)
             sched._last_lr = [g["lr"] for g in groups]
 
+    def _dcp_states(self) -> set[str]:
+        """The extra states each process writes its own shards of (``train.fsdp_checkpoint: sharded``):
+        every state of an FSDP2-sharded role (weights, optimizer and schedule, export EMA) and the EMA
+        target roles. Chosen by the config, not by the process count: one process writes the same layout."""
+        tc = self.cfg.train
+        if tc.parallel != "fsdp2" or tc.fsdp_checkpoint != "sharded":
+            return set()
+        names = {f"ema_target.{target}" for target in self.ema_targets}
+        for name, role in self.roles.items():
+            if is_sharded_role(role, self.teacher, tc.parallel):
+                names |= {f"optimizer.{name}", *student_states(role, self.teacher, self.emas.get(name), tc.parallel)}
+        return names & set(self.extra_states)
+
     def _checkpoint(self, step: int) -> None:
         self.guard.poll()  # never write a checkpoint after a non-finite update (device path)
         save_checkpoint(self.accelerator, self.run_dir, step,
                         {"method": self.cfg.method.name, "config": OmegaConf.to_container(self.cfg, resolve=True)},
-                        self.cfg.train.checkpoints_total_limit, extra_states=self.extra_states)
+                        self.cfg.train.checkpoints_total_limit, extra_states=self.extra_states,
+                        sharded=self._dcp_states())
 
     def train(self, plan: Plan | None = None) -> Path:
         """Train to ``train.max_steps``; nothing else (``lifecycle.run`` then exports, evaluates and calls
