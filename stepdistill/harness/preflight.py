@@ -187,7 +187,7 @@ def _fixed(key: str) -> bool:
 
 def config_changes(recorded: dict, current: dict) -> tuple[dict, dict]:
     """``(fixed, free)`` differences between a checkpoint's recorded config and this launch's."""
-    old, new = {**_ADDED_DEFAULTS, **flat(recorded)}, flat(current)
+    old, new = {**_ADDED_DEFAULTS, **flat(recorded)}, {**_ADDED_DEFAULTS, **flat(current)}
     fixed, free = {}, {}
     old_roles, new_roles = set(recorded.get("roles") or {}), set(current.get("roles") or {})
     for role in sorted(old_roles ^ new_roles):  # a role added or removed: one entry, not one per field
