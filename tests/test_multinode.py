@@ -10,6 +10,7 @@ real, two "nodes" of one process each over 127.0.0.1, against one machine's 2-pr
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -26,6 +27,26 @@ NODE_LAUNCH = REPO / "launch" / "node_launch.sh"
 SLURM_SCRIPT = REPO / "launch" / "slurm_multinode.sh"
 JOB_ID = 4242
 
+def process_tree(root: int) -> list[int]:
+    """Every pid below ``root`` (itself first), from /proc. The stand-in srun runs this same function: its
+    script text includes this source (``inspect.getsource``)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
 SRUN = f"""#!{PYTHON}
 import json, os, signal, subprocess, sys
 
@@ -40,27 +61,11 @@ tasks = [subprocess.Popen(args, env={{**os.environ, "SLURM_NODEID": str(i), "SLU
          for i in range(nodes)]
 
 
-def tree(root):
-    children = {{}}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{{name}}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
+""" + inspect.getsource(process_tree) + """
 
 def send(sig):
     for task in tasks:
-        for pid in tree(task.pid):
+        for pid in process_tree(task.pid):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
@@ -213,23 +218,6 @@ def test_node_launch_refuses_bad_settings_before_starting_anything(stubs, env, m
     assert not list(stubs["out"].iterdir())  # accelerate was never started
 
 
-def _process_tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
-
 def test_a_signal_to_the_whole_node_gives_each_training_process_one_sigterm(stubs):
     """SIGUSR1 to every process of the node's tree (twice, as a step signal under proctrack/cgroup can
     arrive): the launcher survives it and the training process gets exactly one SIGTERM, then exits 0."""
@@ -239,7 +227,7 @@ def test_a_signal_to_the_whole_node_gives_each_training_process_one_sigterm(stub
                             stderr=subprocess.PIPE, text=True)
     _wait_for([stubs["out"] / "worker-0.ready"], proc)
     for _ in range(2):
-        for pid in _process_tree(proc.pid):
+        for pid in process_tree(proc.pid):
             os.kill(pid, signal.SIGUSR1)
         time.sleep(0.2)
     _, err = proc.communicate(timeout=30)
