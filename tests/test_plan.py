@@ -10,7 +10,6 @@ import torch
 
 from stepdistill.plan.cli import parse_bytes, plan_main
 from stepdistill.plan.estimate import estimate
-from stepdistill.plan.fake import fake_mode, pipeline_from_configs
 from stepdistill.plan.memory import ACTIVATIONS, MemoryTracker
 from stepdistill.plan.run import measure, phase_schedule
 from stepdistill.runconfig import load_config
@@ -173,18 +172,12 @@ def _student_runs_in_its_export(cfg_name: str, overrides: list[str]):
     from pathlib import Path
 
     from stepdistill.export.pipeline import student_pipeline
-    from stepdistill.models import check_pretrained, frozen_teacher
     from stepdistill.models.loading import as_dtype
-    from stepdistill.plan.run import PlanTrainer, architecture_folder, plan_config
+    from stepdistill.plan.run import planned_trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = plan_config(load_config(cfg_name, overrides), Path(tmp))
-        folder = architecture_folder(cfg.model.pretrained, Path(tmp))
-        family = check_pretrained(str(folder), cfg.model.family)
-        mode = fake_mode()
-        pipe = pipeline_from_configs(folder, as_dtype(cfg.model.weight_dtype), mode)
-        teacher = frozen_teacher(pipe, family, "cpu", resolution=cfg.model.resolution)
-        trainer = PlanTrainer(cfg, teacher=teacher, networks=lambda: mode)
+        trainer, family = planned_trainer(load_config(cfg_name, overrides), Path(tmp))
+        cfg, teacher = trainer.cfg, trainer.teacher
         first, _, _ = phase_schedule(trainer.method)
         logs = {}
         for phase, step in first.items():
@@ -232,3 +225,5 @@ def test_fsdp2_arithmetic_on_a_known_layout():
     assert fsdp.held == {"unet": {"params": 50}, "generator": {"params": 200, "grads": 200, "optimizer": 200}}
     assert fsdp.autocast == 0 and fsdp.communication == 2 * 2 * 10 + 4 * 10
     assert fsdp.peak == 50 + 600 + 50 + 80
+    cached = estimate(m, "ddp", 1, off_gpu=("unet",))  # an owner off the GPU holds nothing there
+    assert "unet" not in cached.held and cached.peak == 1450 - 100

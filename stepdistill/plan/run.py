@@ -238,6 +238,20 @@ def own_accelerator_state():
         AcceleratorState._reset_state()
 
 
+def planned_trainer(cfg: DictConfig, workdir: Path, fake: bool = True) -> tuple[PlanTrainer, str]:
+    """The real trainer of ``cfg`` as the planner runs it (``plan_config``), on a teacher built from its
+    architecture's config files; ``(trainer, family)``. With ``fake`` only the networks are fake: schedules,
+    timesteps and the random draws stay real values. ``workdir`` holds the scratch files while it runs."""
+    cfg = plan_config(cfg, workdir)
+    folder = architecture_folder(cfg.model.pretrained, workdir)
+    family = check_pretrained(str(folder), cfg.model.family)
+    mode = fake_mode() if fake else contextlib.nullcontext()
+    pipeline = pipeline_from_configs(folder, as_dtype(cfg.model.weight_dtype), mode)
+    teacher = frozen_teacher(pipeline, family, "cpu", resolution=cfg.model.resolution)
+    _stand_in_pairs(cfg, teacher, workdir)
+    return PlanTrainer(cfg, teacher=teacher, networks=lambda: mode), family
+
+
 def measure(cfg: DictConfig, fake: bool = True) -> Measured:
     """Run ``cfg``'s training iteration under FakeTensorMode on this CPU and measure it (one process).
 
@@ -249,18 +263,9 @@ def measure(cfg: DictConfig, fake: bool = True) -> Measured:
     with tempfile.TemporaryDirectory(prefix="stepdistill-plan-") as tmp, warnings.catch_warnings():
         # torch's own Parameter check asks a fake tensor for its data pointer; nothing reads it.
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
-        workdir = Path(tmp)
-        cfg = plan_config(cfg, workdir)
-        folder = architecture_folder(cfg.model.pretrained, workdir)
-        family = check_pretrained(str(folder), cfg.model.family)
-        dtype = as_dtype(cfg.model.weight_dtype)
         with _quiet(), own_accelerator_state():
-            # Only the networks are fake: schedules, timesteps and the random draws stay real values.
-            mode = fake_mode() if fake else contextlib.nullcontext()
-            pipeline = pipeline_from_configs(folder, dtype, mode)
-            teacher = frozen_teacher(pipeline, family, "cpu", resolution=cfg.model.resolution)
-            _stand_in_pairs(cfg, teacher, workdir)
-            trainer = PlanTrainer(cfg, teacher=teacher, networks=lambda: mode)
+            trainer, family = planned_trainer(cfg, Path(tmp), fake)
+            cfg, teacher = trainer.cfg, trainer.teacher
             tracker = MemoryTracker()
             counts_by_owner = _register(tracker, trainer)
             first, counts, length = phase_schedule(trainer.method)
