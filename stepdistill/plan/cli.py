@@ -95,14 +95,11 @@ def _suggestions(m, cfg, overrides: list[str], parallel: str, n: int) -> list[Es
         accum = int(m.config["gradient_accumulation_steps"]) * 2
         remeasure("half the batch, twice the accumulation",
                   [f"data.batch_size={batch // 2}", f"train.gradient_accumulation_steps={accum}"])
-    text = {o: k for o, k in m.held.items() if o.startswith("text_encoder")}
+    text = tuple(o for o in m.held if o.startswith("text_encoder"))
     if text:
-        e = estimate(m, parallel, n, label="text encoders off the GPU: data.embeddings from "
-                                           "`stepdistill cache-embeddings`, or model.offload_text_encoders=true")
-        for owner in text:
-            e.held.pop(owner)
-        e.peak -= sum(sum(k.values()) for k in text.values())
-        out.append(e)
+        out.append(estimate(m, parallel, n, off_gpu=text,
+                            label="text encoders off the GPU: data.embeddings from `stepdistill cache-embeddings`, "
+                                  "or model.offload_text_encoders=true"))
     return out
 
 

@@ -54,10 +54,14 @@ class Estimate:
         return {**asdict(self), "total_held": self.total_held}
 
 
-def estimate(m: Measured, parallel: str, num_processes: int, label: str = "as configured") -> Estimate:
+def estimate(m: Measured, parallel: str, num_processes: int, label: str = "as configured",
+             off_gpu: tuple[str, ...] = ()) -> Estimate:
+    """Per-GPU figures of ``m`` under ``parallel`` over ``num_processes``; the owners in ``off_gpu`` (e.g. the
+    text encoders, with an embedding cache) hold nothing on the GPU."""
     n = max(1, int(num_processes))
-    held = {owner: {k: v for k, v in kinds.items() if k != "autocast"} for owner, kinds in m.held.items()}
-    autocast = {owner: kinds.get("autocast", 0) for owner, kinds in m.held.items()}
+    held = {owner: {k: v for k, v in kinds.items() if k != "autocast"} for owner, kinds in m.held.items()
+            if owner not in off_gpu}
+    autocast = {owner: kinds.get("autocast", 0) for owner, kinds in m.held.items() if owner not in off_gpu}
     communication = 0
     if n > 1 and parallel == "ddp":
         communication = 4 * sum(m.ddp_bucketed.values())
