@@ -16,9 +16,9 @@ __all__ = ["main", "build_parser"]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from stepdistill.train import run
+    from stepdistill.train import finish, run
 
-    return run(args)
+    return finish(run(args))
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

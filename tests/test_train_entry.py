@@ -91,6 +91,24 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path, config, roles):
     assert first["lr/generator"] == pytest.approx(base / 4, rel=1e-6)
 
 
+@pytest.mark.parametrize("world_size, torn_down", [("2", False), ("1", True)])
+def test_a_worker_of_a_launch_leaves_without_the_interpreter_teardown(world_size, torn_down):
+    """A torchrun worker (WORLD_SIZE > 1) ends in ``finish`` with its status and its output flushed, and
+    without the teardown in which a process group's threads can abort the process (an atexit handler
+    stands for that teardown); a single process returns and is torn down as usual."""
+    import subprocess
+
+    script = ("import atexit, sys; from stepdistill.train import finish\n"
+              "atexit.register(lambda: print('teardown'))\n"
+              "print('written', end=''); sys.stderr.write('to stderr')\n"
+              "sys.exit(finish(3))\n")
+    proc = subprocess.run([PYTHON, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "WORLD_SIZE": world_size})
+    assert proc.returncode == 3
+    assert proc.stdout.startswith("written") and proc.stderr.endswith("to stderr")
+    assert ("teardown" in proc.stdout) == torn_down
+
+
 def test_export_command_from_a_checkpoint(tmp_path):
     from stepdistill import lifecycle
     from tests.helpers import tiny_config
