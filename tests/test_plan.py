@@ -117,6 +117,19 @@ def test_ddp_and_fsdp2_per_gpu_figures(tiny_dmd2):
     assert fsdp.peak < m.peak
 
 
+@pytest.mark.parametrize("override, key", [("data.embeddings=/no/such/cache", "data.embeddings"),
+                                           ("model.offload_text_encoders=true", "model.offload_text_encoders")])
+def test_text_encoders_the_run_keeps_off_the_gpu_are_left_out(tiny_dmd2, override, key):
+    """With an embedding cache (not read: the planner encodes its own prompts, the same shapes) or offloaded
+    encoders, the text encoders hold nothing on the GPU; everything else is measured as without."""
+    m = measure(load_config("tests/tiny_dmd2", ["run.trackers=[none]", override]))
+    assert m.off_gpu == {"text_encoder": key}
+    text = sum(tiny_dmd2.held["text_encoder"].values())
+    assert text > 0 and m.held == tiny_dmd2.held and m.activations == tiny_dmd2.activations
+    one = estimate(m, "ddp", 1)
+    assert "text_encoder" not in one.held and one.peak == tiny_dmd2.peak - text
+
+
 def test_plan_command_prints_json_and_refuses_bad_input(capsys):
     assert plan_main(["--config", "tests/tiny_dmd2", "--json", "--num-processes", "2", "--parallel", "fsdp2",
                       "--gpu-memory", "1MiB", "--no-suggestions", "data.batch_size=2"]) == 0

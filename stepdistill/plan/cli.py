@@ -95,7 +95,7 @@ def _suggestions(m, cfg, overrides: list[str], parallel: str, n: int) -> list[Es
         accum = int(m.config["gradient_accumulation_steps"]) * 2
         remeasure("half the batch, twice the accumulation",
                   [f"data.batch_size={batch // 2}", f"train.gradient_accumulation_steps={accum}"])
-    text = tuple(o for o in m.held if o.startswith("text_encoder"))
+    text = tuple(o for o in m.held if o.startswith("text_encoder") and o not in m.off_gpu)
     if text:
         out.append(estimate(m, parallel, n, off_gpu=text,
                             label="text encoders off the GPU: data.embeddings from `stepdistill cache-embeddings`, "
@@ -154,6 +154,9 @@ def plan_main(argv: list[str] | None = None) -> int:
           f"{c['batch_size']} per GPU x {c['gradient_accumulation_steps']} accumulation, mixed precision "
           f"{c['mixed_precision']}, weights {c['weight_dtype']}\n")
     print("\n".join(_table(main, budget)))
+    if m.off_gpu:
+        keys = sorted(set(m.off_gpu.values()))
+        print(f"\n(off the GPU, left out: {', '.join(m.off_gpu)}, by {' and '.join(keys)})")
     phases = ", ".join(f"{p} {f / 1e12:.1f} TFLOP x{m.phase_counts[p]}" for p, f in m.phase_flops.items())
     print(f"\nFLOPs per step: {m.flops_per_step / 1e12:.1f} TFLOP per GPU ({phases} per {m.cycle}-step cycle); "
           f"at {args.utilisation:.0%} of the {args.gpu.upper()}'s {GPUS[args.gpu][0]:.0f} TFLOP/s bf16 peak: "

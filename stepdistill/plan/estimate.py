@@ -57,8 +57,10 @@ class Estimate:
 def estimate(m: Measured, parallel: str, num_processes: int, label: str = "as configured",
              off_gpu: tuple[str, ...] = ()) -> Estimate:
     """Per-GPU figures of ``m`` under ``parallel`` over ``num_processes``; the owners in ``off_gpu`` (e.g. the
-    text encoders, with an embedding cache) hold nothing on the GPU."""
+    text encoders, with an embedding cache) hold nothing on the GPU, nor do those the run keeps off it
+    (``m.off_gpu``)."""
     n = max(1, int(num_processes))
+    off_gpu = (*off_gpu, *m.off_gpu)
     held = {owner: {k: v for k, v in kinds.items() if k != "autocast"} for owner, kinds in m.held.items()
             if owner not in off_gpu}
     autocast = {owner: kinds.get("autocast", 0) for owner, kinds in m.held.items() if owner not in off_gpu}

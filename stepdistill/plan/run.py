@@ -57,6 +57,9 @@ class Measured:
     config: dict = field(default_factory=dict)  # what ran: family, precision, batch, resolution
     students: list[str] = field(default_factory=list)  # the roles the export writes
     roles: dict[str, dict] = field(default_factory=dict)  # role -> {trainable, lora, gradient_checkpointing}
+    # pipeline components the GPU run keeps off the GPU: the text encoders with data.embeddings (not loaded)
+    # or model.offload_text_encoders (on the CPU); measured like the rest, left out of every estimate
+    off_gpu: dict[str, str] = field(default_factory=dict)  # component -> the config key that leaves it off
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -98,7 +101,8 @@ class PlanTrainer(Trainer):
 def plan_config(cfg: DictConfig, workdir: Path) -> DictConfig:
     """The run config as the GPU run resolves it, with nothing read from this machine's disk: bf16 where
     the precision is ``auto``, built-in prompts (prompts are padded to the encoders' lengths, so their
-    text does not change a byte), procedural images for a method that trains on data (encoded by the
+    text does not change a byte) encoded by the teacher's encoders even where ``data.embeddings`` names a
+    cache (the same shapes; ``off_gpu`` leaves the encoders out of the figures), procedural images for a method that trains on data (encoded by the
     teacher's VAE on the fly, as an image folder is), no trackers, no samples, a scratch output folder."""
     cfg = cfg.copy()
     OmegaConf.set_readonly(cfg, False)
@@ -107,6 +111,7 @@ def plan_config(cfg: DictConfig, workdir: Path) -> DictConfig:
     if cfg.model.weight_dtype == "auto":
         cfg.model.weight_dtype = {"bf16": "bf16", "fp16": "fp16"}.get(cfg.train.mixed_precision, "fp32")
     cfg.data.prompts = "builtin:tiny"
+    cfg.data.embeddings = None  # the cache's rows are the fake encoders' outputs' shapes (see off_gpu)
     if cfg.data.images:
         cfg.data.images = "builtin:toy"
     cfg.run.trackers = ["none"]
@@ -185,6 +190,13 @@ def _layout(trainer: Trainer) -> dict:
         sharded.append(name)
         largest[name] = max(sum(p.numel() for p in unit.parameters()) for unit in fsdp_units(teacher.backbone))
     return {"ddp_bucketed": bucketed, "fsdp_sharded": sharded, "largest_unit": largest}
+
+
+def _off_gpu(cfg: DictConfig, components) -> dict[str, str]:
+    """The text encoders, where the run keeps them off the GPU, with the config key that does it."""
+    key = ("data.embeddings" if cfg.data.get("embeddings")
+           else "model.offload_text_encoders" if cfg.model.get("offload_text_encoders") else None)
+    return {name: key for name in components if key and name.startswith("text_encoder")}
 
 
 def _what_ran(cfg: DictConfig, family: str) -> dict:
@@ -284,7 +296,7 @@ def measure(cfg: DictConfig, fake: bool = True) -> Measured:
 
     ``fake=False`` runs the same with real random weights (for small models: the planner's own check).
     """
-    started = time.perf_counter()
+    started, asked = time.perf_counter(), cfg
     with tempfile.TemporaryDirectory(prefix="stepdistill-plan-") as tmp, warnings.catch_warnings():
         # torch's own Parameter check asks a fake tensor for its data pointer; nothing reads it.
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
@@ -321,7 +333,7 @@ def measure(cfg: DictConfig, fake: bool = True) -> Measured:
                                "heads_only": bool(r.cfg.heads_only),
                                "gradient_checkpointing": bool(r.cfg.gradient_checkpointing)}
                            for n, r in trainer.roles.items() if n != "teacher"},
-                    seconds=time.perf_counter() - started)
+                    off_gpu=_off_gpu(asked, counts_by_owner), seconds=time.perf_counter() - started)
 
 
 @contextlib.contextmanager
