@@ -26,13 +26,11 @@ from stepdistill.harness.trainer import Trainer
 from stepdistill.runconfig import load_config
 trainer = Trainer(load_config("tests/tiny_dmd2", sys.argv[1:]))
 print("teacher sharded:", all(isinstance(p, DTensor) for p in trainer.teacher.backbone.parameters()))
-try:
-    trainer.train()
-    trainer.finish()
-finally:  # as train.py does: a gloo group left to the exit handlers can abort the process
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.destroy_process_group()
+trainer.train()
+trainer.finish()
+# as train.py ends a launched process: a process group's threads can abort the interpreter's teardown
+from stepdistill.train import finish
+sys.exit(finish(0))
 """
 
 

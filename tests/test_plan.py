@@ -172,6 +172,65 @@ def test_checkpointed_lora_iteration_matches_a_plain_run(tmp_path):
     assert abs(fake.peak - allocator_peak) <= 0.01 * allocator_peak, (fake.peak, allocator_peak)
 
 
+# One planner iteration with real weights on each process of a launch: its allocator peak from the first
+# phase on (the building of the roles before it is left out: FSDP2 shards whole models after building them).
+RANK_SCRIPT = """
+import json, sys
+from pathlib import Path
+import torch
+from stepdistill.plan.run import _init_optimizer_states, phase_schedule, planned_trainer
+from stepdistill.runconfig import load_config
+from stepdistill.train import finish
+out = Path(sys.argv[1])
+cfg = load_config("tests/tiny_dmd2", ["run.trackers=[none]", *sys.argv[2:]])
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    trainer, _ = planned_trainer(cfg, out, fake=False)
+    _init_optimizer_states(trainer)
+    with torch.profiler.record_function("iteration"):
+        for phase, step in phase_schedule(trainer.method)[0].items():
+            trainer.run_phase(phase, step)
+events = prof.profiler.kineto_results.events()
+start = min(e.start_ns() for e in events if e.name() == "iteration")
+live = peak = 0
+for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+    live += e.nbytes()
+    if e.start_ns() >= start:
+        peak = max(peak, live)
+(out / f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(peak))
+sys.exit(finish(0))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_two_process_figures_match_each_process_allocator(tmp_path, tiny_pipeline_dir, parallel):
+    """The DDP and FSDP2 figures are derived from the one-process run (``plan.estimate``); here they meet
+    the allocator peak of each process of a real 2-process gloo launch of the same iteration, within the
+    issue's 15 %. (DDP: at times one process also holds a role's gradient bucket twice for a moment, when
+    the reducer rebuilds its buckets after the first backward: +10 % on this 1 M-parameter model.)"""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, with_free_port
+
+    tiny_pipeline_dir("sd15")  # built here once: two processes building it at once would race
+    script = tmp_path / "rank_peak.py"
+    script.write_text(RANK_SCRIPT)
+    overrides = [f"train.parallel={parallel}"]
+    cmd = with_free_port([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          str(script), str(tmp_path), *overrides])
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-4000:]
+    measured = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    planned = estimate(measure(load_config("tests/tiny_dmd2", ["run.trackers=[none]", *overrides])), parallel, 2)
+    one = measure(load_config("tests/tiny_dmd2", ["run.trackers=[none]"])).peak
+    print(f"{parallel} over 2: planner {planned.peak} B per process (one process {one} B), allocator {measured} B")
+    assert abs(planned.peak - max(measured)) <= 0.15 * max(measured), (planned.peak, measured)
+    # what N changes is a real part of the figure: DDP's buckets add, FSDP2's shards take away
+    assert (planned.peak > one) if parallel == "ddp" else (planned.peak < one)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_planner_matches_the_allocator_on_a_mid_size_unet(precision, tmp_path, tiny_pipeline_dir):
@@ -250,7 +309,7 @@ def test_fsdp2_arithmetic_on_a_known_layout():
                  held={"unet": {"params": 100}, "generator": {"params": 400, "grads": 400, "optimizer": 400,
                                                               "autocast": 100}},
                  persistent={}, ddp_bucketed={"generator": 100}, fsdp_sharded=["generator", "unet"],
-                 largest_unit={"generator": 10, "unet": 5})
+                 largest_unit={"generator": 10, "unet": 5}, config={"mixed_precision": "bf16"})
     assert estimate(m, "ddp", 1).peak == 1450
     ddp = estimate(m, "ddp", 2)
     assert ddp.communication == 400 and ddp.peak == 1850
@@ -258,5 +317,7 @@ def test_fsdp2_arithmetic_on_a_known_layout():
     assert fsdp.held == {"unet": {"params": 50}, "generator": {"params": 200, "grads": 200, "optimizer": 200}}
     assert fsdp.autocast == 0 and fsdp.communication == 2 * 2 * 10 + 4 * 10
     assert fsdp.peak == 50 + 600 + 50 + 80
+    m.config["mixed_precision"] = "no"  # no mixed-precision policy: the units are gathered in float32
+    assert estimate(m, "fsdp2", 2).communication == 2 * 4 * 10 + 4 * 10
     cached = estimate(m, "ddp", 1, off_gpu=("unet",))  # an owner off the GPU holds nothing there
     assert "unet" not in cached.held and cached.peak == 1450 - 100

@@ -9,7 +9,7 @@ measured again:
   process wraps nothing.
 - **FSDP2** (N > 1): the parameters, gradients, optimizer states and EMA of every sharded role (trainable
   full-weight roles, EMA targets, and the teacher's backbone with ``train.fsdp_shard_teacher``) are divided
-  by N. Their bf16 weights are all-gathered per unit as the
+  by N. Their weights are all-gathered per unit (bf16 under bf16 mixed precision, else float32) as the
   forward and backward reach it: the largest unit and the one prefetched after it, plus that unit's float32
   gradients before the reduce-scatter, are added. Autocast no longer keeps bf16 copies of their float32
   weights (the mixed-precision policy computes in bf16 parameters), so those copies are taken out. The
@@ -72,8 +72,10 @@ def estimate(m: Measured, parallel: str, num_processes: int, label: str = "as co
             held[owner] = {kind: -(-nbytes // n) for kind, nbytes in held.get(owner, {}).items()}
             autocast[owner] = 0
         units = sorted((m.largest_unit[o] for o in m.fsdp_sharded), reverse=True)
-        if units:  # two bf16 units gathered (the current one, the prefetched next), fp32 grads of one
-            communication = 2 * 2 * units[0] + 4 * units[0]
+        # the mixed-precision policy gathers bf16 / fp16 weights; without one they are gathered float32
+        gathered = 2 if m.config.get("mixed_precision") in ("bf16", "fp16") else 4
+        if units:  # two units gathered (the current one, the prefetched next), fp32 grads of one
+            communication = 2 * gathered * units[0] + 4 * units[0]
     auto = sum(autocast.values())
     peak = sum(sum(k.values()) for k in held.values()) + m.activations + auto + communication
     return Estimate(label, parallel, n, held, m.activations, auto, communication, peak, m.peak_phase,
