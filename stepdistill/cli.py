@@ -58,7 +58,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
                     raise ValueError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN")
             out = export_from_run(path, args.out, dtype=args.dtype, use_ema=not args.no_ema,
                                   lora_only=args.lora, variant=args.variant, repo_id=args.push_to_hub,
-                                  license_=args.license, allow_nonfinite=args.allow_nonfinite)
+                                  license_=args.license, allow_nonfinite=args.allow_nonfinite,
+                                  lora_format=args.lora_format)
             print(f"exported to {out}")
         if args.push_to_hub:
             url = push_to_hub(out, args.push_to_hub, private=args.private, dry_run=args.dry_run)
@@ -240,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the weights as this diffusers variant (*.fp16.safetensors; load with variant=)")
     p.add_argument("--lora", action="store_true",
                    help="write only the LoRA weights of a LoRA student (pipe.load_lora_weights) and its scheduler")
+    p.add_argument("--format", dest="lora_format", choices=("diffusers", "kohya", "comfyui"), default="diffusers",
+                   help="a LoRA student's file: diffusers (always written), plus kohya (A1111, Forge; UNet models) "
+                        "or comfyui (drop into ComfyUI/models/loras) beside it")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights, not the EMA weights")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="write weights that hold NaN / inf (refused by default: the run diverged)")

@@ -87,6 +87,58 @@ def test_lora_student_exports_merged_pipeline_and_loadable_lora(tmp_path):
     assert torch.allclose(with_lora, student, atol=1e-4)
 
 
+@pytest.mark.parametrize("family, fmt", [("sd15", "kohya"), ("sdxl", "comfyui"), ("flux", "comfyui")])
+def test_kohya_and_comfyui_lora_files_fuse_to_the_diffusers_weights(tmp_path, family, fmt):
+    """The kohya / ComfyUI file, loaded by diffusers' own ``load_lora_weights`` (which converts those
+    formats), fuses into the same backbone weights as the diffusers file, at the adapter's alpha / rank."""
+    from safetensors import safe_open
+
+    from stepdistill.export.pipeline import export_from_run
+    from stepdistill.models import resolve_pretrained
+
+    cfg = tiny_config(tmp_path / "run", "dmd2", f"model.pretrained=tiny:{family}", f"model.family={family}",
+                      "method.num_steps=1", "train.max_steps=1", "train.sample_every=0", "export.enabled=false",
+                      "roles.generator.lora_rank=4", "roles.generator.lora_alpha=2",
+                      "roles.generator.share_teacher_base=true", "roles.generator.lr=0.01")
+    lifecycle.run(cfg)
+    out = export_from_run(tmp_path / "run", tmp_path / "lora", lora_only=True, lora_format=fmt)
+    info = json.loads((out / "stepdistill.json").read_text())
+    assert info["lora_file"] == f"dmd2_1step_{fmt}.safetensors"
+    with safe_open(str(out / info["lora_file"]), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["stepdistill.method"] == "dmd2" and meta["stepdistill.num_inference_steps"] == "1"
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    if family == "flux":
+        assert all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+    else:
+        assert all(k.startswith("lora_unet_") for k in keys) and any(k.endswith(".alpha") for k in keys)
+
+    def fused(weight_name):
+        pipe = DiffusionPipeline.from_pretrained(resolve_pretrained(f"tiny:{family}"))
+        backbone = pipe.unet if family != "flux" else pipe.transformer
+        before = {k: v.clone() for k, v in backbone.state_dict().items()}
+        pipe.load_lora_weights(str(out), weight_name=weight_name)
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+        return before, {k: v for k, v in backbone.state_dict().items()}
+
+    base, reference = fused("pytorch_lora_weights.safetensors")
+    _, converted = fused(info["lora_file"])
+    assert reference.keys() == converted.keys() == base.keys()
+    assert any(not torch.equal(base[k], reference[k]) for k in base), "the LoRA changed nothing"
+    for k in reference:
+        torch.testing.assert_close(converted[k], reference[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_kohya_names_exist_only_for_unet_models(tmp_path):
+    from stepdistill.export.lora_formats import check_format
+
+    with pytest.raises(ValueError, match="--format=kohya.*not for flux.*--format comfyui"):
+        check_format("kohya", "flux")
+    check_format("comfyui", "flux")
+    check_format("kohya", "sdxl")
+
+
 def test_one_step_export_runs_at_more_steps(tmp_path):
     """The exported scheduler runs the trained step count exactly and any other step count too."""
     cfg = tiny_config(tmp_path / "run", "dmd2", "method.num_steps=1", "train.max_steps=1", "train.sample_every=0")

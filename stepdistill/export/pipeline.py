@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from stepdistill.export.hub import usage_snippet, write_model_card
+from stepdistill.export.lora_formats import check_format, write_lora_file
 from stepdistill.harness.checkpoint import damage, fsync_dir, fsync_tree, latest_checkpoint, load_extra_states
 from stepdistill.models.denoiser import unwrap_model
 from stepdistill.models.loading import as_dtype
@@ -124,16 +125,24 @@ def export_lora(teacher, role, out: str | Path) -> Path:
 
 def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32", config: dict | None = None,
                     lora_only: bool = False, variant: str | None = None, run_dir: str | Path | None = None,
-                    repo_id: str | None = None, license_: str | None = None, allow_nonfinite: bool = False) -> Path:
+                    repo_id: str | None = None, license_: str | None = None, allow_nonfinite: bool = False,
+                    lora_format: str = "diffusers") -> Path:
     """Write the student to ``out`` with ``stepdistill.json`` and a model card (README.md).
 
     Default: the whole pipeline (weights in ``dtype``; with ``variant`` = "fp16"/"bf16" they are saved as
     that diffusers variant, ``*.fp16.safetensors``). ``lora_only``: just the LoRA weights of a LoRA
     student (``pipe.load_lora_weights(out)`` on the base pipeline) and the scheduler to sample them with.
     ``run_dir`` supplies the card's metrics and sample grid; ``repo_id`` its usage snippet. Weights with
-    NaN / inf are refused unless ``allow_nonfinite``. The folder is written whole, then renamed into place.
+    NaN / inf are refused unless ``allow_nonfinite``. ``lora_format`` ("kohya" / "comfyui") also writes a
+    LoRA student's weights as that tool's file beside the diffusers one (``export.lora_formats``). The
+    folder is written whole, then renamed into place.
     """
     out = check_export_target(out)
+    if lora_format != "diffusers":
+        check_format(lora_format, teacher.family)
+        if not role.is_lora:
+            raise ValueError(f"--format={lora_format}: the {method.name} student is full weights, not a LoRA; "
+                             "LoRA files exist for LoRA students (roles.generator.lora_rank > 0)")
     if variant is not None:
         if variant not in ("fp16", "bf16"):
             raise ValueError(f"variant={variant!r}: choose fp16 or bf16")
@@ -151,17 +160,20 @@ def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32",
     config = portable_config(config, run_dir) if config is not None else None
     resumes = portable_config({"resumes": read_resumes(run_dir)}, run_dir)["resumes"]
     with atomic_folder(out) as tmp:
-        _write_export(tmp, teacher, method, role, experts, dtype, config, lora_only, variant, resumes)
+        _write_export(tmp, teacher, method, role, experts, dtype, config, lora_only, variant, resumes, lora_format)
         write_model_card(tmp, run_dir, repo_id, license_)
     return out
 
 
-def _write_export(out: Path, teacher, method, role, experts, dtype, config, lora_only, variant, resumes) -> None:
+def _write_export(out: Path, teacher, method, role, experts, dtype, config, lora_only, variant, resumes,
+                  lora_format: str = "diffusers") -> None:
     if lora_only:
         export_lora(teacher, role, out)
         scheduler = method.export_scheduler()
         scheduler.save_pretrained(str(out / "scheduler"))
-        _write_info(out, teacher, method, scheduler, lora=".", config=config, lora_only=True, resumes=resumes)
+        info = _write_info(out, teacher, method, scheduler, lora=".", config=config, lora_only=True,
+                           resumes=resumes, lora_file=_lora_file_name(method, lora_format))
+        _write_lora_format(out, teacher, role, info, lora_format, scheduler)
         return
     torch_dtype = as_dtype(dtype)
     pipe = student_pipeline(teacher, method, role, torch_dtype)
@@ -172,9 +184,31 @@ def _write_export(out: Path, teacher, method, role, experts, dtype, config, lora
     if role.is_lora and not experts:
         # LoRA students are also written as LoRA weights for the teacher's own pipeline (LCM-LoRA style).
         lora_dir = export_lora(teacher, role, out / "lora")
-    _write_info(out, teacher, method, pipe.scheduler,
-                lora="lora" if lora_dir is not None else None, config=config, variant=variant,
-                experts=expert_info, resumes=resumes)
+    info = _write_info(out, teacher, method, pipe.scheduler,
+                       lora="lora" if lora_dir is not None else None, config=config, variant=variant,
+                       experts=expert_info, resumes=resumes,
+                       lora_file=_lora_file_name(method, lora_format) if lora_dir is not None else None)
+    if lora_dir is not None:
+        _write_lora_format(lora_dir, teacher, role, info, lora_format, pipe.scheduler)
+
+
+def _lora_file_name(method, lora_format: str) -> str | None:
+    """The kohya / ComfyUI file's name (None for diffusers: its file is ``pytorch_lora_weights.safetensors``)."""
+    if lora_format == "diffusers":
+        return None
+    return f"{method.name}_{method.num_inference_steps}step_{lora_format}.safetensors"
+
+
+def _write_lora_format(folder: Path, teacher, role, info: dict, lora_format: str, scheduler) -> None:
+    if lora_format == "diffusers":
+        return
+    module = unwrap_model(role.module)
+    config = module.peft_config[role.adapter]
+    weights = {k: v.detach().float().cpu() for k, v in lora_state_dict(module, role.adapter).items()}
+    base = str(((info.get("config") or {}).get("model") or {}).get("pretrained", "unknown"))
+    name = info["lora_file"].removesuffix(f"_{lora_format}.safetensors")
+    write_lora_file(folder, lora_format, weights, int(config.r), float(config.lora_alpha),
+                    {**info, "teacher": base, "scheduler_config": dict(scheduler.config)}, name)
 
 
 def student_pipeline(teacher, method, role, torch_dtype: torch.dtype):
@@ -230,8 +264,9 @@ def read_resumes(run_dir: str | Path | None) -> list[dict]:
 
 def _write_info(out: Path, teacher, method, scheduler, lora: str | None, config: dict | None,
                 lora_only: bool = False, variant: str | None = None, experts: dict | None = None,
-                resumes: list[dict] | None = None) -> None:
-    """``stepdistill.json``: how to sample the export (steps, timesteps, guidance), method and config."""
+                resumes: list[dict] | None = None, lora_file: str | None = None) -> dict:
+    """``stepdistill.json``: how to sample the export (steps, timesteps, guidance), method and config;
+    returns what it wrote."""
     steps = method.num_inference_steps
     timesteps = method.export_timesteps()
     # Guidance is distilled into the student: CFG at sampling time would double the cost and
@@ -245,6 +280,7 @@ def _write_info(out: Path, teacher, method, scheduler, lora: str | None, config:
     info = {
         "lora": lora,
         "lora_only": lora_only,
+        "lora_file": lora_file,  # the kohya / ComfyUI file in the LoRA folder, if one was asked for
         "variant": variant,
         "method": method.name,
         "paper": method.paper,
@@ -264,6 +300,7 @@ def _write_info(out: Path, teacher, method, scheduler, lora: str | None, config:
     # Named by the folder's name (``out`` is still the temporary folder here): no local path is recorded.
     info["usage"] = usage_snippet({**info, "base_model": base}, out.name)
     (out / "stepdistill.json").write_text(json.dumps(info, indent=2, default=str))
+    return info
 
 
 def _checkpoint_and_run(path: Path) -> tuple[Path, Path]:
@@ -336,6 +373,15 @@ def export_from_run(path: str | Path, out: str | Path, dtype: str = "fp32", use_
 
     checkpoint, run_dir = _checkpoint_and_run(Path(path))
     cfg = load_config(str(run_dir / "config.yaml"), ["run.trackers=[none]", "train.resume=null"])
+    lora_format = export_kwargs.get("lora_format", "diffusers")
+    if lora_format != "diffusers":  # before the teacher is built
+        from stepdistill.models import check_pretrained
+
+        check_format(lora_format, check_pretrained(str(cfg.model.pretrained), cfg.model.family))
+        generator = cfg.roles.get("generator")
+        if generator is not None and not generator.lora_rank > 0:
+            raise ValueError(f"--format={lora_format}: this run's student is full weights, not a LoRA; LoRA files "
+                             "exist for LoRA students (roles.generator.lora_rank > 0)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, weight_dtype = resolve_precision(cfg.train.mixed_precision, cfg.model.weight_dtype)
     built = build(cfg, device, weight_dtype)
