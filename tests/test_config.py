@@ -368,12 +368,14 @@ def test_cli_export_dispatch(monkeypatch, capsys, tmp_path):
                      (str(path), out, dtype, use_ema, kw)) or out,
                  check_export_target=lambda out: out)
     assert cli.main(["export", "runs/x", "--out", str(tmp_path), "--dtype", "fp16", "--no-ema"]) == 0
-    no_extras = dict(lora_only=False, variant=None, repo_id=None, license_=None, allow_nonfinite=False)
+    no_extras = dict(lora_only=False, variant=None, repo_id=None, license_=None, allow_nonfinite=False,
+                     lora_format="diffusers")
     assert calls == [("runs/x", str(tmp_path), "fp16", False, no_extras)]
     assert cli.main(["export", "runs/x", "--out", str(tmp_path), "--lora", "--variant", "bf16",
-                     "--license", "mit"]) == 0
+                     "--license", "mit", "--format", "comfyui"]) == 0
     assert calls[-1] == ("runs/x", str(tmp_path), "fp32", True,
-                         dict(lora_only=True, variant="bf16", repo_id=None, license_="mit", allow_nonfinite=False))
+                         dict(lora_only=True, variant="bf16", repo_id=None, license_="mit", allow_nonfinite=False,
+                              lora_format="comfyui"))
     capsys.readouterr()
     user_error(capsys, ["export", "runs/x", "--out", "o", "--dtype", "int8"], entry=cli.main)
     assert "--out DIR is required" in user_error(capsys, ["export", "runs/x"], entry=cli.main)

@@ -130,6 +130,50 @@ def test_kohya_and_comfyui_lora_files_fuse_to_the_diffusers_weights(tmp_path, fa
         torch.testing.assert_close(converted[k], reference[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_a_distilled_lora_stacks_with_another_lora(tmp_path):
+    """Users stack an acceleration LoRA with a style LoRA on one base (``set_adapters`` with per-adapter
+    weights): a style weight of 0 gives the distilled LoRA alone, another weight changes the output, and
+    the stack fuses into the same output it gives unfused."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from stepdistill.models import resolve_pretrained
+
+    cfg = tiny_config(tmp_path / "run", "dmd2", "method.num_steps=1", "train.max_steps=1", "train.sample_every=0",
+                      "roles.generator.lora_rank=4", "roles.generator.lora_alpha=2",
+                      "roles.generator.share_teacher_base=true", "roles.generator.lr=0.01")
+    lifecycle.run(cfg)
+    export = tmp_path / "run" / "export"
+    # a "style" LoRA of another rank on the same base, with non-zero weights
+    style = DiffusionPipeline.from_pretrained(resolve_pretrained("tiny:sd15"))
+    style.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v", "conv1"]))
+    with torch.no_grad():
+        for name, p in style.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    type(style).save_lora_weights(str(tmp_path / "style"), unet_lora_layers=get_peft_model_state_dict(style.unet))
+
+    pipe = DiffusionPipeline.from_pretrained(resolve_pretrained("tiny:sd15"))
+    pipe.scheduler = DiffusionPipeline.from_pretrained(export).scheduler
+    pipe.load_lora_weights(str(export / "lora"), adapter_name="distilled")
+    pipe.load_lora_weights(str(tmp_path / "style"), adapter_name="style")
+
+    def sample():
+        return pipe(["a red circle"], num_inference_steps=1, guidance_scale=0, height=64, width=64,
+                    output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+    pipe.set_adapters(["distilled"])
+    alone = sample()
+    pipe.set_adapters(["distilled", "style"], adapter_weights=[1.0, 0.0])
+    torch.testing.assert_close(sample(), alone)
+    pipe.set_adapters(["distilled", "style"], adapter_weights=[1.0, 0.7])
+    stacked = sample()
+    assert (stacked - alone).abs().max() > 1e-3, "the style LoRA changed nothing"
+    pipe.fuse_lora(adapter_names=["distilled", "style"])
+    pipe.unload_lora_weights()
+    torch.testing.assert_close(sample(), stacked, rtol=1e-4, atol=1e-4)
+
+
 def test_kohya_names_exist_only_for_unet_models(tmp_path):
     from stepdistill.export.lora_formats import check_format
 
