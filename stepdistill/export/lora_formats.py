@@ -79,9 +79,9 @@ def header(info: dict, fmt: str, rank: int, alpha: float) -> dict[str, str]:
     return meta
 
 
-def write_lora_file(out: Path, fmt: str, weights: dict[str, torch.Tensor], rank: int, alpha: float,
-                    info: dict, name: str) -> Path:
-    """Write ``<out>/<name>_<fmt>.safetensors`` (kohya / comfyui) from the adapter's peft-named weights."""
+def write_lora_file(path: Path, fmt: str, weights: dict[str, torch.Tensor], rank: int, alpha: float,
+                    info: dict) -> Path:
+    """Write the ``fmt`` (kohya / comfyui) file at ``path`` from the adapter's peft-named weights."""
     from safetensors.torch import save_file
 
     family = info["family"]
@@ -90,6 +90,6 @@ def write_lora_file(out: Path, fmt: str, weights: dict[str, torch.Tensor], rank:
         tensors = kohya_state_dict(weights, alpha)
     else:
         tensors = comfyui_transformer_state_dict(weights, rank, alpha)
-    path = Path(out) / f"{name}_{fmt}.safetensors"
+    path = Path(path)
     save_file(tensors, str(path), metadata=header(info, fmt, rank, alpha))
     return path

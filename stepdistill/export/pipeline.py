@@ -173,7 +173,7 @@ def _write_export(out: Path, teacher, method, role, experts, dtype, config, lora
         scheduler.save_pretrained(str(out / "scheduler"))
         info = _write_info(out, teacher, method, scheduler, lora=".", config=config, lora_only=True,
                            resumes=resumes, lora_file=_lora_file_name(method, lora_format))
-        _write_lora_format(out, teacher, role, info, lora_format, scheduler)
+        _write_lora_format(out, role, info, lora_format, scheduler)
         return
     torch_dtype = as_dtype(dtype)
     pipe = student_pipeline(teacher, method, role, torch_dtype)
@@ -189,7 +189,7 @@ def _write_export(out: Path, teacher, method, role, experts, dtype, config, lora
                        experts=expert_info, resumes=resumes,
                        lora_file=_lora_file_name(method, lora_format) if lora_dir is not None else None)
     if lora_dir is not None:
-        _write_lora_format(lora_dir, teacher, role, info, lora_format, pipe.scheduler)
+        _write_lora_format(lora_dir, role, info, lora_format, pipe.scheduler)
 
 
 def _lora_file_name(method, lora_format: str) -> str | None:
@@ -199,16 +199,16 @@ def _lora_file_name(method, lora_format: str) -> str | None:
     return f"{method.name}_{method.num_inference_steps}step_{lora_format}.safetensors"
 
 
-def _write_lora_format(folder: Path, teacher, role, info: dict, lora_format: str, scheduler) -> None:
+def _write_lora_format(folder: Path, role, info: dict, lora_format: str, scheduler) -> None:
+    """The kohya / ComfyUI file (``info["lora_file"]``) of a LoRA student, beside its diffusers file."""
     if lora_format == "diffusers":
         return
     module = unwrap_model(role.module)
     config = module.peft_config[role.adapter]
     weights = {k: v.detach().float().cpu() for k, v in lora_state_dict(module, role.adapter).items()}
     base = str(((info.get("config") or {}).get("model") or {}).get("pretrained", "unknown"))
-    name = info["lora_file"].removesuffix(f"_{lora_format}.safetensors")
-    write_lora_file(folder, lora_format, weights, int(config.r), float(config.lora_alpha),
-                    {**info, "teacher": base, "scheduler_config": dict(scheduler.config)}, name)
+    write_lora_file(folder / info["lora_file"], lora_format, weights, int(config.r), float(config.lora_alpha),
+                    {**info, "teacher": base, "scheduler_config": dict(scheduler.config)})
 
 
 def student_pipeline(teacher, method, role, torch_dtype: torch.dtype):
