@@ -58,3 +58,17 @@ def run(cmd: list[str], cwd: Path = REPO, timeout: int = 600, env: dict | None =
 
 
 PYTHON = sys.executable
+
+
+def allocator_peak(prof, after: str | None = None) -> int:
+    """The CPU allocator's own peak over a ``torch.profiler.profile(profile_memory=True)`` block: every
+    allocation and free in time order; with ``after``, only from the start of that profiler range on (the
+    bytes allocated before it still count as live)."""
+    events = prof.profiler.kineto_results.events()
+    start = min(e.start_ns() for e in events if e.name() == after) if after else None
+    live = peak = 0
+    for event in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        if start is None or event.start_ns() >= start:
+            peak = max(peak, live)
+    return peak

@@ -13,6 +13,7 @@ from stepdistill.plan.estimate import estimate
 from stepdistill.plan.memory import ACTIVATIONS, MemoryTracker
 from stepdistill.plan.run import measure, phase_schedule
 from stepdistill.runconfig import load_config
+from tests.helpers import allocator_peak
 
 MiB = 2**20
 
@@ -64,17 +65,6 @@ def test_phase_schedule_covers_one_ttur_cycle():
     assert first == {"critic": 0, "generator": 0} and counts == {"critic": 5, "generator": 1} and length == 5
 
 
-def _allocator_peak(prof) -> int:
-    """The CPU allocator's own peak over a profiled block: every allocation and free, in time order."""
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 @pytest.fixture(scope="module")
 def tiny_dmd2():
     return measure(load_config("tests/tiny_dmd2", ["run.trackers=[none]"]))
@@ -86,7 +76,7 @@ def test_a_fake_iteration_measures_what_the_real_one_holds(tiny_dmd2):
     cfg = load_config("tests/tiny_dmd2", ["run.trackers=[none]"])
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         real = measure(cfg, fake=False)
-    allocator_peak = _allocator_peak(prof)
+    allocator = allocator_peak(prof)
     # Same harness, same ops: the same persistent bytes and FLOPs with and without weights, and the same peak
     # but for a few bytes (a CPU kernel's own scratch: 2 KiB in 31 MiB here).
     assert fake.persistent == real.persistent
@@ -96,8 +86,8 @@ def test_a_fake_iteration_measures_what_the_real_one_holds(tiny_dmd2):
     assert fake.persistent["generator"]["optimizer"] >= 2 * 4 * trainable  # AdamW: two fp32 moments
     assert fake.persistent["generator"]["params"] == 4 * trainable
     # The real run's allocator peak (model building included) is within 15 % of the planner's.
-    print(f"planner {fake.peak} B, allocator {allocator_peak} B")
-    assert abs(allocator_peak - fake.peak) <= 0.15 * allocator_peak, (allocator_peak, fake.peak)
+    print(f"planner {fake.peak} B, allocator {allocator} B")
+    assert abs(allocator - fake.peak) <= 0.15 * allocator, (allocator, fake.peak)
 
 
 def test_ddp_and_fsdp2_per_gpu_figures(tiny_dmd2):
@@ -157,19 +147,16 @@ def test_checkpointed_lora_iteration_matches_a_plain_run(tmp_path):
     checkpointing and a LoRA critic on the shared base. torch's FlopCounterMode keeps every checkpointed
     block's recomputed activations alive through the backward (+6 % here, x4.5 on SDXL): the planner's
     FLOP counter must not change what it measures."""
-    from stepdistill.plan.run import _init_optimizer_states, planned_trainer
+    from stepdistill.plan.run import plain_iteration
 
     cfg = load_config("tests/tiny_dmd2", ["run.trackers=[none]", "roles.generator.gradient_checkpointing=true",
                                           "roles.critic.gradient_checkpointing=true", "roles.critic.lora_rank=4",
                                           "roles.critic.share_teacher_base=true"])
     fake = measure(cfg)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainer, _ = planned_trainer(cfg, tmp_path, fake=False)
-        _init_optimizer_states(trainer)
-        for phase, step in phase_schedule(trainer.method)[0].items():
-            trainer.run_phase(phase, step)
-    allocator_peak = _allocator_peak(prof)
-    assert abs(fake.peak - allocator_peak) <= 0.01 * allocator_peak, (fake.peak, allocator_peak)
+        plain_iteration(cfg, tmp_path)
+    peak = allocator_peak(prof)
+    assert abs(fake.peak - peak) <= 0.01 * peak, (fake.peak, peak)
 
 
 # One planner iteration with real weights on each process of a launch: its allocator peak from the first
@@ -178,25 +165,17 @@ RANK_SCRIPT = """
 import json, sys
 from pathlib import Path
 import torch
-from stepdistill.plan.run import _init_optimizer_states, phase_schedule, planned_trainer
+sys.path.insert(0, sys.argv[2])  # the repository, for tests.helpers
+from stepdistill.plan.run import ITERATION, plain_iteration
 from stepdistill.runconfig import load_config
 from stepdistill.train import finish
+from tests.helpers import allocator_peak
 out = Path(sys.argv[1])
-cfg = load_config("tests/tiny_dmd2", ["run.trackers=[none]", *sys.argv[2:]])
+cfg = load_config("tests/tiny_dmd2", ["run.trackers=[none]", *sys.argv[3:]])
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-    trainer, _ = planned_trainer(cfg, out, fake=False)
-    _init_optimizer_states(trainer)
-    with torch.profiler.record_function("iteration"):
-        for phase, step in phase_schedule(trainer.method)[0].items():
-            trainer.run_phase(phase, step)
-events = prof.profiler.kineto_results.events()
-start = min(e.start_ns() for e in events if e.name() == "iteration")
-live = peak = 0
-for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
-    live += e.nbytes()
-    if e.start_ns() >= start:
-        peak = max(peak, live)
-(out / f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(peak))
+    trainer = plain_iteration(cfg, out)
+rank = trainer.accelerator.process_index
+(out / f"rank{rank}.json").write_text(json.dumps(allocator_peak(prof, after=ITERATION)))
 sys.exit(finish(0))
 """
 
@@ -218,7 +197,7 @@ def test_two_process_figures_match_each_process_allocator(tmp_path, tiny_pipelin
     script.write_text(RANK_SCRIPT)
     overrides = [f"train.parallel={parallel}"]
     cmd = with_free_port([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          str(script), str(tmp_path), *overrides])
+                          str(script), str(tmp_path), str(REPO), *overrides])
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stderr[-4000:]
@@ -249,12 +228,12 @@ def test_planner_matches_the_allocator_on_a_mid_size_unet(precision, tmp_path, t
                       + (["train.mixed_precision=bf16", "model.weight_dtype=bf16"] if precision == "bf16" else []))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         real = measure(cfg, fake=False)
-    allocator_peak = _allocator_peak(prof)
+    allocator = allocator_peak(prof)
     fake = measure(cfg)
     assert 50e6 <= fake.parameters["unet"] <= 100e6
     print(f"mid-size UNet, mixed precision {precision} ({fake.parameters['unet'] / 1e6:.0f} M): planner {fake.peak / 2**20:.1f} MiB, "
-          f"allocator {allocator_peak / 2**20:.1f} MiB, real-weights tracker {real.peak / 2**20:.1f} MiB")
-    assert abs(allocator_peak - fake.peak) <= 0.15 * allocator_peak
+          f"allocator {allocator / 2**20:.1f} MiB, real-weights tracker {real.peak / 2**20:.1f} MiB")
+    assert abs(allocator - fake.peak) <= 0.15 * allocator
 
 
 # ---- real-size architectures, one iteration each, no weights ------------------------------------

@@ -291,6 +291,22 @@ def planned_trainer(cfg: DictConfig, workdir: Path, fake: bool = True) -> tuple[
     return PlanTrainer(cfg, teacher=teacher, networks=lambda: mode), family
 
 
+ITERATION = "stepdistill.plan.iteration"  # the profiler range of plain_iteration's phases
+
+
+def plain_iteration(cfg: DictConfig, workdir: Path) -> PlanTrainer:
+    """The planner's iteration with real weights and nothing measuring it: the reference its figures are
+    checked against (an allocator's record of it, e.g. ``torch.profiler``). Every optimizer makes its states,
+    then each phase runs once inside the profiler range ``ITERATION`` (building the trainer comes before it:
+    FSDP2 shards whole models once they are built)."""
+    trainer, _ = planned_trainer(cfg, workdir, fake=False)
+    _init_optimizer_states(trainer)
+    with torch.profiler.record_function(ITERATION):
+        for phase, step in phase_schedule(trainer.method)[0].items():
+            trainer.run_phase(phase, step)
+    return trainer
+
+
 def measure(cfg: DictConfig, fake: bool = True) -> Measured:
     """Run ``cfg``'s training iteration under FakeTensorMode on this CPU and measure it (one process).
 
