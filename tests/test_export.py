@@ -181,6 +181,9 @@ def test_kohya_names_exist_only_for_unet_models(tmp_path):
         check_format("kohya", "flux")
     check_format("comfyui", "flux")
     check_format("kohya", "sdxl")
+    with pytest.raises(ValueError, match="--format=comfyui: the student is full weights, not a LoRA"):
+        check_format("comfyui", "sdxl", lora_student=False)
+    check_format("diffusers", "flux", lora_student=False)  # the diffusers pipeline export needs no LoRA
 
 
 def test_one_step_export_runs_at_more_steps(tmp_path):

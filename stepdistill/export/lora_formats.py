@@ -32,8 +32,13 @@ FORMATS = ("diffusers", "kohya", "comfyui")
 _BASE_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
 
 
-def check_format(fmt: str, family: str) -> None:
-    """A clear error before any work for a format the family has no file for."""
+def check_format(fmt: str, family: str, lora_student: bool = True) -> None:
+    """A clear error before any work for a format the family has no file for, or a student that is no LoRA."""
+    if fmt == "diffusers":
+        return
+    if not lora_student:
+        raise ValueError(f"--format={fmt}: the student is full weights, not a LoRA; LoRA files exist for LoRA "
+                         "students (roles.generator.lora_rank > 0)")
     if fmt not in FORMATS:
         raise ValueError(f"--format={fmt!r}: choose one of {', '.join(FORMATS)}")
     if fmt == "kohya" and family not in UNET_FAMILIES:

@@ -138,11 +138,7 @@ def export_pipeline(teacher, method, role, out: str | Path, dtype: str = "fp32",
     folder is written whole, then renamed into place.
     """
     out = check_export_target(out)
-    if lora_format != "diffusers":
-        check_format(lora_format, teacher.family)
-        if not role.is_lora:
-            raise ValueError(f"--format={lora_format}: the {method.name} student is full weights, not a LoRA; "
-                             "LoRA files exist for LoRA students (roles.generator.lora_rank > 0)")
+    check_format(lora_format, teacher.family, role.is_lora)
     if variant is not None:
         if variant not in ("fp16", "bf16"):
             raise ValueError(f"variant={variant!r}: choose fp16 or bf16")
@@ -377,11 +373,9 @@ def export_from_run(path: str | Path, out: str | Path, dtype: str = "fp32", use_
     if lora_format != "diffusers":  # before the teacher is built
         from stepdistill.models import check_pretrained
 
-        check_format(lora_format, check_pretrained(str(cfg.model.pretrained), cfg.model.family))
         generator = cfg.roles.get("generator")
-        if generator is not None and not generator.lora_rank > 0:
-            raise ValueError(f"--format={lora_format}: this run's student is full weights, not a LoRA; LoRA files "
-                             "exist for LoRA students (roles.generator.lora_rank > 0)")
+        check_format(lora_format, check_pretrained(str(cfg.model.pretrained), cfg.model.family),
+                     generator is None or generator.lora_rank > 0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, weight_dtype = resolve_precision(cfg.train.mixed_precision, cfg.model.weight_dtype)
     built = build(cfg, device, weight_dtype)
