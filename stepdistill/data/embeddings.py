@@ -70,35 +70,10 @@ def _image_captions(images: str | None, image_column: str = "image", caption_col
 def _stream_captions(source) -> list[str]:
     """Every caption of a streamed ``data.images`` (``data/sources.py``), as its ``Reader`` gives them to the
     run, in the source's stored order; only the caption column or the caption members are read (no image)."""
-    from stepdistill.data import sources
+    from stepdistill.data.sources import Reader
 
-    column, captions = source.caption_column, []
-    if source.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        files: dict[str, pq.ParquetFile] = {}
-        for unit in source.units:
-            table = files.setdefault(unit.path, pq.ParquetFile(unit.path)).read_row_group(unit.index, columns=[column])
-            captions += map(sources._caption, table.column(column).to_pylist())
-    elif source.kind in ("dataset", "arrow"):
-        import datasets
-
-        for path in dict.fromkeys(u.path for u in source.units):  # a file's units cover all of its rows
-            ds = sources._open_dataset(path, source.location) if source.kind == "dataset" else \
-                datasets.Dataset.from_file(path)
-            captions += map(sources._caption, ds.select_columns([column])[column])
-    else:  # webdataset: the caption members (.txt, or .json under data.caption_column / caption / text)
-        import tarfile
-
-        reader = sources.Reader(source)
-        for unit in source.units:
-            with tarfile.open(unit.path, "r:") as tar:
-                for _, _, member in sources._tar_samples(tar, unit.path):
-                    text = tar.extractfile(member).read().decode("utf-8", errors="replace")
-                    if member.name.lower().endswith(".json"):
-                        text = reader._json_caption(text, f"{unit.path}:{member.name}")
-                    captions.append(text)
-    return captions
+    reader = Reader(source)
+    return [caption for unit in source.units for caption in reader.captions(unit)]
 
 
 def run_prompts(cfg) -> tuple[list[str], list[str]]:

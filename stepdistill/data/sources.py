@@ -171,6 +171,13 @@ def _check_columns(location: str, names: list[str], image_column: str, caption_c
                                    f"Set {key} to one of them")
 
 
+def _open_table(kind: str, path: str, location: str):
+    """A ``dataset`` folder or an ``arrow`` file as a ``datasets.Dataset`` (memory-mapped, nothing decoded)."""
+    import datasets
+
+    return _open_dataset(path, location) if kind == "dataset" else datasets.Dataset.from_file(path)
+
+
 def _open_dataset(path: str, location: str):
     """A ``datasets.Dataset`` (memory-mapped) from a save_to_disk folder: its train split, or its only one."""
     import datasets
@@ -277,11 +284,9 @@ def open_source(location: str, image_column: str = "image", caption_column: str 
             _check_columns(location, meta.schema_arrow.names, image_column, caption_column)
             units += [Unit(f, g, meta.metadata.row_group(g).num_rows) for g in range(meta.metadata.num_row_groups)]
     elif kind in ("dataset", "arrow"):
-        import datasets
-
         for f in files:
             try:
-                ds = _open_dataset(f, location) if kind == "dataset" else datasets.Dataset.from_file(f)
+                ds = _open_table(kind, f, location)
             except ValueError:
                 raise
             except Exception as e:  # noqa: BLE001 - arrow / datasets raise several types
@@ -437,9 +442,8 @@ class Reader:
             if unit.path not in self._datasets:
                 import datasets
 
-                ds = _open_dataset(unit.path, src.location) if src.kind == "dataset" else \
-                    datasets.Dataset.from_file(unit.path)
-                ds = ds.select_columns([src.image_column, src.caption_column])
+                ds = _open_table(src.kind, unit.path, src.location).select_columns([src.image_column,
+                                                                                     src.caption_column])
                 if isinstance(ds.features[src.image_column], datasets.Image):
                     ds = ds.cast_column(src.image_column, datasets.Image(decode=False))
                 self._datasets[unit.path] = ds
@@ -458,13 +462,32 @@ class Reader:
             out = []
             for r in rows:
                 key, image, caption = samples[r]
-                text = tar.extractfile(caption).read().decode("utf-8", errors="replace")
-                if caption.name.lower().endswith(".json"):
-                    text = self._json_caption(text, f"{unit.path}:{caption.name}")
-                out.append((tar.extractfile(image).read(), text))
+                out.append((tar.extractfile(image).read(), self._member_caption(tar, caption, unit.path)))
             return out
         batch = data[[unit.index + r for r in rows]]
         return list(zip(batch[src.image_column], map(_caption, batch[src.caption_column])))
+
+    def captions(self, unit: Unit) -> list[str]:
+        """Every caption of ``unit``, as ``read`` gives them, reading only the caption column or the caption
+        members (no image): what ``stepdistill cache-embeddings`` encodes for a streamed source."""
+        src = self.source
+        if src.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.ParquetFile(unit.path).read_row_group(unit.index, columns=[src.caption_column])
+            return list(map(_caption, table.column(src.caption_column).to_pylist()))
+        if src.kind == "webdataset":
+            with tarfile.open(unit.path, "r:") as tar:
+                return [self._member_caption(tar, member, unit.path) for _, _, member in _tar_samples(tar, unit.path)]
+        column = _open_table(src.kind, unit.path, src.location).select_columns([src.caption_column])
+        return list(map(_caption, column[unit.index:unit.index + unit.length][src.caption_column]))
+
+    def _member_caption(self, tar: tarfile.TarFile, member: tarfile.TarInfo, path: str) -> str:
+        """A sample's caption member: the text of a .txt, the caption key of a .json."""
+        text = tar.extractfile(member).read().decode("utf-8", errors="replace")
+        if member.name.lower().endswith(".json"):
+            text = self._json_caption(text, f"{path}:{member.name}")
+        return text
 
     def _json_caption(self, text: str, name: str) -> str:
         try:
