@@ -72,3 +72,25 @@ def allocator_peak(prof, after: str | None = None) -> int:
         if start is None or event.start_ns() >= start:
             peak = max(peak, live)
     return peak
+
+
+def png_bytes(seed: int, size: int = 32) -> bytes:
+    """A random RGB image of ``size`` px as PNG bytes (the same bytes for the same seed)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def add_to_tar(tar, name: str, data: bytes) -> None:
+    """One member ``name`` holding ``data`` in an open ``tarfile.TarFile`` (a webdataset sample's part)."""
+    import io
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))

@@ -3,7 +3,6 @@ processes and DataLoader workers; exact resume; the preflight errors; a tiny run
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -11,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from stepdistill.data.images import RealLatents, _load_image
 from stepdistill.data.sources import ImageStream, Order, expand_braces, open_source
 from stepdistill.harness.preflight import validate_paths
-from tests.helpers import tiny_config
+from tests.helpers import add_to_tar, png_bytes, tiny_config
 
 datasets = pytest.importorskip("datasets")
 
@@ -25,16 +23,10 @@ RES = 32
 
 
 def _png(i: int) -> bytes:
-    pixels = np.random.default_rng(i).integers(0, 256, (RES, RES, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_bytes(i, RES)
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
+_add = add_to_tar
 
 
 @pytest.fixture(scope="module")
@@ -201,30 +193,23 @@ def test_preflight_errors_name_the_problem(data, tmp_path, images, overrides, me
         _validate(tmp_path, images.format(root=data["root"]), *overrides)
 
 
-def test_preflight_empty_shards_and_tars_without_captions(tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    for s in range(2):
-        tarfile.open(empty / f"{s}.tar", "w").close()
-    with pytest.raises(ValueError, match=r"holds no samples: its 2 tar shards are empty \(an empty set\)"):
-        _validate(tmp_path, empty)
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    with tarfile.open(bare / "0.tar", "w") as tar:
-        _add(tar, "a.jpg", _png(0))
-        _add(tar, "a.txt", b"captioned")
-        _add(tar, "b.png", _png(1))  # no caption
-    with pytest.raises(ValueError, match=r"0.tar: 1 of 2 samples have an image but no caption, e.g. 'b'; "
-                                         r"each sample needs <key>.txt or <key>.json"):
-        _validate(tmp_path, bare)
-    keyless = tmp_path / "keyless"
-    keyless.mkdir()
-    with tarfile.open(keyless / "0.tar", "w") as tar:
-        _add(tar, "a.png", _png(0))
-        _add(tar, "a.json", b'{"url": "x"}')
-    with pytest.raises(ValueError, match=r"a.json has no caption key 'caption' \(data.caption_column; its keys: "
-                                         r"url\)"):
-        _validate(tmp_path, keyless)
+@pytest.mark.parametrize("shards, message", [
+    ([[], []], r"holds no samples: its 2 tar shards are empty \(an empty set\)"),
+    ([[("a.jpg", 0), ("a.txt", b"captioned"), ("b.png", 1)]],  # b has no caption
+     r"0.tar: 1 of 2 samples have an image but no caption, e.g. 'b'; each sample needs <key>.txt or <key>.json"),
+    ([[("a.png", 0), ("a.json", b'{"url": "x"}')]],
+     r"a.json has no caption key 'caption' \(data.caption_column; its keys: url\)"),
+], ids=["empty", "no_caption", "json_without_caption_key"])
+def test_preflight_refuses_bad_tar_shards(tmp_path, shards, message):
+    """Shards given as members: (name, seed of a PNG) or (name, bytes)."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for s, members in enumerate(shards):
+        with tarfile.open(folder / f"{s}.tar", "w") as tar:
+            for name, data in members:
+                _add(tar, name, _png(data) if isinstance(data, int) else data)
+    with pytest.raises(ValueError, match=message):
+        _validate(tmp_path, folder)
 
 
 def test_unreadable_streamed_image_is_named_or_replaced_within_its_batch(tmp_path, caplog):

@@ -19,7 +19,7 @@ from stepdistill.data.embeddings import EmbeddingCache, prompt_hash, run_prompts
 from stepdistill.data.prompts import BUILTIN_PROMPTS
 from stepdistill.harness.preflight import validate_paths
 from stepdistill.models.loading import load_teacher
-from tests.helpers import tiny_config
+from tests.helpers import add_to_tar, png_bytes, tiny_config
 
 PROMPTS = list(BUILTIN_PROMPTS["tiny"])
 NEGATIVES = ["", "blurry, low quality"]
@@ -166,14 +166,7 @@ GAN = ["method.gan_critic_weight=0.1", "method.gan_generator_weight=0.01"]
 
 
 def _png(i: int) -> bytes:
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
+    return png_bytes(i, 32)
 
 
 def _streamed(tmp_path: Path, fmt: str) -> Path:
@@ -194,7 +187,6 @@ def _streamed(tmp_path: Path, fmt: str) -> Path:
         pq.write_table(pa.table({"image": [_png(i) for i in range(8)], "caption": STREAMED}), str(path),
                        row_group_size=4)
         return path
-    import io
     import tarfile
 
     folder = tmp_path / "shards"
@@ -204,9 +196,7 @@ def _streamed(tmp_path: Path, fmt: str) -> Path:
             for i in range(4 * s, 4 * s + 4):
                 caption = STREAMED[i].encode() if s == 0 else json.dumps({"caption": STREAMED[i], "url": "x"}).encode()
                 for name, data in ((f"{i:06d}.png", _png(i)), (f"{i:06d}.{'txt' if s == 0 else 'json'}", caption)):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+                    add_to_tar(tar, name, data)
     return folder
 
 
