@@ -311,15 +311,20 @@ def _generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def check_enough_samples(num_samples: int, consumers: int, images: str = "data.images") -> None:
+    """Every consumer (process x DataLoader worker) needs at least one sample of the set."""
+    if num_samples < consumers:
+        raise ValueError(f"{images} has {num_samples} samples, fewer than processes x data.num_workers = "
+                         f"{consumers}: every worker needs at least one; lower data.num_workers")
+
+
 class Order:
     """Which sample each consumer draws: a pure function of ``(seed, lengths, consumers)``."""
 
     def __init__(self, lengths: list[int], seed: int, consumers: int):
         self.lengths, self.seed, self.consumers = list(lengths), int(seed), consumers
         self.total = sum(self.lengths)
-        if self.total < consumers:
-            raise ValueError(f"data.images has {self.total} samples, fewer than processes x data.num_workers "
-                             f"= {consumers}: every worker needs at least one; lower data.num_workers")
+        check_enough_samples(self.total, consumers)
         self.whole_units = len(self.lengths) >= consumers
         self._perm: tuple[int, list[int]] | None = None
 

@@ -25,7 +25,7 @@ from stepdistill.config.load import validate_out_dir
 from stepdistill.config.schema import Config
 from stepdistill.data.images import read_metadata, scan_images
 from stepdistill.data.prompts import BUILTIN_PROMPTS, load_prompts
-from stepdistill.data.sources import check_first_sample, open_source
+from stepdistill.data.sources import check_enough_samples, check_first_sample, open_source
 from stepdistill.harness.checkpoint import (
     latest_checkpoint,
     mount_point,
@@ -90,10 +90,7 @@ def validate_paths(cfg: DictConfig | Config, *, method_checks: bool = True) -> A
         else:
             check_first_sample(source)
             consumers = max(1, int(cfg.data.get("num_workers", 0))) * int(os.environ.get("WORLD_SIZE", "1") or 1)
-            if source.num_samples < consumers:
-                raise ValueError(f"data.images={str(cfg.data.images)!r} has {source.num_samples} samples, fewer "
-                                 f"than processes x data.num_workers = {consumers}: every worker needs at least "
-                                 "one; lower data.num_workers")
+            check_enough_samples(source.num_samples, consumers, f"data.images={str(cfg.data.images)!r}")
     for role_name, role in (cfg.roles or {}).items():
         init_from = str(role.init_from)
         if init_from != "teacher" and not Path(init_from).expanduser().exists():
